@@ -1,0 +1,16 @@
+# Each target installs what it needs first, so both work on a fresh machine.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install test demo
+
+install:
+	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev]"
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+demo: install
+	$(PYTHON) examples/quickstart.py

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="castling-hf",
+    version="0.1.0",
+    description="Castling-ViT (CVPR 2023) as a Hugging Face Transformers model family: "
+    "train with linear-angular + masked softmax attention, infer with linear-angular attention alone.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch==2.13.0 is installed first by the Makefile; this range accepts it, so pip adds no CUDA build.
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "evaluate>=0.4",
+        "safetensors>=0.4",
+        "huggingface-hub>=1.0",
+        "scipy>=1.10",
+        "pillow>=10",
+    ],
+    extras_require={
+        # scikit-image ships the real photos the tests and the demo classify.
+        "dev": ["pytest>=8", "scikit-image>=0.22", "scikit-learn>=1.3"],
+    },
+)

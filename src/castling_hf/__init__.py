@@ -1,0 +1,30 @@
+"""castling-hf: Castling-ViT (You et al., CVPR 2023) as a Hugging Face Transformers model family.
+
+Importing this package registers Castling-ViT with the `transformers` Auto classes.
+"""
+
+from .attention import CastlingViTAttention, linear_angular_attention, masked_softmax_attention
+from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
+from .modeling_castling_vit import (
+    CastlingViTForImageClassification,
+    CastlingViTModel,
+    CastlingViTPreTrainedModel,
+)
+from .registration import image_processor_for, register_auto_classes
+
+register_auto_classes()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CASTLING_VIT_SIZES",
+    "CastlingViTAttention",
+    "CastlingViTConfig",
+    "CastlingViTForImageClassification",
+    "CastlingViTModel",
+    "CastlingViTPreTrainedModel",
+    "image_processor_for",
+    "linear_angular_attention",
+    "masked_softmax_attention",
+    "register_auto_classes",
+]

@@ -1,0 +1,177 @@
+"""Configuration of Castling-ViT (You et al., CVPR 2023).
+
+Field names follow `ViTConfig` wherever the meaning is the same, so that a ViT user can read a
+Castling-ViT config at a glance; the fields after `pooler_act` are Castling-ViT's own.
+"""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+# The four sizes of DESIGN §3. `nano` is small enough to train on a CPU in a test or a demo.
+CASTLING_VIT_SIZES: dict[str, dict] = {
+    "nano": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=4,
+    ),
+    "tiny": dict(
+        hidden_size=192,
+        num_hidden_layers=12,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=224,
+        patch_size=16,
+    ),
+    "small": dict(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        image_size=224,
+        patch_size=16,
+    ),
+    "base": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+    ),
+}
+
+
+def _as_pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+@strict
+class CastlingViTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Castling-ViT model (`CastlingViTModel`, `CastlingViTForImageClassification`).
+
+    The ViT fields (`hidden_size` ... `pooler_act`) mean what they mean in `ViTConfig`. Castling-ViT adds:
+
+    attention_mode (`"castling"` or `"linear"`, defaults to `"castling"`):
+        `"castling"` is the training form: linear-angular attention, the residual conv and the auxiliary masked
+        softmax attention scaled by each layer's softmax mask scale α. `"linear"` is the inference form: the
+        softmax branch is not built at all and no layer does any N×N work.
+    angular_normalization (`"kernel"` or `"l2"`, defaults to `"kernel"`):
+        How the linear-angular attention is normalised. `"kernel"` divides by the sum of the similarities (the
+        paper's form); `"l2"` adds `0.5 * v` per token and L2-normalises each output token (the authors' public
+        snippet).
+    angular_eps (`float`, defaults to 1e-6):
+        Epsilon of the L2 normalisation of q and k, so that a zero vector gives a finite output.
+    residual_conv (`"spatial"`, `"sequence"` or `None`, defaults to `"spatial"`):
+        Depthwise convolution on V that stands in for the high-order residual of the angular kernel.
+        `"spatial"`: k×k over the grid of patch tokens, per channel. `"sequence"`: k×1 along the token axis, the
+        heads as channels. `None`: no residual conv. Prefix tokens ([CLS], detection tokens) get no conv term.
+    residual_kernel_size (`int`, defaults to 3):
+        Kernel size k of the residual conv; odd, so that the output keeps the grid.
+    softmax_mask_threshold (`float` or `None`, defaults to 0.02):
+        τ of the auxiliary branch: softmax probabilities not above τ are masked out. `None` keeps them all (dense).
+    linear_branch_scale_init (`float`, defaults to 1.0):
+        Initial value of the learnable per-head scale γ on the linear-angular + residual-conv term. A model
+        converted from a pretrained softmax ViT starts from 0.0 so that its first forward pass is the source's.
+
+    Use `CastlingViTConfig.from_size(name, **overrides)` for one of the sizes in `CASTLING_VIT_SIZES`
+    (`"nano"`, `"tiny"`, `"small"`, `"base"`).
+
+    Example:
+
+    ```python
+    >>> from castling_hf import CastlingViTConfig, CastlingViTForImageClassification
+    >>> config = CastlingViTConfig.from_size("small", num_labels=10)
+    >>> model = CastlingViTForImageClassification(config)
+    ```
+    """
+
+    model_type = "castling_vit"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int | list[int] | tuple[int, int] = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    pooler_output_size: int | None = None
+    pooler_act: str = "tanh"
+
+    attention_mode: Literal["castling", "linear"] = "castling"
+    angular_normalization: Literal["kernel", "l2"] = "kernel"
+    angular_eps: float = 1e-6
+    residual_conv: Literal["spatial", "sequence"] | None = "spatial"
+    residual_kernel_size: int = 3
+    softmax_mask_threshold: float | None = 0.02
+    linear_branch_scale_init: float | int = 1.0
+
+    def __post_init__(self, **kwargs):
+        self.pooler_output_size = self.pooler_output_size or self.hidden_size
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_size(cls, size: str, **overrides) -> "CastlingViTConfig":
+        """The configuration of a named size (`"nano"`, `"tiny"`, `"small"`, `"base"`), with `overrides` applied."""
+        if size not in CASTLING_VIT_SIZES:
+            raise ValueError(f"Unknown Castling-ViT size {size!r}; expected one of {sorted(CASTLING_VIT_SIZES)}.")
+        return cls(**{**CASTLING_VIT_SIZES[size], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_grid_size(self) -> tuple[int, int]:
+        """(rows, columns) of patch tokens at `image_size`: the grid the position embeddings are learned on."""
+        (height, width), (patch_height, patch_width) = _as_pair(self.image_size), _as_pair(self.patch_size)
+        return height // patch_height, width // patch_width
+
+    def validate_dimensions(self):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads}): each head gets hidden_size / num_attention_heads channels."
+            )
+        image_size, patch_size = _as_pair(self.image_size), _as_pair(self.patch_size)
+        if len(image_size) != 2 or len(patch_size) != 2 or min(*image_size, *patch_size) < 1:
+            raise ValueError(
+                f"`image_size` and `patch_size` must be positive integers or (height, width) pairs, "
+                f"got {self.image_size} and {self.patch_size}."
+            )
+        if image_size[0] % patch_size[0] or image_size[1] % patch_size[1]:
+            raise ValueError(
+                f"`image_size` {self.image_size} must be a multiple of `patch_size` {self.patch_size}, "
+                "so that the patches tile the image."
+            )
+
+    def validate_castling_attention(self):
+        if self.residual_kernel_size < 1 or self.residual_kernel_size % 2 == 0:
+            raise ValueError(
+                f"`residual_kernel_size` must be a positive odd integer (the conv keeps the grid), "
+                f"got {self.residual_kernel_size}."
+            )
+        threshold = self.softmax_mask_threshold
+        if threshold is not None and not 0.0 <= threshold < 1.0:
+            raise ValueError(
+                f"`softmax_mask_threshold` must be None (dense) or a probability in [0, 1), got {threshold}."
+            )
+        if self.angular_eps <= 0:
+            raise ValueError(f"`angular_eps` must be positive, got {self.angular_eps}.")
+
+
+__all__ = ["CASTLING_VIT_SIZES", "CastlingViTConfig"]

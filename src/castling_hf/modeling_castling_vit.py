@@ -1,0 +1,339 @@
+"""Castling-ViT models: a pre-norm ViT whose attention is Castling attention (see `attention.py`).
+
+Two forms share these classes (DESIGN §2): the training form (`attention_mode="castling"`), whose layers carry
+the auxiliary softmax branch and its softmax mask scale α, and the inference form (`attention_mode="linear"`),
+which has no softmax branch at all. `switch_to_inference()` turns the first into the second in memory;
+`save_pretrained(..., inference=True)` and `push_to_hub(..., inference=True)` write the second from the first.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+
+from .attention import CastlingResidualConv, CastlingSoftmaxBranch, CastlingViTAttention
+from .configuration_castling_vit import CastlingViTConfig, _as_pair
+
+
+def check_pixel_values(pixel_values: torch.Tensor | None, config: CastlingViTConfig) -> None:
+    """Reject input the model cannot read, saying what was wrong and what was expected."""
+    if pixel_values is None:
+        raise ValueError("`pixel_values` is required: a (batch, channels, height, width) tensor of images.")
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    if pixel_values.dim() != 4:
+        hint = " For a single image, add the batch dimension: pixel_values.unsqueeze(0)." if pixel_values.dim() == 3 else ""
+        raise ValueError(
+            f"`pixel_values` must be a 4-D tensor (batch, channels, height, width), got shape "
+            f"{tuple(pixel_values.shape)}.{hint}"
+        )
+    batch, channels, height, width = pixel_values.shape
+    if batch == 0:
+        raise ValueError(f"`pixel_values` is an empty batch (shape {tuple(pixel_values.shape)}); expected at least one image.")
+    if channels != config.num_channels:
+        raise ValueError(
+            f"`pixel_values` has {channels} channels, but the model expects {config.num_channels} "
+            f"(config.num_channels). Convert the images (e.g. to RGB) or use the model's image processor."
+        )
+    patch_height, patch_width = _as_pair(config.patch_size)
+    if height % patch_height or width % patch_width:
+        raise ValueError(
+            f"Image size {height}×{width} is not a multiple of the patch size {patch_height}×{patch_width}; "
+            "resize or pad the images (the model's image processor does this)."
+        )
+
+
+class CastlingViTPatchEmbeddings(nn.Module):
+    """Cuts images into non-overlapping patches and projects each one to `hidden_size`."""
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        patch_size = _as_pair(config.patch_size)
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        patches = self.projection(pixel_values)
+        grid_size = tuple(patches.shape[-2:])
+        return patches.flatten(2).transpose(1, 2), grid_size
+
+
+class CastlingViTEmbeddings(nn.Module):
+    """[CLS] + patch embeddings + learned position embeddings (bicubically resized for other input sizes)."""
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        self.grid_size = config.patch_grid_size
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embeddings = CastlingViTPatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + num_patches, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def resized_position_embeddings(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings for a (rows, columns) patch grid other than the one they were learned on."""
+        if grid_size == self.grid_size:
+            return self.position_embeddings
+        cls_position, patch_positions = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        hidden_size = patch_positions.shape[-1]
+        patch_positions = patch_positions.reshape(1, *self.grid_size, hidden_size).permute(0, 3, 1, 2)
+        patch_positions = nn.functional.interpolate(
+            patch_positions.float(), size=grid_size, mode="bicubic", align_corners=False
+        ).to(cls_position.dtype)
+        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, -1, hidden_size)
+        return torch.cat([cls_position, patch_positions], dim=1)
+
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        patches, grid_size = self.patch_embeddings(pixel_values)
+        if grid_size != self.grid_size and not interpolate_pos_encoding:
+            patch_height, patch_width = self.patch_embeddings.projection.stride
+            expected = (self.grid_size[0] * patch_height, self.grid_size[1] * patch_width)
+            raise ValueError(
+                f"Input image size {pixel_values.shape[-2]}×{pixel_values.shape[-1]} does not match the model's "
+                f"{expected[0]}×{expected[1]}. Resize the images, or pass `interpolate_pos_encoding=True` to "
+                "resize the position embeddings to this input."
+            )
+        cls_tokens = self.cls_token.expand(patches.shape[0], -1, -1)
+        embeddings = torch.cat([cls_tokens, patches], dim=1) + self.resized_position_embeddings(grid_size)
+        return self.dropout(embeddings), grid_size
+
+
+class CastlingViTMLP(nn.Module):
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class CastlingViTLayer(GradientCheckpointingLayer):
+    """A pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = CastlingViTAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CastlingViTMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+        attended = self.attention(self.layernorm_before(hidden_states), num_prefix_tokens, grid_size)
+        hidden_states = hidden_states + self.dropout(attended)
+        return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+
+
+class CastlingViTEncoder(nn.Module):
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([CastlingViTLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        num_prefix_tokens: int,
+        grid_size: tuple[int, int],
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, num_prefix_tokens, grid_size)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return hidden_states, all_hidden_states
+
+
+class CastlingViTPooler(nn.Module):
+    """Dense + activation on the [CLS] token, as ViT's pooler."""
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.pooler_output_size)
+        self.activation = ACT2FN[config.pooler_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class CastlingViTPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, the softmax mask scale α, and the switch to the inference form."""
+
+    config: CastlingViTConfig
+    config_class = CastlingViTConfig
+    base_model_prefix = "castling_vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CastlingViTEmbeddings", "CastlingViTLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, CastlingViTEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        elif isinstance(module, CastlingViTAttention):
+            init.constant_(module.linear_branch_scale, float(self.config.linear_branch_scale_init))
+        elif isinstance(module, CastlingResidualConv):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, CastlingSoftmaxBranch):
+            init.ones_(module.softmax_mask_scale)
+
+    # -- the softmax mask scale α -------------------------------------------------------------------------------
+
+    def _softmax_branches(self) -> dict[str, CastlingSoftmaxBranch]:
+        return {name: module for name, module in self.named_modules() if isinstance(module, CastlingSoftmaxBranch)}
+
+    def softmax_mask_scales(self) -> dict[str, float]:
+        """α of every layer, by the name of its softmax branch module (empty in the inference form)."""
+        return {name: branch.softmax_mask_scale.item() for name, branch in self._softmax_branches().items()}
+
+    def set_softmax_mask_scale(self, alpha: float) -> None:
+        """Set α, the weight of the auxiliary softmax branch, on every layer. α must lie in [0, 1]."""
+        alpha = float(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"The softmax mask scale α must lie in [0, 1], got {alpha}.")
+        branches = self._softmax_branches()
+        if not branches and alpha != 0.0:
+            raise ValueError(
+                f"This model is in attention_mode={self.config.attention_mode!r} and has no softmax branch, so α "
+                f"can only be 0; got {alpha}. Build it with attention_mode='castling' to train with the branch."
+            )
+        for branch in branches.values():
+            branch.softmax_mask_scale.fill_(alpha)
+
+    # -- the switch to the inference form ----------------------------------------------------------------------
+
+    def switch_to_inference(self, force: bool = False) -> "CastlingViTPreTrainedModel":
+        """Drop the softmax branch of every layer and set `attention_mode="linear"`, in place; returns the model.
+
+        Refuses while any α is not 0, since the linear form would then not compute what this model computes,
+        unless `force=True`.
+        """
+        branches = self._softmax_branches()
+        live = {name: alpha for name, alpha in self.softmax_mask_scales().items() if alpha != 0.0}
+        if live and not force:
+            name, alpha = next(iter(live.items()))
+            raise ValueError(
+                f"Cannot switch to the inference form: the softmax branch {name} still has softmax mask scale "
+                f"α = {alpha:g} ({len(live)} of {len(branches)} layers have α ≠ 0), so dropping it would change the "
+                "model's outputs. Finish the mask decay first (CastlingMaskDecayCallback, or "
+                "model.set_softmax_mask_scale(0.0)), or pass force=True to drop the branch anyway."
+            )
+        for module in self.modules():
+            if isinstance(module, CastlingViTAttention):
+                module.softmax_branch = None
+        self.config.attention_mode = "linear"
+        return self
+
+    def inference_copy(self, force: bool = False) -> "CastlingViTPreTrainedModel":
+        """A copy of this model in the inference form; this model is left as it is."""
+        if self.config.attention_mode == "linear":
+            return self
+        return copy.deepcopy(self).switch_to_inference(force=force)
+
+    def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`; with `inference=True`, saves the inference form (see `switch_to_inference`)."""
+        if inference:
+            return self.inference_copy(force=force).save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, *args, inference: bool = False, force: bool = False, **kwargs):
+        """`PreTrainedModel.push_to_hub`; with `inference=True`, pushes the inference form (see `switch_to_inference`)."""
+        if inference:
+            return self.inference_copy(force=force).push_to_hub(*args, **kwargs)
+        return super().push_to_hub(*args, **kwargs)
+
+
+class CastlingViTModel(CastlingViTPreTrainedModel):
+    """The bare Castling-ViT encoder: embeddings, Castling layers, final norm and (optionally) a pooler."""
+
+    def __init__(self, config: CastlingViTConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = CastlingViTEmbeddings(config)
+        self.encoder = CastlingViTEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = CastlingViTPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        check_pixel_values(pixel_values, self.config)
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+
+        embeddings, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        hidden_states, all_hidden_states = self.encoder(
+            embeddings, num_prefix_tokens=1, grid_size=grid_size, output_hidden_states=output_hidden_states
+        )
+        sequence_output = self.layernorm(hidden_states)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+
+        if not return_dict:
+            return tuple(x for x in (sequence_output, pooled_output, all_hidden_states) if x is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output, pooler_output=pooled_output, hidden_states=all_hidden_states
+        )
+
+
+class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
+    """Castling-ViT with a linear classifier on the final [CLS] token, as `ViTForImageClassification`.
+
+    The loss follows `config.problem_type` (single-label, multi-label or regression) exactly as ViT's does.
+    """
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.castling_vit = CastlingViTModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.castling_vit(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, 0])
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+
+        if not return_dict:
+            return tuple(x for x in (loss, logits, outputs.hidden_states) if x is not None)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "CastlingViTForImageClassification",
+    "CastlingViTModel",
+    "CastlingViTPreTrainedModel",
+    "check_pixel_values",
+]

@@ -1,0 +1,35 @@
+"""Registers Castling-ViT with the `transformers` Auto classes (run on `import castling_hf`)."""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    ViTImageProcessor,
+    ViTImageProcessorPil,
+)
+
+from .configuration_castling_vit import CastlingViTConfig
+from .modeling_castling_vit import CastlingViTForImageClassification, CastlingViTModel
+
+
+def register_auto_classes() -> None:
+    """Make `Auto*.from_pretrained` resolve `model_type="castling_vit"` to the Castling-ViT classes.
+
+    Castling-ViT reads images as ViT does, so its image processor is ViT's: the PIL backend, or the torchvision
+    backend where torchvision is installed.
+    """
+    AutoConfig.register(CastlingViTConfig.model_type, CastlingViTConfig, exist_ok=True)
+    AutoModel.register(CastlingViTConfig, CastlingViTModel, exist_ok=True)
+    AutoModelForImageClassification.register(CastlingViTConfig, CastlingViTForImageClassification, exist_ok=True)
+    AutoImageProcessor.register(
+        CastlingViTConfig,
+        image_processor_classes={"pil": ViTImageProcessorPil, "torchvision": ViTImageProcessor},
+        exist_ok=True,
+    )
+
+
+def image_processor_for(config: CastlingViTConfig) -> ViTImageProcessorPil:
+    """A ViT image processor that resizes to the model's `image_size` (ImageNet mean and std)."""
+    height, width = (config.image_size,) * 2 if isinstance(config.image_size, int) else config.image_size
+    return ViTImageProcessorPil(size={"height": height, "width": width})
