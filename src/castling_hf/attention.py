@@ -115,6 +115,7 @@ class CastlingResidualConv(nn.Module):
             self.weight = nn.Parameter(torch.empty(config.hidden_size, 1, size, size))
         else:
             self.weight = nn.Parameter(torch.empty(config.num_attention_heads, 1, size, 1))
+        nn.init.normal_(self.weight, std=config.initializer_range)
 
     def forward(self, value: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
         if self.mode == "spatial":

@@ -1,0 +1,198 @@
+"""The attention against explicit N×N computations of DESIGN §1."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from castling_hf import CastlingViTForImageClassification
+from castling_hf.attention import CastlingViTAttention, linear_angular_attention, masked_softmax_attention
+
+BATCH, HEADS, HEAD_DIM = 2, 4, 16
+
+
+def random_qkv(tokens, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(BATCH, HEADS, tokens, HEAD_DIM, generator=generator) for _ in range(3)]
+
+
+def explicit_angular_similarity(query, key):
+    """Sim_lin(q_i, k_j) = 1/2 + cos θ(q_i, k_j) / π as a full N×N matrix."""
+    cosine = F.cosine_similarity(query.unsqueeze(-2), key.unsqueeze(-3), dim=-1)
+    return 0.5 + cosine / math.pi
+
+
+def explicit_linear_angular(query, key, value, normalization):
+    similarity = explicit_angular_similarity(query, key)
+    if normalization == "kernel":
+        return (similarity @ value) / similarity.sum(-1, keepdim=True)
+    # "l2": 0.5·v_i + Σ_j (q̂_i·k̂_j)/π v_j, then each token L2-normalised.
+    unnormalised = 0.5 * value + (similarity - 0.5) @ value
+    return unnormalised / unnormalised.norm(dim=-1, keepdim=True)
+
+
+def explicit_spatial_conv(value, weight, num_prefix_tokens, grid_size):
+    """Depthwise 'same' convolution written as a sum of shifted grids, zero for prefix tokens."""
+    batch, heads, _, head_dim = value.shape
+    rows, columns = grid_size
+    size = weight.shape[-1]
+    grid = value[:, :, num_prefix_tokens:].transpose(-2, -1).reshape(batch, heads * head_dim, rows, columns)
+    padded = F.pad(grid, (size // 2,) * 4)
+    out = torch.zeros_like(grid)
+    for a in range(size):
+        for b in range(size):
+            out += weight[:, 0, a, b].view(1, -1, 1, 1) * padded[:, :, a : a + rows, b : b + columns]
+    out = out.reshape(batch, heads, head_dim, rows * columns).transpose(-2, -1)
+    prefix = torch.zeros(batch, heads, num_prefix_tokens, head_dim)
+    return torch.cat([prefix, out], dim=2)
+
+
+def explicit_sequence_conv(value, weight, num_prefix_tokens):
+    size = weight.shape[-2]
+    patches = value[:, :, num_prefix_tokens:]
+    padded = F.pad(patches, (0, 0, size // 2, size // 2))
+    out = sum(weight[:, 0, a, 0].view(1, -1, 1, 1) * padded[:, :, a : a + patches.shape[2]] for a in range(size))
+    return F.pad(out, (0, 0, num_prefix_tokens, 0))
+
+
+@pytest.mark.parametrize("normalization", ["kernel", "l2"])
+@pytest.mark.parametrize("tokens", [1, 17, 65])
+def test_linear_angular_equals_the_explicit_angular_kernel(normalization, tokens):
+    query, key, value = random_qkv(tokens)
+    fast = linear_angular_attention(query, key, value, normalization)
+    assert torch.allclose(fast, explicit_linear_angular(query, key, value, normalization), atol=1e-5, rtol=0)
+
+
+def test_linear_angular_is_not_a_plain_average():
+    # Guards the test above: with the similarity replaced by a constant the outputs must differ.
+    query, key, value = random_qkv(33)
+    fast = linear_angular_attention(query, key, value, "kernel")
+    assert not torch.allclose(fast, value.mean(-2, keepdim=True).expand_as(value), atol=1e-3)
+
+
+def test_masked_softmax_equals_explicit_masked_probabilities():
+    query, key, value = random_qkv(40)
+    probabilities = torch.softmax(query @ key.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1)
+    mask = probabilities > 0.03
+    assert 0 < mask.float().mean() < 1  # the threshold really masks something
+    expected = (probabilities * mask) @ value
+    assert torch.allclose(masked_softmax_attention(query, key, value, 0.03), expected, atol=1e-5, rtol=0)
+    dense = masked_softmax_attention(query, key, value, None)
+    assert torch.allclose(dense, probabilities @ value, atol=1e-5, rtol=0)
+
+
+def projected_heads(attention, hidden_states):
+    def split(states):
+        return states.view(*hidden_states.shape[:2], HEADS, HEAD_DIM).transpose(1, 2)
+
+    return [split(proj(hidden_states)) for proj in (attention.q_proj, attention.k_proj, attention.v_proj)]
+
+
+def merged(attention, per_head):
+    return attention.o_proj(per_head.transpose(1, 2).reshape(per_head.shape[0], per_head.shape[2], -1))
+
+
+@pytest.mark.parametrize("normalization", ["kernel", "l2"])
+@pytest.mark.parametrize("residual_conv", ["spatial", "sequence"])
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1, 3])
+def test_linear_mode_module_equals_explicit_computation(make_config, normalization, residual_conv, num_prefix_tokens):
+    config = make_config(attention_mode="linear", angular_normalization=normalization, residual_conv=residual_conv)
+    attention = CastlingViTAttention(config)
+    with torch.no_grad():
+        attention.residual_conv.weight.normal_()
+        attention.linear_branch_scale.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    grid_size = (4, 6)
+    hidden_states = torch.randn(BATCH, num_prefix_tokens + 24, config.hidden_size)
+
+    query, key, value = projected_heads(attention, hidden_states)
+    weight = attention.residual_conv.weight
+    conv = (
+        explicit_spatial_conv(value, weight, num_prefix_tokens, grid_size)
+        if residual_conv == "spatial"
+        else explicit_sequence_conv(value, weight, num_prefix_tokens)
+    )
+    scale = attention.linear_branch_scale.view(1, -1, 1, 1)
+    expected = merged(attention, scale * (explicit_linear_angular(query, key, value, normalization) + conv))
+
+    assert attention.softmax_branch is None
+    assert torch.allclose(attention(hidden_states, num_prefix_tokens, grid_size), expected, atol=1e-5, rtol=0)
+    # Prefix tokens get no conv term: their output matches the conv-free computation.
+    no_conv = merged(attention, scale * explicit_linear_angular(query, key, value, normalization))
+    assert torch.allclose(expected[:, :num_prefix_tokens], no_conv[:, :num_prefix_tokens], atol=1e-6)
+
+
+def test_castling_mode_with_dense_softmax_equals_explicit_sum(make_config):
+    config = make_config(softmax_mask_threshold=None)
+    attention = CastlingViTAttention(config)
+    hidden_states = torch.randn(BATCH, 1 + 64, config.hidden_size)
+    query, key, value = projected_heads(attention, hidden_states)
+    softmax = torch.softmax(query @ key.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1) @ value
+    conv = explicit_spatial_conv(value, attention.residual_conv.weight, 1, (8, 8))
+    expected = merged(attention, explicit_linear_angular(query, key, value, "kernel") + conv + softmax)
+
+    assert attention.softmax_branch.softmax_mask_scale.item() == 1.0
+    assert torch.allclose(attention(hidden_states, 1, (8, 8)), expected, atol=1e-5, rtol=0)
+
+
+def test_castling_mode_with_alpha_zero_is_exactly_linear_mode(make_config):
+    # Dense branch: at initialisation the softmax is near uniform (1/65 < τ = 0.02), so a threshold would mask it all.
+    castling = CastlingViTForImageClassification(make_config(softmax_mask_threshold=None)).eval()
+    linear = CastlingViTForImageClassification(make_config(attention_mode="linear")).eval()
+    missing, unexpected = linear.load_state_dict(castling.state_dict(), strict=False)
+    assert not missing and all("softmax_branch.softmax_mask_scale" in key for key in unexpected)
+    pixel_values = torch.randn(3, 3, 32, 32)
+
+    with torch.no_grad():
+        features = castling.castling_vit(pixel_values).last_hidden_state
+        assert not torch.allclose(features, linear.castling_vit(pixel_values).last_hidden_state, atol=1e-3)
+        castling.set_softmax_mask_scale(0.0)
+        assert torch.equal(castling.castling_vit(pixel_values).last_hidden_state, linear.castling_vit(pixel_values).last_hidden_state)
+        assert torch.equal(castling(pixel_values).logits, linear(pixel_values).logits)
+
+
+@pytest.mark.parametrize("zeroed", ["q_proj", "k_proj"])
+@pytest.mark.parametrize("mode", ["castling", "linear"])
+def test_all_zero_query_or_key_gives_finite_output(make_config, zeroed, mode):
+    query, key, value = random_qkv(9)
+    zero = torch.zeros_like(query)
+    for normalization in ("kernel", "l2"):
+        assert torch.isfinite(linear_angular_attention(zero, key, value, normalization)).all()
+        assert torch.isfinite(linear_angular_attention(query, zero, value, normalization)).all()
+
+    model = CastlingViTForImageClassification(make_config(attention_mode=mode)).eval()
+    for layer in model.castling_vit.encoder.layers:
+        projection = getattr(layer.attention, zeroed)
+        torch.nn.init.zeros_(projection.weight)
+        torch.nn.init.zeros_(projection.bias)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 32, 32)).logits).all()
+
+
+@pytest.mark.parametrize("mode", ["castling", "linear"])
+def test_fp32_and_bf16_autocast_give_finite_close_outputs(make_config, mode):
+    model = CastlingViTForImageClassification(make_config(attention_mode=mode)).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fp32 = model(pixel_values).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(pixel_values).logits
+    assert bf16.dtype == torch.bfloat16
+    assert torch.isfinite(fp32).all() and torch.isfinite(bf16).all()
+    assert torch.allclose(bf16.float(), fp32, atol=0.1)
+
+
+def counted_flops(model, image_size):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, image_size, image_size), interpolate_pos_encoding=True)
+    return counter.get_total_flops()
+
+
+def test_linear_mode_flops_grow_linearly_in_tokens(make_config):
+    model = CastlingViTForImageClassification(make_config(attention_mode="linear")).eval()
+    ratio = counted_flops(model, 128) / counted_flops(model, 64)  # 4× the patch tokens (256 → 1024)
+    assert ratio <= 4.4
+    # Guard: the masked softmax branch (explicit matmuls, which the counter sees) is quadratic.
+    castling = CastlingViTForImageClassification(make_config(softmax_mask_threshold=0.02)).eval()
+    assert counted_flops(castling, 128) / counted_flops(castling, 64) > 4.4

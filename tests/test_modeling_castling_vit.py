@@ -1,0 +1,205 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForImageClassification
+
+from castling_hf import CastlingViTForImageClassification, CastlingViTModel
+
+
+@pytest.fixture
+def trained_like(make_config):
+    """A castling-mode classifier whose softmax branch matters (dense, so nothing is masked at initialisation)."""
+    return CastlingViTForImageClassification(make_config(softmax_mask_threshold=None)).eval()
+
+
+def pixels(batch=2, size=32):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def saved_tensor_names(directory):
+    with safe_open(directory / "model.safetensors", "pt") as weights:
+        return set(weights.keys())
+
+
+def test_inference_checkpoint_drops_the_branch_and_reloads_with_identical_logits(trained_like, tmp_path):
+    trained_like.set_softmax_mask_scale(0.0)
+    with torch.no_grad():
+        expected = trained_like(pixels()).logits
+    trained_like.save_pretrained(tmp_path, inference=True)
+
+    assert not [name for name in saved_tensor_names(tmp_path) if "softmax" in name]
+    assert json.loads((tmp_path / "config.json").read_text())["attention_mode"] == "linear"
+    assert trained_like.config.attention_mode == "castling"  # saving did not change the model in memory
+    assert trained_like.softmax_mask_scales()
+
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, CastlingViTForImageClassification)
+    assert reloaded.config.attention_mode == "linear" and not reloaded.softmax_mask_scales()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixels()).logits, expected)
+
+
+def test_inference_checkpoint_is_refused_while_alpha_is_not_zero(trained_like, tmp_path):
+    trained_like.set_softmax_mask_scale(0.0)
+    trained_like.castling_vit.encoder.layers[1].attention.softmax_branch.softmax_mask_scale.fill_(0.25)
+    with pytest.raises(ValueError, match=r"encoder\.layers\.1\.attention\.softmax_branch.*α = 0\.25.*force=True"):
+        trained_like.save_pretrained(tmp_path, inference=True)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+    trained_like.save_pretrained(tmp_path, inference=True, force=True)
+    assert json.loads((tmp_path / "config.json").read_text())["attention_mode"] == "linear"
+
+
+def test_training_checkpoint_keeps_each_layers_alpha(trained_like, tmp_path):
+    trained_like.set_softmax_mask_scale(0.3)
+    trained_like.save_pretrained(tmp_path)
+    assert sum("softmax_mask_scale" in name for name in saved_tensor_names(tmp_path)) == 2
+    reloaded = CastlingViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert list(reloaded.softmax_mask_scales().values()) == pytest.approx([0.3, 0.3])
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixels()).logits, trained_like(pixels()).logits)
+
+
+def test_in_memory_switch_keeps_outputs_once_alpha_is_zero(trained_like):
+    with torch.no_grad():
+        trained_like.set_softmax_mask_scale(0.0)
+        before = trained_like(pixels()).logits
+        assert trained_like.switch_to_inference() is trained_like
+        assert torch.equal(trained_like(pixels()).logits, before)
+    assert trained_like.config.attention_mode == "linear"
+    assert all(layer.attention.softmax_branch is None for layer in trained_like.castling_vit.encoder.layers)
+    with pytest.raises(ValueError, match="no softmax branch"):
+        trained_like.set_softmax_mask_scale(0.5)
+
+
+def test_switch_with_live_branch_is_refused_unless_forced(trained_like):
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.softmax_branch.*α = 1"):
+        trained_like.switch_to_inference()
+    assert trained_like.config.attention_mode == "castling"
+    trained_like.switch_to_inference(force=True)
+    assert trained_like.config.attention_mode == "linear"
+
+
+def test_alpha_outside_unit_interval_is_rejected(trained_like):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got 1.5"):
+        trained_like.set_softmax_mask_scale(1.5)
+
+
+def test_push_to_hub_inference_uploads_the_linear_form_through_the_library(trained_like, monkeypatch):
+    import huggingface_hub
+    import transformers.utils.hub as transformers_hub
+
+    uploads = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        uploads.update({op.path_in_repo: op.path_or_fileobj for op in operations})
+        uploads["config"] = json.loads(open(uploads["config.json"]).read())
+        return "committed"
+
+    def offline_card(repo_id, tags=None, token=None):
+        card_data = huggingface_hub.ModelCardData(tags=tags or [], library_name="transformers")
+        return huggingface_hub.ModelCard.from_template(card_data)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(transformers_hub, "create_and_tag_model_card", offline_card)
+
+    with pytest.raises(ValueError, match="α = 1"):
+        trained_like.push_to_hub("org/castling-vit-nano", inference=True)
+    trained_like.set_softmax_mask_scale(0.0)
+    assert trained_like.push_to_hub("org/castling-vit-nano", inference=True) == "committed"
+    assert {"config.json", "model.safetensors", "README.md"} <= set(uploads)
+    assert uploads["config"]["attention_mode"] == "linear"
+
+
+def test_other_input_resolution_with_interpolated_position_embeddings(make_config):
+    model = CastlingViTModel(make_config()).eval()
+    with torch.no_grad():
+        output = model(pixels(size=48), interpolate_pos_encoding=True)
+        wide = model(torch.randn(1, 3, 32, 64), interpolate_pos_encoding=True)
+        same = model(pixels(), interpolate_pos_encoding=True).last_hidden_state
+    assert output.last_hidden_state.shape == (2, 1 + 12 * 12, 64) and output.pooler_output.shape == (2, 64)
+    assert wide.last_hidden_state.shape == (1, 1 + 8 * 16, 64)
+    assert torch.equal(same, model(pixels()).last_hidden_state)  # no resize at the trained size
+    with pytest.raises(ValueError, match=r"48×48 does not match the model's 32×32.*interpolate_pos_encoding=True"):
+        model(pixels(size=48))
+
+
+@pytest.mark.parametrize(
+    "pixel_values, message",
+    [
+        (torch.randn(2, 1, 32, 32), r"has 1 channels, but the model expects 3"),
+        (torch.randn(3, 32, 32), r"4-D tensor.*got shape \(3, 32, 32\).*unsqueeze\(0\)"),
+        (torch.randn(0, 3, 32, 32), r"empty batch"),
+        (torch.randn(1, 3, 30, 32), r"not a multiple of the patch size 4×4"),
+        (None, r"`pixel_values` is required"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(make_config, pixel_values, message):
+    model = CastlingViTForImageClassification(make_config())
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values)
+
+
+@pytest.mark.parametrize(
+    "problem_type, labels, reference",
+    [
+        ("single_label_classification", torch.tensor([0, 2]), lambda logits, y: F.cross_entropy(logits, y)),
+        (
+            "multi_label_classification",
+            torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
+            lambda logits, y: F.binary_cross_entropy_with_logits(logits, y),
+        ),
+    ],
+)
+def test_classification_losses_follow_problem_type(make_config, problem_type, labels, reference):
+    model = CastlingViTForImageClassification(make_config(problem_type=problem_type))
+    output = model(pixels(), labels=labels)
+    assert torch.allclose(output.loss, reference(output.logits, labels))
+
+
+def test_regression_loss(make_config):
+    model = CastlingViTForImageClassification(make_config(num_labels=1, problem_type="regression"))
+    targets = torch.tensor([0.5, -1.0])
+    output = model(pixels(), labels=targets)
+    assert output.logits.shape == (2, 1)
+    assert torch.allclose(output.loss, F.mse_loss(output.logits.squeeze(-1), targets))
+
+
+def test_hidden_states_and_tuple_outputs(make_config):
+    model = CastlingViTForImageClassification(make_config()).eval()
+    with torch.no_grad():
+        output = model(pixels(), output_hidden_states=True)
+        as_tuple = model(pixels(), output_hidden_states=True, return_dict=False)
+    assert len(output.hidden_states) == 1 + model.config.num_hidden_layers
+    assert all(state.shape == (2, 65, 64) for state in output.hidden_states)
+    assert torch.equal(as_tuple[0], output.logits) and len(as_tuple[1]) == len(output.hidden_states)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_config):
+    def gradients(checkpointing):
+        model = CastlingViTForImageClassification(make_config(softmax_mask_threshold=None)).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.is_activation_checkpointing
+        model(pixels(), labels=torch.tensor([0, 1])).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    assert all(torch.allclose(plain[name], checkpointed[name], atol=1e-6) for name in plain)
+
+
+def test_auto_model_loads_the_base_model(make_config, tmp_path):
+    model = CastlingViTModel(make_config(attention_mode="linear")).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, CastlingViTModel)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixels()).pooler_output, model(pixels()).pooler_output)
