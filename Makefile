@@ -13,4 +13,4 @@ test: install
 	$(PYTHON) -m pytest -q tests
 
 demo: install
-	$(PYTHON) examples/quickstart.py
+	$(PYTHON) examples/demo.py

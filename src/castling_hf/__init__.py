@@ -3,6 +3,7 @@
 Importing this package registers Castling-ViT with the `transformers` Auto classes.
 """
 
+from . import data, metrics
 from .attention import CastlingViTAttention, linear_angular_attention, masked_softmax_attention
 from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
 from .modeling_castling_vit import (
@@ -11,6 +12,7 @@ from .modeling_castling_vit import (
     CastlingViTPreTrainedModel,
 )
 from .registration import image_processor_for, register_auto_classes
+from .training import CastlingMaskDecayCallback, softmax_mask_scale
 
 register_auto_classes()
 
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CASTLING_VIT_SIZES",
+    "CastlingMaskDecayCallback",
     "CastlingViTAttention",
     "CastlingViTConfig",
     "CastlingViTForImageClassification",
@@ -27,4 +30,5 @@ __all__ = [
     "linear_angular_attention",
     "masked_softmax_attention",
     "register_auto_classes",
+    "softmax_mask_scale",
 ]

@@ -5,9 +5,9 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
-    ViTImageProcessor,
     ViTImageProcessorPil,
 )
+from transformers.utils import is_torchvision_available
 
 from .configuration_castling_vit import CastlingViTConfig
 from .modeling_castling_vit import CastlingViTForImageClassification, CastlingViTModel
@@ -22,11 +22,12 @@ def register_auto_classes() -> None:
     AutoConfig.register(CastlingViTConfig.model_type, CastlingViTConfig, exist_ok=True)
     AutoModel.register(CastlingViTConfig, CastlingViTModel, exist_ok=True)
     AutoModelForImageClassification.register(CastlingViTConfig, CastlingViTForImageClassification, exist_ok=True)
-    AutoImageProcessor.register(
-        CastlingViTConfig,
-        image_processor_classes={"pil": ViTImageProcessorPil, "torchvision": ViTImageProcessor},
-        exist_ok=True,
-    )
+    image_processor_classes = {"pil": ViTImageProcessorPil}
+    if is_torchvision_available():
+        from transformers import ViTImageProcessor
+
+        image_processor_classes["torchvision"] = ViTImageProcessor
+    AutoImageProcessor.register(CastlingViTConfig, image_processor_classes=image_processor_classes, exist_ok=True)
 
 
 def image_processor_for(config: CastlingViTConfig) -> ViTImageProcessorPil:

@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Train a Castling-ViT image classifier with the `transformers` Trainer and the mask decay, then switch it to
+linear-angular attention and save the inference checkpoint.
+
+In the manner of `transformers`' examples/pytorch/image-classification/run_image_classification.py:
+
+    python examples/image-classification/run_image_classification.py --output_dir outputs/digits
+    python examples/image-classification/run_image_classification.py --model_name_or_path small \\
+        --dataset_name <a Hub image-classification data set> --output_dir outputs/small
+
+`--model_name_or_path` is a size name ("nano", "tiny", "small", "base": a new model) or a checkpoint (a
+directory or a Hub name). Without `--dataset_name` the bundled scikit-learn digits are used, so it runs offline.
+The model is evaluated in castling mode after training (α has decayed to 0) and again after the switch to the
+inference form; the two accuracies agree exactly. The inference checkpoint, with its image processor, goes to
+`<output_dir>/inference` (and to the Hub with `--push_to_hub`).
+"""
+
+import json
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import DatasetDict, load_dataset
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+import castling_hf
+from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTConfig, image_processor_for
+from castling_hf.data import digits
+from castling_hf.metrics import Accuracy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="nano",
+        metadata={"help": f"A size name {sorted(CASTLING_VIT_SIZES)} for a new model, or a checkpoint (path or Hub name)."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "JSON object of config fields for a new model, e.g. '{\"softmax_mask_threshold\": null}'."},
+    )
+    mask_decay_start: float = field(default=0.0, metadata={"help": "Where α starts to fall: fraction of the run."})
+    mask_decay_end: float = field(default=0.75, metadata={"help": "Where α reaches 0: fraction of the run."})
+    mask_decay_schedule: str = field(default="cosine", metadata={"help": "'cosine' or 'linear'."})
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub data set; without it the bundled scikit-learn digits are used."}
+    )
+    dataset_config_name: str | None = field(default=None)
+    image_column_name: str = field(default="image")
+    label_column_name: str = field(default="label")
+    eval_split_fraction: float = field(
+        default=0.15, metadata={"help": "Held out from `train` when the data set has no test or validation split."}
+    )
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    augment: bool = field(default=True, metadata={"help": "Random crops of 80-100% of each training image."})
+
+
+def load_image_dataset(data_args: DataTrainingArguments, seed: int) -> DatasetDict:
+    if data_args.dataset_name is None:
+        dataset = digits()
+    else:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    eval_split = next((name for name in ("test", "validation") if name in dataset), None)
+    if eval_split is None:
+        dataset = dataset["train"].train_test_split(test_size=data_args.eval_split_fraction, seed=seed)
+        eval_split = "test"
+    dataset = DatasetDict(train=dataset["train"], test=dataset[eval_split])
+    for split, limit in (("train", data_args.max_train_samples), ("test", data_args.max_eval_samples)):
+        if limit is not None:
+            dataset[split] = dataset[split].shuffle(seed=seed).select(range(min(limit, len(dataset[split]))))
+    for column in (data_args.image_column_name, data_args.label_column_name):
+        if column not in dataset["train"].column_names:
+            raise ValueError(f"Column {column!r} not in the data set; it has {dataset['train'].column_names}.")
+    return dataset
+
+
+def load_model_and_processor(model_args: ModelArguments, labels: list[str]):
+    id2label = dict(enumerate(labels))
+    label2id = {label: i for i, label in id2label.items()}
+    if model_args.model_name_or_path in CASTLING_VIT_SIZES:
+        overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+        config = CastlingViTConfig.from_size(
+            model_args.model_name_or_path, id2label=id2label, label2id=label2id, **overrides
+        )
+        return castling_hf.CastlingViTForImageClassification(config), image_processor_for(config)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, id2label=id2label, label2id=label2id)
+    model = AutoModelForImageClassification.from_pretrained(
+        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True
+    )
+    return model, AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+
+
+def random_crop(image: Image.Image, rng: random.Random, min_fraction: float = 0.8) -> Image.Image:
+    """A random crop covering `min_fraction`..1 of each side, resized back to the image's size."""
+    width, height = image.size
+    crop_w, crop_h = width * rng.uniform(min_fraction, 1.0), height * rng.uniform(min_fraction, 1.0)
+    left, top = rng.uniform(0, width - crop_w), rng.uniform(0, height - crop_h)
+    return image.resize((width, height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+
+
+def make_transform(image_processor, image_column: str, label_column: str, augment: bool, seed: int):
+    rng = random.Random(seed)
+
+    def transform(batch):
+        images = [image.convert("RGB") for image in batch[image_column]]
+        if augment:
+            images = [random_crop(image, rng) for image in images]
+        return {
+            "pixel_values": image_processor(images=images, return_tensors="pt")["pixel_values"],
+            "labels": batch[label_column],
+        }
+
+    return transform
+
+
+def collate(examples):
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples]),
+    }
+
+
+def compute_metrics(prediction):
+    return Accuracy().compute(predictions=np.argmax(prediction.predictions, axis=1), references=prediction.label_ids)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    # The transforms read the raw image and label columns, which the Trainer would otherwise drop.
+    training_args.remove_unused_columns = False
+    set_seed(training_args.seed)  # before the model is built, so its initial weights are reproducible
+
+    dataset = load_image_dataset(data_args, training_args.seed)
+    labels = dataset["train"].features[data_args.label_column_name].names
+    model, image_processor = load_model_and_processor(model_args, labels)
+    castling = model.config.attention_mode == "castling"
+    if not castling:
+        logger.warning("The model is already in the inference form (attention_mode='linear'): no mask decay to run.")
+
+    columns = (data_args.image_column_name, data_args.label_column_name)
+    dataset["train"].set_transform(make_transform(image_processor, *columns, data_args.augment, training_args.seed))
+    dataset["test"].set_transform(make_transform(image_processor, *columns, False, training_args.seed))
+
+    decay = CastlingMaskDecayCallback(
+        start=model_args.mask_decay_start, end=model_args.mask_decay_end, schedule=model_args.mask_decay_schedule
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset["test"],
+        data_collator=collate,
+        compute_metrics=compute_metrics,
+        processing_class=image_processor,
+        callbacks=[decay] if castling else [],
+    )
+
+    results = {}
+    if training_args.do_train or not training_args.do_eval:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        results["train"] = train_result.metrics
+
+    results["castling"] = trainer.evaluate(metric_key_prefix="eval_castling")
+    trainer.log_metrics("eval_castling", results["castling"])
+    inference_dir = os.path.join(training_args.output_dir, "inference")
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(inference_dir, inference=True)
+        image_processor.save_pretrained(inference_dir)
+        logger.info(f"Saved the inference checkpoint to {inference_dir}")
+
+    trainer.model.switch_to_inference()
+    results["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
+    trainer.log_metrics("eval_linear", results["linear"])
+    trainer.save_metrics("eval", {**results["castling"], **results["linear"]})
+
+    if training_args.push_to_hub and trainer.is_world_process_zero():
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        trainer.model.push_to_hub(repo_id, inference=True, token=training_args.hub_token)
+        image_processor.push_to_hub(repo_id, token=training_args.hub_token)
+    results["inference_dir"] = inference_dir
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The mask decay (DESIGN §4): α, the weight of the auxiliary softmax branch, goes from 1 to 0 during training.
+
+`softmax_mask_scale(step, total_steps, ...)` is the schedule as a plain function, for custom loops;
+`CastlingMaskDecayCallback` applies it on every step of a `transformers.Trainer` run.
+"""
+
+import math
+from numbers import Integral, Real
+
+from accelerate.utils import extract_model_from_parallel
+from transformers import TrainerCallback
+
+DECAY_SCHEDULES = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+
+
+def _is_step_number(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_decay_arguments(start, end, schedule: str) -> None:
+    """Errors that do not depend on the length of the run; `decay_window` checks the rest."""
+    if schedule not in DECAY_SCHEDULES:
+        raise ValueError(f"Unknown mask-decay schedule {schedule!r}; expected one of {sorted(DECAY_SCHEDULES)}.")
+    for name, value in (("start", start), ("end", end)):
+        if _is_step_number(value):
+            if value < 0:
+                raise ValueError(f"`{name}` is a step number and must be >= 0, got {value}.")
+        elif isinstance(value, Real) and not isinstance(value, bool):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"`{name}` is a fraction of the run (a float) and must lie in [0, 1], got {value}; "
+                    "pass an int to give a step number."
+                )
+        else:
+            raise TypeError(f"`{name}` must be a float (fraction of the run) or an int (step number), got {value!r}.")
+    if _is_step_number(start) == _is_step_number(end) and start >= end:
+        raise ValueError(f"The decay must start before it ends, got start={start} and end={end}.")
+
+
+def decay_window(total_steps: int | None, start=0.0, end=0.75) -> tuple[float, float]:
+    """The steps at which α leaves 1 and reaches 0. Floats are fractions of `total_steps`, ints are step numbers."""
+
+    def to_step(name, value):
+        if _is_step_number(value):
+            if total_steps is not None and value > total_steps:
+                raise ValueError(f"`{name}`={value} lies outside the run of {total_steps} steps.")
+            return float(value)
+        if total_steps is None:
+            raise ValueError(
+                f"`{name}`={value} is a fraction of the run, but the total number of training steps is not known "
+                "(an iterable data set without `max_steps`?). Give `start` and `end` as step numbers (ints), "
+                "or set `max_steps`."
+            )
+        return value * total_steps
+
+    start_step, end_step = to_step("start", start), to_step("end", end)
+    if start_step >= end_step:
+        raise ValueError(
+            f"The decay must start before it ends, got start={start} (step {start_step:g}) and "
+            f"end={end} (step {end_step:g}) in a run of {total_steps} steps."
+        )
+    return start_step, end_step
+
+
+def softmax_mask_scale(
+    step: int, total_steps: int | None, start=0.0, end=0.75, schedule: str = "cosine"
+) -> float:
+    """α at `step`: 1 until `start`, then down to 0 along `schedule` ("linear" or "cosine"), exactly 0 from `end` on.
+
+    `start` and `end` are fractions of `total_steps` (floats) or step numbers (ints).
+    """
+    check_decay_arguments(start, end, schedule)
+    start_step, end_step = decay_window(total_steps, start, end)
+    if step <= start_step:
+        return 1.0
+    if step >= end_step:
+        return 0.0
+    return DECAY_SCHEDULES[schedule]((step - start_step) / (end_step - start_step))
+
+
+class CastlingMaskDecayCallback(TrainerCallback):
+    """Sets every layer's α from the global step, so a resumed run gets the α of an uninterrupted one.
+
+    α decays from 1 to 0 between `start` and `end` (floats: fractions of the run's steps; ints: step numbers) along
+    `schedule` ("linear" or "cosine"), and is exactly 0 after the last step when `end` lies within the run. It is
+    added to the training logs as `softmax_mask_scale`.
+    """
+
+    def __init__(self, start=0.0, end=0.75, schedule: str = "cosine"):
+        check_decay_arguments(start, end, schedule)
+        self.start, self.end, self.schedule = start, end, schedule
+        self.current_scale: float | None = None
+
+    def _apply(self, state, model) -> None:
+        total_steps = state.max_steps if state.max_steps and state.max_steps > 0 else None
+        alpha = softmax_mask_scale(state.global_step, total_steps, self.start, self.end, self.schedule)
+        # The Trainer hands over its unwrapped model; a custom loop may pass a DDP- or compile-wrapped one.
+        castling_model = extract_model_from_parallel(model)
+        if not hasattr(castling_model, "set_softmax_mask_scale"):
+            raise TypeError(
+                f"CastlingMaskDecayCallback needs a Castling-ViT model (with `set_softmax_mask_scale`), "
+                f"got {type(castling_model).__name__}."
+            )
+        castling_model.set_softmax_mask_scale(alpha)
+        self.current_scale = alpha
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._apply(state, model)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._apply(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # α for the next step; after the last one this is the final α (0 when `end` lies within the run).
+        self._apply(state, model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.current_scale is None:
+            return
+        logs["softmax_mask_scale"] = self.current_scale
+        # `Trainer.log` has already stored a copy of `logs` in the history; it should carry α too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["softmax_mask_scale"] = self.current_scale
+
+
+__all__ = ["CastlingMaskDecayCallback", "DECAY_SCHEDULES", "decay_window", "softmax_mask_scale"]

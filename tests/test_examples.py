@@ -1,0 +1,95 @@
+"""The examples, run as a user runs them, for a few steps on the bundled digits."""
+
+import importlib.util
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageClassification
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "image-classification"
+
+
+def load_module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_inference_checkpoint(directory: Path):
+    assert json.loads((directory / "config.json").read_text())["attention_mode"] == "linear"
+    assert (directory / "preprocessor_config.json").exists()
+    with safe_open(directory / "model.safetensors", "pt") as weights:
+        assert not [name for name in weights.keys() if "softmax" in name]
+    model = AutoModelForImageClassification.from_pretrained(directory)
+    assert model.config.id2label[3] == "3"
+
+
+def test_trainer_example_runs_end_to_end(tmp_path):
+    example = load_module(EXAMPLES / "run_image_classification.py")
+    results = example.main(
+        [
+            "--output_dir", str(tmp_path),
+            "--max_steps", "6",
+            "--max_train_samples", "96",
+            "--max_eval_samples", "64",
+            "--per_device_train_batch_size", "16",
+            "--learning_rate", "2e-3",
+            "--logging_steps", "2",
+            "--save_strategy", "no",
+            "--report_to", "none",
+            "--disable_tqdm", "true",
+        ]
+    )
+    assert results["train"]["softmax_mask_scale"] == 0.0
+    assert results["castling"]["eval_castling_accuracy"] == results["linear"]["eval_linear_accuracy"]
+    assert results["castling"]["eval_castling_loss"] == results["linear"]["eval_linear_loss"]
+    assert_inference_checkpoint(tmp_path / "inference")
+    saved_metrics = json.loads((tmp_path / "eval_results.json").read_text())
+    assert saved_metrics["eval_linear_accuracy"] == results["linear"]["eval_linear_accuracy"]
+    # The Trainer's own final save keeps the training form.
+    assert json.loads((tmp_path / "config.json").read_text())["attention_mode"] == "castling"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_no_trainer_example_under_accelerate_launch_with_two_processes(tmp_path):
+    # Two real CPU processes: `accelerate launch --multi_gpu` starts them through torchrun, `--cpu` keeps them on
+    # the CPU (DDP over gloo). The launcher's own `--cpu` would start a single process without mpirun.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(EXAMPLES / "run_image_classification_no_trainer.py"),
+        "--cpu",
+        "--output_dir", str(tmp_path),
+        "--max_train_steps", "4",
+        "--max_train_samples", "64",
+        "--per_device_train_batch_size", "8",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output[-3000:]
+
+    digests = dict(re.findall(r"rank (\d) of 2: parameter digest (\w+)", output))
+    assert sorted(digests) == ["0", "1"], output[-3000:]
+    assert digests["0"] == digests["1"]
+    assert re.findall(r"rank (\d) saved the inference checkpoint", output) == ["0"]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["processes"], results["steps"]) == (2, 4)
+    assert results["castling_accuracy"] == results["linear_accuracy"]
+    assert_inference_checkpoint(tmp_path / "inference")

@@ -1,0 +1,190 @@
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+
+from castling_hf import CastlingMaskDecayCallback, CastlingViTForImageClassification, softmax_mask_scale
+
+TOTAL_STEPS = 8
+
+
+def as_buffer(alpha: float) -> float:
+    """α as the fp32 buffer holds it."""
+    return torch.tensor(alpha, dtype=torch.float32).item()
+
+
+# -- the schedule --------------------------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_values():
+    assert softmax_mask_scale(0, 100) == 1.0
+    assert softmax_mask_scale(75, 100) == 0.0 and softmax_mask_scale(100, 100) == 0.0
+    assert softmax_mask_scale(37.5, 100) == pytest.approx(0.5)
+    assert softmax_mask_scale(25, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))
+    values = [softmax_mask_scale(step, 100) for step in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_linear_schedule_with_step_numbers_and_a_late_start():
+    assert softmax_mask_scale(10, None, start=10, end=30, schedule="linear") == 1.0
+    assert softmax_mask_scale(15, None, start=10, end=30, schedule="linear") == pytest.approx(0.75)
+    assert softmax_mask_scale(30, None, start=10, end=30, schedule="linear") == 0.0
+    # Mixed: a fraction and a step number.
+    assert softmax_mask_scale(50, 200, start=0.1, end=60, schedule="linear") == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(schedule="exponential"), r"Unknown mask-decay schedule 'exponential'; expected one of \['cosine', 'linear'\]"),
+        (dict(start=0.5, end=0.5), r"must start before it ends, got start=0.5 and end=0.5"),
+        (dict(start=40, end=10), r"must start before it ends"),
+        (dict(end=1.5), r"fraction of the run \(a float\) and must lie in \[0, 1\], got 1.5"),
+        (dict(start=-3, end=10), r"step number and must be >= 0"),
+        (dict(end="half"), r"must be a float .* or an int"),
+    ],
+)
+def test_bad_schedule_arguments_fail_early(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        CastlingMaskDecayCallback(**kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        softmax_mask_scale(0, 100, **kwargs)
+
+
+def test_step_numbers_outside_the_run_and_mixed_windows_are_rejected():
+    with pytest.raises(ValueError, match=r"`end`=500 lies outside the run of 100 steps"):
+        softmax_mask_scale(0, 100, start=0, end=500)
+    with pytest.raises(ValueError, match=r"start=0.9 \(step 90\) and end=50 \(step 50\)"):
+        softmax_mask_scale(0, 100, start=0.9, end=50)
+
+
+def test_fractions_without_a_known_run_length_ask_for_step_numbers(make_config):
+    with pytest.raises(ValueError, match=r"total number of training steps is not known.*as step numbers \(ints\)"):
+        softmax_mask_scale(3, None)
+    # A run whose length the callback cannot know (TrainerState.max_steps unset), e.g. from a custom loop.
+    model = CastlingViTForImageClassification(make_config())
+    with pytest.raises(ValueError, match="as step numbers"):
+        CastlingMaskDecayCallback().on_train_begin(None, TrainerState(), None, model=model)
+    CastlingMaskDecayCallback(start=0, end=10).on_train_begin(None, TrainerState(), None, model=model)
+    assert set(model.softmax_mask_scales().values()) == {1.0}
+
+
+def test_the_callback_refuses_a_model_without_castling_layers():
+    with pytest.raises(TypeError, match="needs a Castling-ViT model.*got Linear"):
+        CastlingMaskDecayCallback().on_train_begin(None, TrainerState(max_steps=10), None, model=torch.nn.Linear(2, 2))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_callback_reaches_a_ddp_wrapped_model(make_config):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = CastlingViTForImageClassification(make_config())
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        CastlingMaskDecayCallback().on_step_begin(None, TrainerState(global_step=3, max_steps=8), None, model=wrapped)
+    finally:
+        dist.destroy_process_group()
+    assert set(model.softmax_mask_scales().values()) == {as_buffer(softmax_mask_scale(3, 8))}
+
+
+# -- with the Trainer ----------------------------------------------------------------------------------------------
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """Fixed random images whose label is which third of the channels is brightest: learnable in a few steps."""
+
+    def __init__(self, size=64):
+        generator = torch.Generator().manual_seed(0)
+        self.labels = torch.randint(0, 3, (size,), generator=generator)
+        self.images = torch.randn(size, 3, 32, 32, generator=generator)
+        self.images[torch.arange(size), self.labels] += 1.0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.images[index], "labels": self.labels[index]}
+
+
+class RecordAlpha(TrainerCallback):
+    """Records α as the model sees it at the start of every step (runs after the decay callback)."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.seen[state.global_step] = set(model.softmax_mask_scales().values())
+
+
+def train(make_config, output_dir, resume_from_checkpoint=None, save_steps=None):
+    model = CastlingViTForImageClassification(make_config(softmax_mask_threshold=None))
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=TOTAL_STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or TOTAL_STEPS,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    recorder = RecordAlpha()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=RandomImages(),
+        callbacks=[CastlingMaskDecayCallback(start=0.0, end=0.75, schedule="cosine"), recorder],
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return model, trainer, recorder
+
+
+def test_trainer_run_follows_the_schedule_logs_alpha_and_ends_at_zero(make_config, tmp_path):
+    model, trainer, recorder = train(make_config, tmp_path / "run")
+
+    assert sorted(recorder.seen) == list(range(TOTAL_STEPS))
+    for step, alphas in recorder.seen.items():
+        assert alphas == {as_buffer(softmax_mask_scale(step, TOTAL_STEPS))}, step
+    assert recorder.seen[0] == {1.0} and 0 < min(recorder.seen[3]) < 1
+
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == TOTAL_STEPS
+    for entry in logged:
+        assert entry["softmax_mask_scale"] == softmax_mask_scale(entry["step"], TOTAL_STEPS)
+    assert logged[-1]["loss"] < logged[0]["loss"]
+
+    assert set(model.softmax_mask_scales().values()) == {0.0}
+    model.eval()
+    pixel_values = RandomImages().images[:16]
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    model.save_pretrained(tmp_path / "inference", inference=True)
+    reloaded = CastlingViTForImageClassification.from_pretrained(tmp_path / "inference").eval()
+    with torch.no_grad():
+        logits = reloaded(pixel_values).logits
+    assert reloaded.config.attention_mode == "linear"
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1)) and torch.equal(logits, expected)
+
+
+def test_resuming_in_the_middle_of_the_decay_matches_an_uninterrupted_run(make_config, tmp_path):
+    full_model, _, full_record = train(make_config, tmp_path / "full", save_steps=3)
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert 0 < softmax_mask_scale(3, TOTAL_STEPS) < 1  # the checkpoint lies inside the decay
+
+    resumed_model, _, resumed_record = train(make_config, tmp_path / "resumed", resume_from_checkpoint=str(checkpoint))
+
+    assert sorted(resumed_record.seen) == list(range(3, TOTAL_STEPS))
+    assert all(resumed_record.seen[step] == full_record.seen[step] for step in resumed_record.seen)
+    full, resumed = full_model.state_dict(), resumed_model.state_dict()
+    assert full.keys() == resumed.keys()
+    assert all(torch.allclose(full[name], resumed[name], atol=1e-5) for name in full)
