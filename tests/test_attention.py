@@ -14,27 +14,35 @@ BATCH, HEADS, HEAD_DIM = 2, 4, 16
 
 
 def random_qkv(tokens, seed=0):
+    """Token-major (batch, tokens, heads, head_dim), the layout of the attention functions."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(BATCH, HEADS, tokens, HEAD_DIM, generator=generator) for _ in range(3)]
+    return [torch.randn(BATCH, tokens, HEADS, HEAD_DIM, generator=generator) for _ in range(3)]
+
+
+def head_major(*tensors):
+    return [tensor.transpose(1, 2) for tensor in tensors]
 
 
 def explicit_angular_similarity(query, key):
-    """Sim_lin(q_i, k_j) = 1/2 + cos θ(q_i, k_j) / π as a full N×N matrix."""
+    """Sim_lin(q_i, k_j) = 1/2 + cos θ(q_i, k_j) / π as a full N×N matrix (head-major inputs)."""
     cosine = F.cosine_similarity(query.unsqueeze(-2), key.unsqueeze(-3), dim=-1)
     return 0.5 + cosine / math.pi
 
 
 def explicit_linear_angular(query, key, value, normalization):
+    query, key, value = head_major(query, key, value)
     similarity = explicit_angular_similarity(query, key)
     if normalization == "kernel":
-        return (similarity @ value) / similarity.sum(-1, keepdim=True)
-    # "l2": 0.5·v_i + Σ_j (q̂_i·k̂_j)/π v_j, then each token L2-normalised.
-    unnormalised = 0.5 * value + (similarity - 0.5) @ value
-    return unnormalised / unnormalised.norm(dim=-1, keepdim=True)
+        out = (similarity @ value) / similarity.sum(-1, keepdim=True)
+    else:  # "l2": 0.5·v_i + Σ_j (q̂_i·k̂_j)/π v_j, then each token L2-normalised.
+        unnormalised = 0.5 * value + (similarity - 0.5) @ value
+        out = unnormalised / unnormalised.norm(dim=-1, keepdim=True)
+    return out.transpose(1, 2)
 
 
 def explicit_spatial_conv(value, weight, num_prefix_tokens, grid_size):
     """Depthwise 'same' convolution written as a sum of shifted grids, zero for prefix tokens."""
+    value = value.transpose(1, 2)
     batch, heads, _, head_dim = value.shape
     rows, columns = grid_size
     size = weight.shape[-1]
@@ -46,15 +54,15 @@ def explicit_spatial_conv(value, weight, num_prefix_tokens, grid_size):
             out += weight[:, 0, a, b].view(1, -1, 1, 1) * padded[:, :, a : a + rows, b : b + columns]
     out = out.reshape(batch, heads, head_dim, rows * columns).transpose(-2, -1)
     prefix = torch.zeros(batch, heads, num_prefix_tokens, head_dim)
-    return torch.cat([prefix, out], dim=2)
+    return torch.cat([prefix, out], dim=2).transpose(1, 2)
 
 
 def explicit_sequence_conv(value, weight, num_prefix_tokens):
     size = weight.shape[-2]
-    patches = value[:, :, num_prefix_tokens:]
-    padded = F.pad(patches, (0, 0, size // 2, size // 2))
-    out = sum(weight[:, 0, a, 0].view(1, -1, 1, 1) * padded[:, :, a : a + patches.shape[2]] for a in range(size))
-    return F.pad(out, (0, 0, num_prefix_tokens, 0))
+    patches = value[:, num_prefix_tokens:]
+    padded = F.pad(patches, (0, 0, 0, 0, size // 2, size // 2))
+    out = sum(weight[:, 0, a, 0].view(1, 1, -1, 1) * padded[:, a : a + patches.shape[1]] for a in range(size))
+    return F.pad(out, (0, 0, 0, 0, num_prefix_tokens, 0))
 
 
 @pytest.mark.parametrize("normalization", ["kernel", "l2"])
@@ -69,29 +77,28 @@ def test_linear_angular_is_not_a_plain_average():
     # Guards the test above: with the similarity replaced by a constant the outputs must differ.
     query, key, value = random_qkv(33)
     fast = linear_angular_attention(query, key, value, "kernel")
-    assert not torch.allclose(fast, value.mean(-2, keepdim=True).expand_as(value), atol=1e-3)
+    assert not torch.allclose(fast, value.mean(1, keepdim=True).expand_as(value), atol=1e-3)
 
 
 def test_masked_softmax_equals_explicit_masked_probabilities():
     query, key, value = random_qkv(40)
-    probabilities = torch.softmax(query @ key.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1)
+    q, k, v = head_major(query, key, value)
+    probabilities = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1)
     mask = probabilities > 0.03
     assert 0 < mask.float().mean() < 1  # the threshold really masks something
-    expected = (probabilities * mask) @ value
+    expected = ((probabilities * mask) @ v).transpose(1, 2)
     assert torch.allclose(masked_softmax_attention(query, key, value, 0.03), expected, atol=1e-5, rtol=0)
     dense = masked_softmax_attention(query, key, value, None)
-    assert torch.allclose(dense, probabilities @ value, atol=1e-5, rtol=0)
+    assert torch.allclose(dense, (probabilities @ v).transpose(1, 2), atol=1e-5, rtol=0)
 
 
 def projected_heads(attention, hidden_states):
-    def split(states):
-        return states.view(*hidden_states.shape[:2], HEADS, HEAD_DIM).transpose(1, 2)
-
-    return [split(proj(hidden_states)) for proj in (attention.q_proj, attention.k_proj, attention.v_proj)]
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    return [proj(hidden_states).view(*hidden_states.shape[:2], HEADS, HEAD_DIM) for proj in projections]
 
 
 def merged(attention, per_head):
-    return attention.o_proj(per_head.transpose(1, 2).reshape(per_head.shape[0], per_head.shape[2], -1))
+    return attention.o_proj(per_head.reshape(*per_head.shape[:2], -1))
 
 
 @pytest.mark.parametrize("normalization", ["kernel", "l2"])
@@ -113,7 +120,7 @@ def test_linear_mode_module_equals_explicit_computation(make_config, normalizati
         if residual_conv == "spatial"
         else explicit_sequence_conv(value, weight, num_prefix_tokens)
     )
-    scale = attention.linear_branch_scale.view(1, -1, 1, 1)
+    scale = attention.linear_branch_scale.view(1, 1, -1, 1)
     expected = merged(attention, scale * (explicit_linear_angular(query, key, value, normalization) + conv))
 
     assert attention.softmax_branch is None
@@ -128,7 +135,8 @@ def test_castling_mode_with_dense_softmax_equals_explicit_sum(make_config):
     attention = CastlingViTAttention(config)
     hidden_states = torch.randn(BATCH, 1 + 64, config.hidden_size)
     query, key, value = projected_heads(attention, hidden_states)
-    softmax = torch.softmax(query @ key.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1) @ value
+    q, k, v = head_major(query, key, value)
+    softmax = (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1) @ v).transpose(1, 2)
     conv = explicit_spatial_conv(value, attention.residual_conv.weight, 1, (8, 8))
     expected = merged(attention, explicit_linear_angular(query, key, value, "kernel") + conv + softmax)
 

@@ -1,6 +1,8 @@
 """Castling-ViT attention: the math as pure functions (DESIGN §1), then the modules that hold the weights.
 
-Every function takes per-head tensors laid out `(batch, heads, tokens, head_dim)`.
+Per-head tensors are token-major, `(batch, tokens, heads, head_dim)`: the layout a projection's output has once
+viewed per head, so no function has to transpose its input, and the linear path's output reshapes to
+`(batch, tokens, hidden)` for the output projection without a copy.
 
     Sim(q, k)     = 1 - θ(q, k)/π = 1/2 + arcsin(q̂·k̂)/π          (angular kernel)
     Sim_lin(q, k) = 1/2 + (q̂·k̂)/π                               (its linear term, kept here)
@@ -21,12 +23,46 @@ from .configuration_castling_vit import CastlingViTConfig
 INV_PI = 1.0 / math.pi
 
 
+def _tracks_gradients(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records these ops; the inference path then writes results straight into their final layout
+    (`out=`), which autograd does not allow."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
+def normalized_heads_with_ones(states: torch.Tensor, eps: float) -> torch.Tensor:
+    """[x̂, 1] head-major: `(B, N, H, d)` → `(B, H, N, d + 1)`, x̂ = x / max(‖x‖, eps), in fp32.
+
+    The column of ones lets one matrix product give both the numerator and the denominator of the kernel
+    normalisation (DESIGN §1).
+    """
+    states = states.float()
+    norms = torch.linalg.vector_norm(states, dim=-1, keepdim=True).clamp_min(eps)
+    if _tracks_gradients(states):
+        return torch.cat([states / norms, torch.ones_like(norms)], dim=-1).transpose(1, 2).contiguous()
+    batch, tokens, heads, head_dim = states.shape
+    extended = states.new_empty(batch, heads, tokens, head_dim + 1)
+    extended[..., head_dim] = 1.0
+    torch.div(states.transpose(1, 2), norms.transpose(1, 2), out=extended[..., :head_dim])
+    return extended
+
+
+def ratio_to_token_major(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, from head-major `(B, H, N, d)` operands to a token-major `(B, N, H, d)` result."""
+    if _tracks_gradients(numerator, denominator):
+        return (numerator / denominator).transpose(1, 2)
+    batch, heads, tokens, head_dim = numerator.shape
+    out = numerator.new_empty(batch, tokens, heads, head_dim)
+    torch.div(numerator, denominator, out=out.transpose(1, 2))
+    return out
+
+
 def linear_angular_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     normalization: str = "kernel",
     eps: float = 1e-6,
+    head_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with the kernel Sim_lin(q, k) = 1/2 + (q̂·k̂)/π, in O(N·d²): no N×N tensor is formed.
 
@@ -37,24 +73,36 @@ def linear_angular_attention(
     `"l2"` (the authors' public snippet):
         o_i = normalize(½ v_i + (1/π) q̂_i (K̂ᵀV))
 
-    q and k are L2-normalised with `eps`, so a zero vector gives Sim_lin = 1/2 rather than NaN. The reductions
-    run in fp32 whatever the autocast dtype: sums over N tokens lose too much in half precision.
+    Inputs and output are `(batch, tokens, heads, head_dim)`; `head_scale` (per head) multiplies the output.
+    q and k are L2-normalised with `eps`, so a zero vector gives Sim_lin = 1/2 rather than NaN. The reductions run
+    in fp32 whatever the autocast dtype: sums over N tokens lose too much in half precision.
     """
+    if normalization not in ("kernel", "l2"):
+        raise ValueError(f"Unknown angular normalization {normalization!r}; expected 'kernel' or 'l2'.")
     with torch.autocast(device_type=query.device.type, enabled=False):
-        q = F.normalize(query.float(), dim=-1, eps=eps)
-        k = F.normalize(key.float(), dim=-1, eps=eps)
-        v = value.float()
+        value32 = value.float()
+        query_ext = normalized_heads_with_ones(query, eps)  # [q̂, 1]
+        key_ext = normalized_heads_with_ones(key, eps)  # [k̂, 1]
+        head_dim = value.shape[-1]
         if normalization == "kernel":
-            # One K̂ᵀ[V, 1] product gives numerator (first d columns) and denominator (last column) together.
-            v_ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-            context = k.transpose(-2, -1) @ v_ones
-            weighted = 0.5 * v_ones.sum(dim=-2, keepdim=True) + INV_PI * (q @ context)
-            out = weighted[..., :-1] / weighted[..., -1:]
-        elif normalization == "l2":
-            context = k.transpose(-2, -1) @ v
-            out = F.normalize(0.5 * v + INV_PI * (q @ context), dim=-1, eps=eps)
+            # [k̂, 1]ᵀ [V, 1] = [[K̂ᵀV, Σk̂], [Σv, N]], then rows weighted (1/π for q̂, ½ for the constant) so that
+            # [q̂_i, 1] @ mix = [numerator_i, denominator_i].
+            sums = torch.einsum("bhnd,bnhe->bhde", key_ext, value32)
+            mix = torch.cat([sums, key_ext.sum(dim=2).unsqueeze(-1)], dim=-1)
+            row_weights = mix.new_tensor([INV_PI] * head_dim + [0.5]).view(-1, 1)
+            mix = mix * row_weights
+            if head_scale is not None:
+                # γ scales the numerator columns only; on this (d+1)×(d+1) matrix it costs no pass over the tokens.
+                column_scale = F.pad(head_scale.float().view(-1, 1).expand(-1, head_dim), (0, 1), value=1.0)
+                mix = mix * column_scale.unsqueeze(-2)
+            weighted = query_ext @ mix
+            out = ratio_to_token_major(weighted[..., :head_dim], weighted[..., head_dim:])
         else:
-            raise ValueError(f"Unknown angular normalization {normalization!r}; expected 'kernel' or 'l2'.")
+            context = torch.einsum("bhnd,bnhe->bhde", key_ext[..., :head_dim], value32) * INV_PI
+            out = (query_ext[..., :head_dim] @ context).transpose(1, 2) + 0.5 * value32
+            out = F.normalize(out, dim=-1, eps=eps)
+            if head_scale is not None:
+                out = out * head_scale.float().view(-1, 1)
     return out.to(value.dtype)
 
 
@@ -67,15 +115,17 @@ def masked_softmax_attention(
 ) -> torch.Tensor:
     """(M⊙S)V with S = softmax(q kᵀ/√d) and M = 1[S > τ]; the kept probabilities are not renormalised.
 
-    With `threshold=None` the mask keeps everything and this is plain softmax attention, done by SDPA.
+    Inputs and output are `(batch, tokens, heads, head_dim)`. With `threshold=None` the mask keeps everything and
+    this is plain softmax attention, done by SDPA.
     """
+    query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
     if threshold is None:
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p).transpose(1, 2)
     scores = (query @ key.transpose(-2, -1)) * query.shape[-1] ** -0.5
     probabilities = scores.softmax(dim=-1, dtype=torch.float32)
     probabilities = probabilities.masked_fill(probabilities <= threshold, 0.0)
     probabilities = F.dropout(probabilities, p=dropout_p)
-    return probabilities.to(value.dtype) @ value
+    return (probabilities.to(value.dtype) @ value).transpose(1, 2)
 
 
 def spatial_depthwise_conv(
@@ -83,25 +133,25 @@ def spatial_depthwise_conv(
 ) -> torch.Tensor:
     """A depthwise k×k conv of V over the (rows, columns) grid of patch tokens, one filter per channel.
 
-    `weight` is `(heads·head_dim, 1, k, k)`, channels in the head-major order of the hidden state. The
-    first `num_prefix_tokens` tokens ([CLS], detection tokens) are not on the grid and get zero.
+    `value` is `(B, N, H, d)`; `weight` is `(H·d, 1, k, k)`, channels in the head-major order of the hidden state.
+    Returns `(B, N - num_prefix_tokens, H, d)`: the conv term of the patch tokens only, since prefix tokens
+    ([CLS], detection tokens) are not on the grid. The grid is passed channels-last, as the tokens already are.
     """
-    batch, heads, _, head_dim = value.shape
-    patches = value[:, :, num_prefix_tokens:]
-    grid = patches.transpose(-2, -1).reshape(batch, heads * head_dim, *grid_size)
-    conv = F.conv2d(grid, weight, padding=weight.shape[-1] // 2, groups=heads * head_dim)
-    conv = conv.reshape(batch, heads, head_dim, -1).transpose(-2, -1)
-    return F.pad(conv, (0, 0, num_prefix_tokens, 0))
+    batch, tokens, heads, head_dim = value.shape
+    patches = value[:, num_prefix_tokens:].reshape(batch, *grid_size, heads * head_dim).permute(0, 3, 1, 2)
+    conv = F.conv2d(patches, weight.to(value.dtype), padding=weight.shape[-1] // 2, groups=heads * head_dim)
+    return conv.permute(0, 2, 3, 1).reshape(batch, -1, heads, head_dim)
 
 
 def sequence_depthwise_conv(value: torch.Tensor, weight: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     """A depthwise k×1 conv of V along the token axis, one filter per head shared by its channels.
 
-    `weight` is `(heads, 1, k, 1)`. Only patch tokens are convolved; prefix tokens get zero.
+    `value` is `(B, N, H, d)`; `weight` is `(H, 1, k, 1)`. Returns the conv term of the patch tokens,
+    `(B, N - num_prefix_tokens, H, d)`.
     """
-    heads = value.shape[1]
-    conv = F.conv2d(value[:, :, num_prefix_tokens:], weight, padding=(weight.shape[-2] // 2, 0), groups=heads)
-    return F.pad(conv, (0, 0, num_prefix_tokens, 0))
+    patches = value[:, num_prefix_tokens:].transpose(1, 2)
+    conv = F.conv2d(patches, weight.to(value.dtype), padding=(weight.shape[-2] // 2, 0), groups=value.shape[2])
+    return conv.transpose(1, 2)
 
 
 class CastlingResidualConv(nn.Module):
@@ -117,10 +167,22 @@ class CastlingResidualConv(nn.Module):
             self.weight = nn.Parameter(torch.empty(config.num_attention_heads, 1, size, 1))
         nn.init.normal_(self.weight, std=config.initializer_range)
 
-    def forward(self, value: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        value: torch.Tensor,
+        num_prefix_tokens: int,
+        grid_size: tuple[int, int],
+        head_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The conv term of the patch tokens, `(B, N - num_prefix_tokens, H, d)`, times `head_scale` per head."""
+        weight = self.weight
+        if head_scale is not None:
+            # Scaling the filters, not the output, keeps γ off the token-sized tensors.
+            per_channel = head_scale.repeat_interleave(weight.shape[0] // head_scale.shape[0])
+            weight = weight * per_channel.view(-1, 1, 1, 1)
         if self.mode == "spatial":
-            return spatial_depthwise_conv(value, self.weight, num_prefix_tokens, grid_size)
-        return sequence_depthwise_conv(value, self.weight, num_prefix_tokens)
+            return spatial_depthwise_conv(value, weight, num_prefix_tokens, grid_size)
+        return sequence_depthwise_conv(value, weight, num_prefix_tokens)
 
 
 class CastlingSoftmaxBranch(nn.Module):
@@ -164,26 +226,23 @@ class CastlingViTAttention(nn.Module):
         self.linear_branch_scale = nn.Parameter(torch.full((self.num_heads,), float(config.linear_branch_scale_init)))
         self.softmax_branch = CastlingSoftmaxBranch(config) if config.attention_mode == "castling" else None
 
-    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
-        batch, tokens, _ = states.shape
-        return states.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-
     def forward(
         self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]
     ) -> torch.Tensor:
-        query = self._split_heads(self.q_proj(hidden_states))
-        key = self._split_heads(self.k_proj(hidden_states))
-        value = self._split_heads(self.v_proj(hidden_states))
+        batch, tokens, hidden_size = hidden_states.shape
+        heads = (batch, tokens, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(heads)
+        key = self.k_proj(hidden_states).view(heads)
+        value = self.v_proj(hidden_states).view(heads)
 
-        attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps)
+        scale = self.linear_branch_scale
+        attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, scale)
         if self.residual_conv is not None:
-            attended = attended + self.residual_conv(value, num_prefix_tokens, grid_size)
-        attended = attended * self.linear_branch_scale.view(1, -1, 1, 1).to(attended.dtype)
+            # In place, also under autograd: no op before this needs `attended` itself for its backward.
+            attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, grid_size, scale)
         if self.softmax_branch is not None:
             attended = attended + self.softmax_branch(query, key, value)
-
-        batch, _, tokens, _ = attended.shape
-        return self.o_proj(attended.transpose(1, 2).reshape(batch, tokens, -1))
+        return self.o_proj(attended.reshape(batch, tokens, hidden_size))
 
 
 __all__ = [
@@ -192,6 +251,8 @@ __all__ = [
     "CastlingViTAttention",
     "linear_angular_attention",
     "masked_softmax_attention",
+    "normalized_heads_with_ones",
+    "ratio_to_token_major",
     "sequence_depthwise_conv",
     "spatial_depthwise_conv",
 ]
