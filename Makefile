@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test demo
+.PHONY: install test demo bench
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -14,3 +14,7 @@ test: install
 
 demo: install
 	$(PYTHON) examples/demo.py
+
+bench: install
+	$(PIP) install --quiet -e ".[dev,bench]"
+	$(PYTHON) benchmarks/speed.py

@@ -29,20 +29,21 @@ def _tracks_gradients(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
-def normalized_heads_with_ones(states: torch.Tensor, eps: float) -> torch.Tensor:
-    """[x̂, 1] head-major: `(B, N, H, d)` → `(B, H, N, d + 1)`, x̂ = x / max(‖x‖, eps), in fp32.
+def normalized_heads_with_ones(states: torch.Tensor, ones_value: torch.Tensor, eps: float) -> torch.Tensor:
+    """[x̂, c] head-major: `(S, B, N, H, d)` → `(S, B, H, N, d + 1)`, x̂ = x / max(‖x‖, eps), in fp32.
 
-    The column of ones lets one matrix product give both the numerator and the denominator of the kernel
-    normalisation (DESIGN §1).
+    `S` stacks tensors normalised together (query and key); `ones_value[s]` is the constant c appended to stack
+    entry s. The appended column lets one matrix product give both numerator and denominator (DESIGN §1).
     """
     states = states.float()
     norms = torch.linalg.vector_norm(states, dim=-1, keepdim=True).clamp_min(eps)
     if _tracks_gradients(states):
-        return torch.cat([states / norms, torch.ones_like(norms)], dim=-1).transpose(1, 2).contiguous()
-    batch, tokens, heads, head_dim = states.shape
-    extended = states.new_empty(batch, heads, tokens, head_dim + 1)
-    extended[..., head_dim] = 1.0
-    torch.div(states.transpose(1, 2), norms.transpose(1, 2), out=extended[..., :head_dim])
+        constants = ones_value.view(-1, 1, 1, 1, 1).expand(*norms.shape)
+        return torch.cat([states / norms, constants], dim=-1).transpose(2, 3).contiguous()
+    stack, batch, tokens, heads, head_dim = states.shape
+    extended = states.new_empty(stack, batch, heads, tokens, head_dim + 1)
+    extended[..., head_dim] = ones_value.view(-1, 1, 1, 1)
+    torch.div(states.transpose(2, 3), norms.transpose(2, 3), out=extended[..., :head_dim])
     return extended
 
 
@@ -73,37 +74,44 @@ def linear_angular_attention(
     `"l2"` (the authors' public snippet):
         o_i = normalize(½ v_i + (1/π) q̂_i (K̂ᵀV))
 
-    Inputs and output are `(batch, tokens, heads, head_dim)`; `head_scale` (per head) multiplies the output.
+    Inputs and output are `(batch, tokens, heads, head_dim)`; `head_scale` (γ, per head) multiplies the output.
     q and k are L2-normalised with `eps`, so a zero vector gives Sim_lin = 1/2 rather than NaN. The reductions run
     in fp32 whatever the autocast dtype: sums over N tokens lose too much in half precision.
     """
+    return linear_angular_attention_stacked(torch.stack([query, key]), value, normalization, eps, head_scale)
+
+
+def linear_angular_attention_stacked(
+    query_key: torch.Tensor,
+    value: torch.Tensor,
+    normalization: str = "kernel",
+    eps: float = 1e-6,
+    head_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`linear_angular_attention` with query and key stacked, `(2, B, N, H, d)`: a view of a fused qkv projection
+    lets both be normalised by the same few ops."""
     if normalization not in ("kernel", "l2"):
         raise ValueError(f"Unknown angular normalization {normalization!r}; expected 'kernel' or 'l2'.")
-    with torch.autocast(device_type=query.device.type, enabled=False):
+    head_dim = value.shape[-1]
+    with torch.autocast(device_type=value.device.type, enabled=False):
         value32 = value.float()
-        query_ext = normalized_heads_with_ones(query, eps)  # [q̂, 1]
-        key_ext = normalized_heads_with_ones(key, eps)  # [k̂, 1]
-        head_dim = value.shape[-1]
+        # Kernel form multiplied through by π (the ratio is unchanged):
+        #   o_i = [q̂_i K̂ᵀV + (π/2) Σv] / [q̂_i Σk̂ + (π/2) N] = ([q̂_i, π/2] @ mix)[:d] / ([q̂_i, π/2] @ mix)[d]
+        # with mix = [k̂, 1]ᵀ[V, 1] = [[K̂ᵀV, Σk̂], [Σv, N]].
+        constants = value32.new_tensor([math.pi / 2, 1.0])
+        query_ext, key_ext = normalized_heads_with_ones(query_key, constants, eps)
         if normalization == "kernel":
-            # [k̂, 1]ᵀ [V, 1] = [[K̂ᵀV, Σk̂], [Σv, N]], then rows weighted (1/π for q̂, ½ for the constant) so that
-            # [q̂_i, 1] @ mix = [numerator_i, denominator_i].
-            sums = torch.einsum("bhnd,bnhe->bhde", key_ext, value32)
-            mix = torch.cat([sums, key_ext.sum(dim=2).unsqueeze(-1)], dim=-1)
-            row_weights = mix.new_tensor([INV_PI] * head_dim + [0.5]).view(-1, 1)
-            mix = mix * row_weights
+            mix = torch.cat([key_ext.transpose(-2, -1) @ value32.transpose(1, 2), key_ext.sum(dim=2).unsqueeze(-1)], -1)
             if head_scale is not None:
-                # γ scales the numerator columns only; on this (d+1)×(d+1) matrix it costs no pass over the tokens.
-                column_scale = F.pad(head_scale.float().view(-1, 1).expand(-1, head_dim), (0, 1), value=1.0)
-                mix = mix * column_scale.unsqueeze(-2)
+                # γ scales the numerator columns only; on this small matrix it costs no pass over the tokens.
+                mix = mix * F.pad(head_scale.float().view(-1, 1, 1).expand(-1, 1, head_dim), (0, 1), value=1.0)
             weighted = query_ext @ mix
-            out = ratio_to_token_major(weighted[..., :head_dim], weighted[..., head_dim:])
-        else:
-            context = torch.einsum("bhnd,bnhe->bhde", key_ext[..., :head_dim], value32) * INV_PI
-            out = (query_ext[..., :head_dim] @ context).transpose(1, 2) + 0.5 * value32
-            out = F.normalize(out, dim=-1, eps=eps)
-            if head_scale is not None:
-                out = out * head_scale.float().view(-1, 1)
-    return out.to(value.dtype)
+            return ratio_to_token_major(weighted[..., :head_dim], weighted[..., head_dim:]).to(value.dtype)
+        context = key_ext[..., :head_dim].transpose(-2, -1) @ value32.transpose(1, 2)
+        out = F.normalize((query_ext[..., :head_dim] @ context).transpose(1, 2) * INV_PI + 0.5 * value32, dim=-1, eps=eps)
+        if head_scale is not None:
+            out = out * head_scale.float().view(-1, 1)
+        return out.to(value.dtype)
 
 
 def masked_softmax_attention(
@@ -218,9 +226,8 @@ class CastlingViTAttention(nn.Module):
         self.head_dim = config.head_dim
         self.angular_normalization = config.angular_normalization
         self.angular_eps = config.angular_eps
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        # One projection for q, k and v: one GEMM instead of three, and q, k come out adjacent for normalisation.
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.residual_conv = CastlingResidualConv(config) if config.residual_conv is not None else None
         self.linear_branch_scale = nn.Parameter(torch.full((self.num_heads,), float(config.linear_branch_scale_init)))
@@ -230,18 +237,18 @@ class CastlingViTAttention(nn.Module):
         self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]
     ) -> torch.Tensor:
         batch, tokens, hidden_size = hidden_states.shape
-        heads = (batch, tokens, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(heads)
-        key = self.k_proj(hidden_states).view(heads)
-        value = self.v_proj(hidden_states).view(heads)
+        qkv = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).movedim(2, 0)
+        query_key, value = qkv[:2], qkv[2]
 
         scale = self.linear_branch_scale
-        attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, scale)
+        attended = linear_angular_attention_stacked(
+            query_key, value, self.angular_normalization, self.angular_eps, scale
+        )
         if self.residual_conv is not None:
             # In place, also under autograd: no op before this needs `attended` itself for its backward.
             attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, grid_size, scale)
         if self.softmax_branch is not None:
-            attended = attended + self.softmax_branch(query, key, value)
+            attended = attended + self.softmax_branch(qkv[0], qkv[1], value)
         return self.o_proj(attended.reshape(batch, tokens, hidden_size))
 
 
@@ -250,6 +257,7 @@ __all__ = [
     "CastlingSoftmaxBranch",
     "CastlingViTAttention",
     "linear_angular_attention",
+    "linear_angular_attention_stacked",
     "masked_softmax_attention",
     "normalized_heads_with_ones",
     "ratio_to_token_major",

@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""Inference speed of Castling-ViT against `transformers`' ViT and the attention-free floor, side by side.
+
+For each size and resolution, four networks of the same dimensions run interleaved (A B C D, A B C D, ...) on the
+CPU in fp32, and each one's latency is the median of its repeats, so that drifts of a noisy machine hit all four:
+
+- `castling_linear`:   Castling-ViT in the inference form (`attention_mode="linear"`);
+- `vit_sdpa`:          `transformers`' `ViTForImageClassification` with SDPA attention;
+- `castling_training`: Castling-ViT in the training form (`attention_mode="castling"`, α = 1, τ = 0.02);
+- `floor`:             the Castling-ViT network with its whole attention (linear-angular attention and residual
+                       conv) replaced by identity on V: the q/k/v and output projections still run, so this is the
+                       least that any attention could cost.
+
+MACs are counted with `torch.utils.flop_counter` (FLOPs / 2; ViT with its eager attention, since the counter does
+not see the CPU SDPA kernel); peak memory is the largest total size of the tensors alive during one forward pass.
+A training step (forward, backward, AdamW) in the training form is timed against a ViT training step.
+
+    python benchmarks/speed.py                      # the full study (make bench)
+    python benchmarks/speed.py --quick              # a smoke run: nano size, two small resolutions
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+from transformers import ViTConfig, ViTForImageClassification
+
+from castling_hf import CastlingViTConfig, CastlingViTForImageClassification
+from castling_hf.attention import CastlingViTAttention
+
+VARIANTS = ("castling_linear", "vit_sdpa", "castling_training", "floor")
+
+
+def identity_attention_forward(self, hidden_states, num_prefix_tokens, grid_size):
+    """The floor's attention: project q, k, v as Castling-ViT does, return o_proj(v)."""
+    batch, tokens, hidden_size = hidden_states.shape
+    value = self.qkv_proj(hidden_states).view(batch, tokens, 3, hidden_size)[:, :, 2]
+    return self.o_proj(value)
+
+
+def vit_for(castling: CastlingViTConfig, attention: str) -> ViTForImageClassification:
+    """`transformers`' ViT with Castling-ViT's dimensions."""
+    config = ViTConfig(
+        hidden_size=castling.hidden_size,
+        num_hidden_layers=castling.num_hidden_layers,
+        num_attention_heads=castling.num_attention_heads,
+        intermediate_size=castling.intermediate_size,
+        image_size=castling.image_size,
+        patch_size=castling.patch_size,
+        num_labels=castling.num_labels,
+        attn_implementation=attention,
+    )
+    return ViTForImageClassification(config)
+
+
+def build_models(size: str, resolution: int, num_labels: int = 1000) -> dict[str, torch.nn.Module]:
+    def castling(mode):
+        config = CastlingViTConfig.from_size(size, image_size=resolution, num_labels=num_labels, attention_mode=mode)
+        return CastlingViTForImageClassification(config)
+
+    floor = castling("linear")
+    for module in floor.modules():
+        if isinstance(module, CastlingViTAttention):
+            module.forward = types.MethodType(identity_attention_forward, module)
+    models = {
+        "castling_linear": castling("linear"),
+        "vit_sdpa": vit_for(floor.config, "sdpa"),
+        "castling_training": castling("castling"),
+        "floor": floor,
+    }
+    return {name: model.eval() for name, model in models.items()}
+
+
+def count_macs(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(pixel_values)
+    return counter.get_total_flops() // 2
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Tracks the storages that ops create, and the largest total of those alive at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.alive = {ptr: entry for ptr, entry in self.alive.items() if not entry[0].expired()}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in self.alive and storage.nbytes():
+                    self.alive[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.alive.values()))
+        return out
+
+
+def peak_memory_bytes(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
+    with torch.inference_mode(), PeakTensorMemory() as tracker:
+        model(pixel_values)
+    return tracker.peak
+
+
+def scores_bytes(config: CastlingViTConfig, batch: int, resolution: int) -> int:
+    """Bytes of one layer's N×N attention probabilities in the training form."""
+    tokens = (resolution // config.patch_size) ** 2 + 1
+    return batch * config.num_attention_heads * tokens * tokens * 4
+
+
+def time_interleaved(models: dict, pixel_values: torch.Tensor, repeats: int, progress) -> dict[str, float]:
+    seconds = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up
+            model(pixel_values)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(pixel_values)
+                seconds[name].append(time.perf_counter() - start)
+                progress.update(1)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def training_step_seconds(model, pixel_values, labels, repeats: int, progress) -> float:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    seconds = []
+    for step in range(repeats + 1):
+        start = time.perf_counter()
+        model(pixel_values=pixel_values, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step:  # the first step warms up
+            seconds.append(time.perf_counter() - start)
+        progress.update(1)
+    model.eval()
+    return statistics.median(seconds)
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    plan = [(size, resolution, batch) for size in args.sizes for resolution in args.resolutions for batch in args.batch_sizes]
+    total = sum(len(VARIANTS) * args.repeats for _ in plan) + len(args.sizes) * 2 * (args.train_repeats + 1)
+    results = {
+        "command": "python benchmarks/speed.py " + " ".join(args.argv),
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "inference": [],
+        "training_step": [],
+    }
+    progress = tqdm(total=total, desc="benchmark", unit="run")
+    for size in args.sizes:
+        for resolution in args.resolutions:
+            models = build_models(size, resolution)
+            config = models["castling_training"].config
+            eager_vit = vit_for(config, "eager").eval()  # FlopCounterMode does not see the CPU SDPA kernel
+            one_image = torch.randn(1, 3, resolution, resolution)
+            macs = {name: count_macs(eager_vit if name == "vit_sdpa" else model, one_image) for name, model in models.items()}
+            for batch in args.batch_sizes:
+                progress.set_postfix(size=size, resolution=resolution, batch=batch)
+                runnable = dict(models)
+                skipped = {}
+                if scores_bytes(config, batch, resolution) > args.max_scores_bytes:
+                    # The training form's masked softmax materialises N×N probabilities per layer.
+                    skipped["castling_training"] = f"N×N probabilities would take {scores_bytes(config, batch, resolution) / 2**30:.1f} GiB per layer"
+                    del runnable["castling_training"]
+                    progress.update(args.repeats)
+                pixel_values = torch.randn(batch, 3, resolution, resolution)
+                latency = time_interleaved(runnable, pixel_values, args.repeats, progress)
+                memory = {name: peak_memory_bytes(model, pixel_values) for name, model in runnable.items()}
+                results["inference"].append(
+                    {
+                        "size": size,
+                        "resolution": resolution,
+                        "tokens": (resolution // config.patch_size) ** 2 + 1,
+                        "batch": batch,
+                        "latency_s": latency,
+                        "macs_per_image": macs,
+                        "peak_memory_bytes": memory,
+                        "skipped": skipped,
+                    }
+                )
+            del models, eager_vit
+        models = build_models(size, args.train_resolution, num_labels=10)
+        pixel_values = torch.randn(args.train_batch, 3, args.train_resolution, args.train_resolution)
+        labels = torch.randint(0, 10, (args.train_batch,))
+        step = {
+            name: training_step_seconds(models[name], pixel_values, labels, args.train_repeats, progress)
+            for name in ("castling_training", "vit_sdpa")
+        }
+        results["training_step"].append(
+            {"size": size, "resolution": args.train_resolution, "batch": args.train_batch, "step_s": step}
+        )
+    progress.close()
+    return results
+
+
+def ratios(entry: dict) -> dict[str, float]:
+    latency, macs = entry["latency_s"], entry["macs_per_image"]
+    out = {
+        "linear_over_floor": latency["castling_linear"] / latency["floor"],
+        "linear_over_vit": latency["castling_linear"] / latency["vit_sdpa"],
+        "vit_over_floor": latency["vit_sdpa"] / latency["floor"],
+        "linear_macs_over_vit": macs["castling_linear"] / macs["vit_sdpa"],
+    }
+    if "castling_training" in latency:
+        out["training_form_over_linear"] = latency["castling_training"] / latency["castling_linear"]
+    return out
+
+
+def plot(results: dict, directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    entries = results["inference"]
+    sizes = sorted({e["size"] for e in entries}, key=[e["size"] for e in entries].index)
+    batches = sorted({e["batch"] for e in entries})
+    figure, axes = plt.subplots(len(sizes), len(batches), figsize=(6 * len(batches), 4.5 * len(sizes)), squeeze=False)
+    for row, size in enumerate(sizes):
+        for column, batch in enumerate(batches):
+            axis = axes[row][column]
+            selected = [e for e in entries if e["size"] == size and e["batch"] == batch]
+            for name in VARIANTS:
+                points = [(e["tokens"], e["latency_s"][name] * 1000) for e in selected if name in e["latency_s"]]
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=name)
+            axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel="latency (ms)", title=f"{size}, batch {batch}")
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend()
+    figure.tight_layout()
+    written.append(directory / "speed_latency.png")
+    figure.savefig(written[-1], dpi=120)
+
+    figure, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for column, size in enumerate(sizes):
+        axis = axes[0][column]
+        selected = [e for e in entries if e["size"] == size and e["batch"] == batches[0]]
+        for name in VARIANTS:
+            points = [(e["tokens"], e["macs_per_image"][name] / 1e9) for e in selected]
+            axis.plot(*zip(*points), marker="o", label=name)
+        axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel="GMACs per image", title=f"{size}: MACs")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    written.append(directory / "speed_macs.png")
+    figure.savefig(written[-1], dpi=120)
+    return written
+
+
+def markdown_table(results: dict) -> str:
+    lines = [
+        "| size | res | tokens | batch | linear (ms) | ViT-SDPA (ms) | training form (ms) | floor (ms) "
+        "| linear / floor | linear / ViT | ViT / floor | MACs linear / ViT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in results["inference"]:
+        latency, r = entry["latency_s"], ratios(entry)
+        training = f"{latency['castling_training'] * 1000:.1f}" if "castling_training" in latency else "skipped"
+        lines.append(
+            f"| {entry['size']} | {entry['resolution']} | {entry['tokens']} | {entry['batch']} "
+            f"| {latency['castling_linear'] * 1000:.1f} | {latency['vit_sdpa'] * 1000:.1f} | {training} "
+            f"| {latency['floor'] * 1000:.1f} | {r['linear_over_floor']:.3f} | {r['linear_over_vit']:.3f} "
+            f"| {r['vit_over_floor']:.3f} | {r['linear_macs_over_vit']:.3f} |"
+        )
+    lines += ["", "| size | res | batch | training form step (s) | ViT step (s) | ratio |", "|---|---|---|---|---|---|"]
+    for entry in results["training_step"]:
+        step = entry["step_s"]
+        lines.append(
+            f"| {entry['size']} | {entry['resolution']} | {entry['batch']} | {step['castling_training']:.3f} "
+            f"| {step['vit_sdpa']:.3f} | {step['castling_training'] / step['vit_sdpa']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--resolutions", nargs="+", type=int, default=[224, 384, 512, 768, 1024])
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train_resolution", type=int, default=224)
+    parser.add_argument("--train_batch", type=int, default=8)
+    parser.add_argument("--train_repeats", type=int, default=5)
+    parser.add_argument("--max_scores_bytes", type=float, default=2 * 2**30, help="Skip the training form above this.")
+    parser.add_argument("--output_dir", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help="nano size, 32 and 64 pixels, 2 repeats: a smoke run")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    if args.quick:
+        args.sizes, args.resolutions, args.repeats = ["nano"], [32, 64], 2
+        args.train_resolution, args.train_repeats = 32, 2
+
+    results = run(args)
+    for entry in results["inference"]:
+        entry["ratios"] = ratios(entry)
+    directory = Path(args.output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "speed.json").write_text(json.dumps(results, indent=2))
+    (directory / "speed.md").write_text(markdown_table(results) + "\n")
+    written = plot(results, directory)
+    print(markdown_table(results))
+    print(f"wrote {directory / 'speed.json'}, {directory / 'speed.md'}, " + ", ".join(map(str, written)))
+    return results
+
+
+if __name__ == "__main__":
+    main()
