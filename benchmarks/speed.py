@@ -288,14 +288,14 @@ def markdown_table(results: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--sizes", nargs="+", default=["small", "tiny"])
     parser.add_argument("--resolutions", nargs="+", type=int, default=[224, 384, 512, 768, 1024])
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train_resolution", type=int, default=224)
     parser.add_argument("--train_batch", type=int, default=8)
     parser.add_argument("--train_repeats", type=int, default=5)
-    parser.add_argument("--max_scores_bytes", type=float, default=2 * 2**30, help="Skip the training form above this.")
+    parser.add_argument("--max_scores_bytes", type=float, default=2**29, help="Skip the training form above this.")
     parser.add_argument("--output_dir", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="nano size, 32 and 64 pixels, 2 repeats: a smoke run")
     args = parser.parse_args(argv)
