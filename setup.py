@@ -21,6 +21,7 @@ setup(
         "huggingface-hub>=1.0",
         "scipy>=1.10",
         "pillow>=10",
+        "pycocotools>=2.0.7",  # the COCO evaluator behind detection mAP
     ],
     extras_require={
         # scikit-image ships the real photos the tests and the demo classify.

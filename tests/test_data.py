@@ -1,6 +1,7 @@
 from collections import Counter
 
 import numpy as np
+import pytest
 from datasets import ClassLabel
 from sklearn.datasets import load_digits
 
@@ -28,3 +29,49 @@ def test_digit_images_are_the_scikit_learn_pixels_as_dark_ink_on_light_paper():
     ink = load_digits().images  # 0 (paper) .. 16 (ink)
     expected = Counter((255 - ink * (255 / 16)).round().astype(np.uint8)[i].tobytes() for i in range(len(ink)))
     assert ours == expected
+
+
+def test_shapes_is_deterministic_and_varied():
+    first, again = data.shapes(num_images=60, seed=3), data.shapes(num_images=60, seed=3)
+    assert (len(first["train"]), len(first["test"])) == (48, 12)
+    assert list(first["train"]["objects"]) == list(again["train"]["objects"])
+    assert np.array_equal(np.asarray(first["train"][0]["image"]), np.asarray(again["train"][0]["image"]))
+    assert first["train"].features["objects"]["category"].feature.names == list(data.SHAPE_CLASSES)
+
+    objects = list(first["train"]["objects"]) + list(first["test"]["objects"])
+    counts = [len(o["bbox"]) for o in objects]
+    assert 0 in counts and max(counts) >= 2  # empty images and images with several objects
+    categories = {c for o in objects for c in o["category"]}
+    assert categories == {0, 1, 2}
+    sides = [w for o in objects for _, _, w, _ in o["bbox"]]
+    assert max(sides) >= 2 * min(sides)  # varied sizes
+    for o in objects:
+        for (x, y, w, h), area in zip(o["bbox"], o["area"]):
+            assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and area == pytest.approx(w * h)
+    other = data.shapes(num_images=8, image_size=96, seed=4)
+    assert other["train"][0]["image"].size == (96, 96)
+
+
+def test_shapes_are_drawn_where_their_boxes_say():
+    sample = data.shapes(num_images=20, seed=5)["train"]
+    for record in sample:
+        pixels = np.asarray(record["image"]).astype(float)
+        background = np.median(pixels.reshape(-1, 3), axis=0)
+        for x, y, w, h in record["objects"]["bbox"]:
+            centre = pixels[int(y + h * 0.6), int(x + w / 2)]  # inside circles, squares and triangles alike
+            assert np.abs(centre - background).sum() > 60
+
+
+def test_clean_coco_boxes_clips_drops_and_refuses():
+    boxes, categories = data.clean_coco_boxes(
+        [[-5, 10, 20, 20], [50, 50, 30, 30], [10, 10, 0, 5], [70, 5, 10, 10], [5, 5, 10, 10]],
+        [0, 1, 2, 1, 2],
+        width=64,
+        height=64,
+        num_labels=3,
+    )
+    assert boxes == [[0.0, 10.0, 15.0, 20.0], [50.0, 50.0, 14.0, 14.0], [5.0, 5.0, 10.0, 10.0]]
+    assert categories == [0, 1, 2]  # the zero-width box and the box wholly outside are gone
+    assert data.clean_coco_boxes([], [], 64, 64, 3) == ([], [])
+    with pytest.raises(ValueError, match=r"Category id 7 is not one of the model's 3 classes"):
+        data.clean_coco_boxes([[1, 1, 5, 5]], [7], 64, 64, 3)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "image-classification"
+DETECTION = Path(__file__).parents[1] / "examples" / "object-detection" / "run_object_detection.py"
 
 
 def load_module(path: Path):
@@ -93,3 +94,28 @@ def test_no_trainer_example_under_accelerate_launch_with_two_processes(tmp_path)
     assert (results["processes"], results["steps"]) == (2, 4)
     assert results["castling_accuracy"] == results["linear_accuracy"]
     assert_inference_checkpoint(tmp_path / "inference")
+
+
+def test_object_detection_example_reports_coco_map_before_and_after_the_switch(tmp_path):
+    example = load_module(DETECTION)
+    results = example.main(
+        [
+            "--output_dir", str(tmp_path),
+            "--num_generated_images", "60",
+            "--config_overrides", '{"num_detection_tokens": 8, "num_hidden_layers": 2}',
+            "--max_steps", "4",
+            "--per_device_train_batch_size", "8",
+            "--per_device_eval_batch_size", "6",
+            "--save_strategy", "no",
+            "--report_to", "none",
+            "--disable_tqdm", "true",
+        ]
+    )
+    castling, linear = results["castling"], results["linear"]
+    assert {"eval_castling_map", "eval_castling_map_50", "eval_castling_mar_100"} <= set(castling)
+    assert castling["eval_castling_map"] == linear["eval_linear_map"]
+    assert castling["eval_castling_map_50"] == linear["eval_linear_map_50"]
+    assert 0.0 <= linear["eval_linear_map_50"] <= 1.0
+    inference = tmp_path / "inference"
+    assert json.loads((inference / "config.json").read_text())["attention_mode"] == "linear"
+    assert "Yolos" in json.loads((inference / "preprocessor_config.json").read_text())["image_processor_type"]

@@ -17,3 +17,24 @@ def test_accuracy_accumulates_batches():
 def test_accuracy_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         Accuracy().compute(predictions=[0, 1], references=[0])
+
+
+def detections(boxes, labels, scores=None):
+    return {"boxes": boxes, "labels": labels, "scores": scores if scores is not None else [0.9] * len(boxes)}
+
+
+def test_coco_map_is_one_for_perfect_detections_and_falls_with_misses():
+    from castling_hf.metrics import CocoDetectionMAP
+
+    truth = [{"boxes": [[10, 10, 30, 30], [40, 40, 60, 62]], "labels": [0, 1]}, {"boxes": [[5, 5, 25, 20]], "labels": [2]}]
+    perfect = CocoDetectionMAP().compute(
+        predictions=[detections(t["boxes"], t["labels"]) for t in truth], references=truth
+    )
+    assert perfect["map"] == pytest.approx(1.0) and perfect["map_50"] == pytest.approx(1.0)
+
+    shifted = [detections([[12, 12, 32, 32], [40, 40, 60, 62]], [0, 1]), detections([[5, 5, 25, 20]], [1])]
+    partial = CocoDetectionMAP().compute(predictions=shifted, references=truth)
+    assert 0.0 < partial["map"] < partial["map_50"] < 1.0  # one box loose (IoU 0.68), one of the wrong class
+
+    nothing = CocoDetectionMAP().compute(predictions=[detections([], []), detections([], [])], references=truth)
+    assert nothing["map"] == 0.0

@@ -8,7 +8,9 @@ from .attention import CastlingViTAttention, linear_angular_attention, masked_so
 from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
 from .modeling_castling_vit import (
     CastlingViTForImageClassification,
+    CastlingViTForObjectDetection,
     CastlingViTModel,
+    CastlingViTObjectDetectionOutput,
     CastlingViTPreTrainedModel,
 )
 from .registration import image_processor_for, register_auto_classes
@@ -24,7 +26,9 @@ __all__ = [
     "CastlingViTAttention",
     "CastlingViTConfig",
     "CastlingViTForImageClassification",
+    "CastlingViTForObjectDetection",
     "CastlingViTModel",
+    "CastlingViTObjectDetectionOutput",
     "CastlingViTPreTrainedModel",
     "image_processor_for",
     "linear_angular_attention",

@@ -79,6 +79,19 @@ class CastlingViTConfig(PreTrainedConfig):
         Initial value of the learnable per-head scale γ on the linear-angular + residual-conv term. A model
         converted from a pretrained softmax ViT starts from 0.0 so that its first forward pass is the source's.
 
+    Object detection (`CastlingViTForObjectDetection`, as in `YolosConfig`):
+
+    num_detection_tokens (`int`, defaults to 100):
+        Learnable detection tokens placed after [CLS], before the patch tokens; each predicts one box or "no object".
+    class_cost, bbox_cost, giou_cost (`float`, defaults to 1, 5, 2):
+        Weights of the classification, L1 box and generalised-IoU terms in the Hungarian matching cost.
+    bbox_loss_coefficient, giou_loss_coefficient (`float`, defaults to 5, 2):
+        Weights of the L1 box and generalised-IoU losses.
+    eos_coefficient (`float`, defaults to 0.1):
+        Relative weight of the "no object" class in the classification loss.
+    auxiliary_loss (`bool`, defaults to False):
+        Whether to add the set loss of the detection tokens after every intermediate layer.
+
     Use `CastlingViTConfig.from_size(name, **overrides)` for one of the sizes in `CASTLING_VIT_SIZES`
     (`"nano"`, `"tiny"`, `"small"`, `"base"`).
 
@@ -117,6 +130,15 @@ class CastlingViTConfig(PreTrainedConfig):
     softmax_mask_threshold: float | None = 0.02
     linear_branch_scale_init: float | int = 1.0
 
+    num_detection_tokens: int = 100
+    class_cost: float | int = 1
+    bbox_cost: float | int = 5
+    giou_cost: float | int = 2
+    bbox_loss_coefficient: float | int = 5
+    giou_loss_coefficient: float | int = 2
+    eos_coefficient: float = 0.1
+    auxiliary_loss: bool = False
+
     def __post_init__(self, **kwargs):
         self.pooler_output_size = self.pooler_output_size or self.hidden_size
         super().__post_init__(**kwargs)
@@ -131,6 +153,12 @@ class CastlingViTConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        """The layers whose detection tokens the auxiliary loss reads: `transformers`' detection loss names them
+        `decoder_layers`; in this encoder-only detector they are the encoder layers."""
+        return self.num_hidden_layers
 
     @property
     def patch_grid_size(self) -> tuple[int, int]:
@@ -170,6 +198,8 @@ class CastlingViTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`softmax_mask_threshold` must be None (dense) or a probability in [0, 1), got {threshold}."
             )
+        if self.num_detection_tokens < 0:
+            raise ValueError(f"`num_detection_tokens` must be >= 0, got {self.num_detection_tokens}.")
         if self.angular_eps <= 0:
             raise ValueError(f"`angular_eps` must be positive, got {self.angular_eps}.")
 

@@ -1,7 +1,11 @@
 """Data sets the package ships or makes, so that examples, tests and demos run offline (DESIGN §5)."""
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+SHAPE_CLASSES = ("circle", "square", "triangle")
 
 
 def digits(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
@@ -20,4 +24,120 @@ def digits(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
     return dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
 
 
-__all__ = ["digits"]
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], colour: tuple) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=colour)
+    elif kind == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
+def _overlap(a, b) -> float:
+    """Intersection over the smaller box: how much of one shape another would hide."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return width * height / smaller
+
+
+def shape_image(rng: np.random.Generator, image_size: int, max_objects: int, empty_fraction: float):
+    """One image of coloured circles, squares and triangles on a noisy background, and its COCO boxes."""
+    background = rng.integers(150, 230, size=3)
+    pixels = np.clip(background + rng.normal(0, 12, size=(image_size, image_size, 3)), 0, 255).astype(np.uint8)
+    image = PILImage.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    count = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_objects + 1))
+    boxes, categories = [], []
+    for _ in range(count * 10):  # a few tries per object; shapes must not hide each other
+        if len(boxes) == count:
+            break
+        side = int(rng.integers(image_size // 8, image_size // 2))
+        x0, y0 = (int(v) for v in rng.integers(0, image_size - side, size=2))
+        box = (x0, y0, x0 + side, y0 + side)
+        if any(_overlap(box, other) > 0.2 for other in boxes):
+            continue
+        category = int(rng.integers(len(SHAPE_CLASSES)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if np.abs(np.array(colour) - background).sum() < 120:  # keep every shape visible against the background
+            colour = tuple(int(255 - c) for c in colour)
+        _draw_shape(draw, SHAPE_CLASSES[category], box, colour)
+        boxes.append(box)
+        categories.append(category)
+    coco_boxes = [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)] for x0, y0, x1, y1 in boxes]
+    return image, coco_boxes, categories
+
+
+def shapes(
+    num_images: int = 600,
+    image_size: int = 64,
+    seed: int = 0,
+    max_objects: int = 3,
+    empty_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+) -> DatasetDict:
+    """A generated object-detection set: circles, squares and triangles of varied sizes and colours.
+
+    Deterministic for a `seed`. A `DatasetDict` with `train` and `test` splits in the layout of the `transformers`
+    object-detection examples: `image_id`, `image` (PIL), `width`, `height`, and `objects` with `id`, `area`,
+    `bbox` (COCO x, y, w, h in pixels) and `category` (`ClassLabel`: circle, square, triangle). About
+    `empty_fraction` of the images hold no object.
+    """
+    rng = np.random.default_rng(seed)
+    records = {"image_id": [], "image": [], "width": [], "height": [], "objects": []}
+    next_object_id = 0
+    for image_id in range(num_images):
+        image, boxes, categories = shape_image(rng, image_size, max_objects, empty_fraction)
+        ids = list(range(next_object_id, next_object_id + len(boxes)))
+        next_object_id += len(boxes)
+        records["image_id"].append(image_id)
+        records["image"].append(image)
+        records["width"].append(image_size)
+        records["height"].append(image_size)
+        records["objects"].append(
+            {"id": ids, "area": [w * h for _, _, w, h in boxes], "bbox": boxes, "category": categories}
+        )
+    features = Features(
+        {
+            "image_id": Value("int64"),
+            "image": Image(),
+            "width": Value("int32"),
+            "height": Value("int32"),
+            "objects": {
+                "id": List(Value("int64")),
+                "area": List(Value("float32")),
+                "bbox": List(List(Value("float32"), length=4)),
+                "category": List(ClassLabel(names=list(SHAPE_CLASSES))),
+            },
+        }
+    )
+    dataset = Dataset.from_dict(records, features=features)
+    return dataset.train_test_split(test_size=test_fraction, seed=seed)
+
+
+def clean_coco_boxes(
+    bboxes: list, categories: list, width: int, height: int, num_labels: int, min_size: float = 1.0
+) -> tuple[list[list[float]], list[int]]:
+    """COCO boxes (x, y, w, h, pixels) made safe for training: clipped to the image, and dropped where nothing of
+    at least `min_size` pixels per side is left (degenerate boxes). Unknown category ids are an error, since a
+    silently dropped or shifted class would train the wrong thing."""
+    kept_boxes, kept_categories = [], []
+    for box, category in zip(bboxes, categories):
+        if not 0 <= int(category) < num_labels:
+            raise ValueError(
+                f"Category id {category} is not one of the model's {num_labels} classes (0 .. {num_labels - 1}); "
+                "map the data set's categories to the model's labels (id2label) first."
+            )
+        x, y, w, h = (float(v) for v in box)
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        x1, y1 = min(x + w, float(width)), min(y + h, float(height))
+        if x1 - x0 >= min_size and y1 - y0 >= min_size:
+            kept_boxes.append([x0, y0, x1 - x0, y1 - y0])
+            kept_categories.append(int(category))
+    return kept_boxes, kept_categories
+
+
+__all__ = ["SHAPE_CLASSES", "clean_coco_boxes", "digits", "shapes"]

@@ -2,6 +2,9 @@
 the Hub, which these machines cannot reach. They are real `evaluate.Metric`s: `add_batch`, `compute`, and the
 distributed gathering that `evaluate` does across processes all work as usual."""
 
+import contextlib
+import io
+
 import datasets
 import evaluate
 import numpy as np
@@ -27,4 +30,72 @@ class Accuracy(evaluate.Metric):
         return {"accuracy": float((predictions == references).mean())}
 
 
-__all__ = ["Accuracy"]
+class CocoDetectionMAP(evaluate.Metric):
+    """COCO mean average precision, computed by pycocotools' own `COCOeval` (not a re-implementation).
+
+    Per image, `predictions` holds `boxes` (absolute x0, y0, x1, y1), `scores` and `labels`; `references` holds
+    `boxes` and `labels` in the same format. Returns `map` (AP@[.5:.95]), `map_50`, `map_75`, `map_small`,
+    `map_medium`, `map_large` and `mar_100`, as COCOeval's summary lists them (-1 where a bucket has no boxes).
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        boxes = datasets.List(datasets.List(datasets.Value("float32"), length=4))
+        return evaluate.MetricInfo(
+            description="COCO mAP by pycocotools' COCOeval.",
+            citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
+            inputs_description="per image: boxes (x0, y0, x1, y1 pixels), scores (predictions only), labels.",
+            features=datasets.Features(
+                {
+                    "predictions": {
+                        "boxes": boxes,
+                        "scores": datasets.List(datasets.Value("float32")),
+                        "labels": datasets.List(datasets.Value("int64")),
+                    },
+                    "references": {"boxes": boxes, "labels": datasets.List(datasets.Value("int64"))},
+                }
+            ),
+        )
+
+    def _compute(self, predictions, references):
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        def xywh(box):
+            x0, y0, x1, y1 = box
+            return [x0, y0, x1 - x0, y1 - y0]
+
+        images, annotations, detections, categories = [], [], [], set()
+        for image_id, (prediction, reference) in enumerate(zip(predictions, references)):
+            images.append({"id": image_id})
+            for box, label in zip(reference["boxes"], reference["labels"]):
+                box = xywh(box)
+                annotations.append(
+                    {"id": len(annotations) + 1, "image_id": image_id, "category_id": label, "bbox": box,
+                     "area": box[2] * box[3], "iscrowd": 0}
+                )
+                categories.add(label)
+            for box, score, label in zip(prediction["boxes"], prediction["scores"], prediction["labels"]):
+                detections.append({"image_id": image_id, "category_id": label, "bbox": xywh(box), "score": score})
+                categories.add(label)
+
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            ground_truth = COCO()
+            ground_truth.dataset = {
+                "images": images, "annotations": annotations, "categories": [{"id": c} for c in sorted(categories)]
+            }
+            ground_truth.createIndex()
+            results = ground_truth.loadRes(detections) if detections else COCO()
+            if not detections:
+                results.dataset = {"images": images, "annotations": [], "categories": ground_truth.dataset["categories"]}
+                results.createIndex()
+            evaluation = COCOeval(ground_truth, results, iouType="bbox")
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+        names = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+        summary = {name: float(value) for name, value in zip(names, evaluation.stats[:6])}
+        summary["mar_100"] = float(evaluation.stats[8])
+        return summary
+
+
+__all__ = ["Accuracy", "CocoDetectionMAP"]

@@ -7,6 +7,7 @@ which has no softmax branch at all. `switch_to_inference()` turns the first into
 """
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
 
 from .attention import CastlingResidualConv, CastlingSoftmaxBranch, CastlingViTAttention
 from .configuration_castling_vit import CastlingViTConfig, _as_pair
@@ -63,13 +65,18 @@ class CastlingViTPatchEmbeddings(nn.Module):
 
 
 class CastlingViTEmbeddings(nn.Module):
-    """[CLS] + patch embeddings + learned position embeddings (bicubically resized for other input sizes)."""
+    """[CLS], then detection tokens (if any), then patch embeddings; learned position embeddings on [CLS] and the
+    patches (bicubically resized for other input sizes). [CLS] and detection tokens are the prefix tokens."""
 
-    def __init__(self, config: CastlingViTConfig):
+    def __init__(self, config: CastlingViTConfig, num_detection_tokens: int = 0):
         super().__init__()
         self.grid_size = config.patch_grid_size
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.detection_tokens = (
+            nn.Parameter(torch.zeros(1, num_detection_tokens, config.hidden_size)) if num_detection_tokens else None
+        )
+        self.num_prefix_tokens = 1 + num_detection_tokens
         self.patch_embeddings = CastlingViTPatchEmbeddings(config)
         self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + num_patches, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -99,9 +106,13 @@ class CastlingViTEmbeddings(nn.Module):
                 f"{expected[0]}×{expected[1]}. Resize the images, or pass `interpolate_pos_encoding=True` to "
                 "resize the position embeddings to this input."
             )
-        cls_tokens = self.cls_token.expand(patches.shape[0], -1, -1)
-        embeddings = torch.cat([cls_tokens, patches], dim=1) + self.resized_position_embeddings(grid_size)
-        return self.dropout(embeddings), grid_size
+        batch = patches.shape[0]
+        positions = self.resized_position_embeddings(grid_size)
+        tokens = [self.cls_token.expand(batch, -1, -1) + positions[:, :1]]
+        if self.detection_tokens is not None:
+            tokens.append(self.detection_tokens.expand(batch, -1, -1))
+        tokens.append(patches + positions[:, 1:])
+        return self.dropout(torch.cat(tokens, dim=1)), grid_size
 
 
 class CastlingViTMLP(nn.Module):
@@ -182,6 +193,8 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
         if isinstance(module, CastlingViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            if module.detection_tokens is not None:
+                init.trunc_normal_(module.detection_tokens, mean=0.0, std=std)
         elif isinstance(module, CastlingViTAttention):
             init.constant_(module.linear_branch_scale, float(self.config.linear_branch_scale_init))
         elif isinstance(module, CastlingResidualConv):
@@ -256,11 +269,14 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
 
 
 class CastlingViTModel(CastlingViTPreTrainedModel):
-    """The bare Castling-ViT encoder: embeddings, Castling layers, final norm and (optionally) a pooler."""
+    """The bare Castling-ViT encoder: embeddings, Castling layers, final norm and (optionally) a pooler.
 
-    def __init__(self, config: CastlingViTConfig, add_pooling_layer: bool = True):
+    With `use_detection_tokens=True` the sequence carries `config.num_detection_tokens` detection tokens after [CLS].
+    """
+
+    def __init__(self, config: CastlingViTConfig, add_pooling_layer: bool = True, use_detection_tokens: bool = False):
         super().__init__(config)
-        self.embeddings = CastlingViTEmbeddings(config)
+        self.embeddings = CastlingViTEmbeddings(config, config.num_detection_tokens if use_detection_tokens else 0)
         self.encoder = CastlingViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = CastlingViTPooler(config) if add_pooling_layer else None
@@ -283,7 +299,10 @@ class CastlingViTModel(CastlingViTPreTrainedModel):
 
         embeddings, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         hidden_states, all_hidden_states = self.encoder(
-            embeddings, num_prefix_tokens=1, grid_size=grid_size, output_hidden_states=output_hidden_states
+            embeddings,
+            num_prefix_tokens=self.embeddings.num_prefix_tokens,
+            grid_size=grid_size,
+            output_hidden_states=output_hidden_states,
         )
         sequence_output = self.layernorm(hidden_states)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
@@ -331,9 +350,124 @@ class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
-__all__ = [
-    "CastlingViTForImageClassification",
-    "CastlingViTModel",
-    "CastlingViTPreTrainedModel",
-    "check_pixel_values",
-]
+class CastlingViTMLPPredictionHead(nn.Module):
+    """A small MLP (ReLU between layers) on each detection token, as DETR's and YOLOS's heads."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int = 3):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states)
+            if index < len(self.layers) - 1:
+                hidden_states = nn.functional.relu(hidden_states)
+        return hidden_states
+
+
+@dataclass
+class CastlingViTObjectDetectionOutput(ModelOutput):
+    """Output of `CastlingViTForObjectDetection`, with the fields of `YolosObjectDetectionOutput`.
+
+    logits: `(batch, num_detection_tokens, num_labels + 1)`, the last class being "no object".
+    pred_boxes: `(batch, num_detection_tokens, 4)`, (center_x, center_y, width, height) relative to the image.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_dict: dict | None = None
+    logits: torch.Tensor | None = None
+    pred_boxes: torch.Tensor | None = None
+    auxiliary_outputs: list[dict] | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
+    """YOLOS-style detection: learnable detection tokens, a class head (num_labels + "no object") and a 3-layer box
+    MLP on them, trained with DETR's Hungarian-matched set loss (`transformers`' own `ForObjectDetectionLoss`).
+
+    Inputs of any size are accepted (position embeddings are always resized), so the detection image processors'
+    resizing works as for YOLOS; `labels` is a list of dicts with `class_labels` and `boxes` (normalised cx, cy, w, h),
+    the format those processors produce.
+    """
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__(config)
+        if config.num_detection_tokens < 1:
+            raise ValueError("CastlingViTForObjectDetection needs `num_detection_tokens` >= 1 in its config.")
+        self.castling_vit = CastlingViTModel(config, add_pooling_layer=False, use_detection_tokens=True)
+        hidden = config.hidden_size
+        self.class_labels_classifier = CastlingViTMLPPredictionHead(hidden, hidden, config.num_labels + 1)
+        self.bbox_predictor = CastlingViTMLPPredictionHead(hidden, hidden, 4)
+        self.post_init()
+
+    def _predict(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        detection = hidden_states[..., 1 : 1 + self.config.num_detection_tokens, :]
+        return self.class_labels_classifier(detection), self.bbox_predictor(detection).sigmoid()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: list[dict] | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CastlingViTObjectDetectionOutput | tuple:
+        """`pixel_mask` is accepted for the detection image processors and ignored: the model reads every pixel."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        auxiliary = labels is not None and self.config.auxiliary_loss
+        outputs = self.castling_vit(
+            pixel_values,
+            output_hidden_states=bool(output_hidden_states) or auxiliary,
+            interpolate_pos_encoding=True,
+            return_dict=True,
+        )
+        logits, pred_boxes = self._predict(outputs.last_hidden_state)
+
+        loss = loss_dict = auxiliary_outputs = None
+        if labels is not None:
+            check_detection_labels(labels, len(pixel_values), self.config.num_labels)
+            outputs_class = outputs_coord = None
+            if auxiliary:
+                # Intermediate layers, normalised as the last one is, then the last layer itself (the loss drops it).
+                intermediate = torch.stack([self.castling_vit.layernorm(h) for h in outputs.hidden_states[1:]])
+                outputs_class, outputs_coord = self._predict(intermediate)
+            loss, loss_dict, auxiliary_outputs = self.loss_function(
+                logits, labels, self.device, pred_boxes, self.config, outputs_class, outputs_coord
+            )
+
+        output = CastlingViTObjectDetectionOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            logits=logits,
+            pred_boxes=pred_boxes,
+            auxiliary_outputs=auxiliary_outputs,
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def check_detection_labels(labels: list[dict], batch_size: int, num_labels: int) -> None:
+    """Reject detection targets the set loss would misread, saying which image and what was expected."""
+    if len(labels) != batch_size:
+        raise ValueError(f"Got {len(labels)} label dicts for a batch of {batch_size} images; expected one per image.")
+    for index, target in enumerate(labels):
+        if "class_labels" not in target or "boxes" not in target:
+            raise ValueError(
+                f"labels[{index}] must have 'class_labels' and 'boxes' (normalised cx, cy, w, h), got keys "
+                f"{sorted(target)}; the detection image processors produce this format from COCO annotations."
+            )
+        classes, boxes = target["class_labels"], target["boxes"]
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) != len(classes):
+            raise ValueError(
+                f"labels[{index}]: {len(classes)} class labels and boxes of shape {tuple(boxes.shape)}; expected "
+                "(number of objects, 4)."
+            )
+        unknown = classes[(classes < 0) | (classes >= num_labels)]
+        if len(unknown):
+            raise ValueError(
+                f"labels[{index}] has class id {int(unknown[0])}, outside the model's {num_labels} classes "
+                f"(0 .. {num_labels - 1})."
+            )

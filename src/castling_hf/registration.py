@@ -5,23 +5,26 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForObjectDetection,
     ViTImageProcessorPil,
 )
 from transformers.utils import is_torchvision_available
 
 from .configuration_castling_vit import CastlingViTConfig
-from .modeling_castling_vit import CastlingViTForImageClassification, CastlingViTModel
+from .modeling_castling_vit import CastlingViTForImageClassification, CastlingViTForObjectDetection, CastlingViTModel
 
 
 def register_auto_classes() -> None:
     """Make `Auto*.from_pretrained` resolve `model_type="castling_vit"` to the Castling-ViT classes.
 
     Castling-ViT reads images as ViT does, so its image processor is ViT's: the PIL backend, or the torchvision
-    backend where torchvision is installed.
+    backend where torchvision is installed. Detection checkpoints save a YOLOS image processor, which
+    `AutoImageProcessor` finds by the type recorded in `preprocessor_config.json`.
     """
     AutoConfig.register(CastlingViTConfig.model_type, CastlingViTConfig, exist_ok=True)
     AutoModel.register(CastlingViTConfig, CastlingViTModel, exist_ok=True)
     AutoModelForImageClassification.register(CastlingViTConfig, CastlingViTForImageClassification, exist_ok=True)
+    AutoModelForObjectDetection.register(CastlingViTConfig, CastlingViTForObjectDetection, exist_ok=True)
     image_processor_classes = {"pil": ViTImageProcessorPil}
     if is_torchvision_available():
         from transformers import ViTImageProcessor

@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Train a Castling-ViT detector with the `transformers` Trainer and the mask decay, evaluate COCO mAP before and
+after the switch to linear-angular attention, and save the inference checkpoint with its image processor.
+
+In the manner of `transformers`' examples/pytorch/object-detection/run_object_detection.py:
+
+    python examples/object-detection/run_object_detection.py --output_dir outputs/shapes
+    python examples/object-detection/run_object_detection.py --dataset_name <a Hub detection data set> ...
+
+Without `--dataset_name` the generated shapes (`castling_hf.data.shapes`) are used, so it runs offline. Annotations
+go through `clean_coco_boxes` (boxes clipped to the image, degenerate ones dropped, unknown categories refused) and
+then through YOLOS's image processor, which turns COCO boxes into the model's normalised targets; mAP comes from
+pycocotools' COCOeval (`castling_hf.metrics.CocoDetectionMAP`).
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import DatasetDict, load_dataset
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForObjectDetection,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    YolosImageProcessorPil,
+    set_seed,
+)
+
+from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTConfig, CastlingViTForObjectDetection
+from castling_hf.data import clean_coco_boxes, shapes
+from castling_hf.metrics import CocoDetectionMAP
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="nano", metadata={"help": f"A size name {sorted(CASTLING_VIT_SIZES)} or a checkpoint (path or Hub name)."}
+    )
+    image_size: int = field(default=64, metadata={"help": "Images are resized to image_size × image_size."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "JSON object of config fields for a new model, e.g. '{\"num_detection_tokens\": 10}'."}
+    )
+    mask_decay_start: float = field(default=0.0)
+    mask_decay_end: float = field(default=0.75)
+    mask_decay_schedule: str = field(default="cosine")
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set; default: generated shapes."})
+    num_generated_images: int = field(default=600, metadata={"help": "Size of the generated shapes set."})
+    eval_split_fraction: float = field(default=0.2)
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    score_threshold: float = field(default=0.0, metadata={"help": "Detections kept for mAP (COCO uses all)."})
+
+
+def load_detection_dataset(data_args: DataTrainingArguments, image_size: int, seed: int) -> DatasetDict:
+    if data_args.dataset_name is None:
+        dataset = shapes(num_images=data_args.num_generated_images, image_size=image_size, seed=seed)
+    else:
+        dataset = load_dataset(data_args.dataset_name)
+    if "test" not in dataset:
+        held_out = "validation" if "validation" in dataset else None
+        dataset = (
+            DatasetDict(train=dataset["train"], test=dataset[held_out])
+            if held_out
+            else dataset["train"].train_test_split(test_size=data_args.eval_split_fraction, seed=seed)
+        )
+    for split, limit in (("train", data_args.max_train_samples), ("test", data_args.max_eval_samples)):
+        if limit is not None:
+            dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
+    return dataset
+
+
+def load_model_and_processor(model_args: ModelArguments, labels: list[str]):
+    id2label = dict(enumerate(labels))
+    label2id = {label: i for i, label in id2label.items()}
+    if model_args.model_name_or_path in CASTLING_VIT_SIZES:
+        overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+        config = CastlingViTConfig.from_size(
+            model_args.model_name_or_path, id2label=id2label, label2id=label2id, **overrides
+        )
+        model = CastlingViTForObjectDetection(config)
+        processor = YolosImageProcessorPil(size={"height": model_args.image_size, "width": model_args.image_size})
+        return model, processor
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, id2label=id2label, label2id=label2id)
+    model = AutoModelForObjectDetection.from_pretrained(
+        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True
+    )
+    return model, AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+
+
+def make_transform(image_processor, num_labels: int):
+    def transform(batch):
+        annotations = []
+        for image_id, image, objects in zip(batch["image_id"], batch["image"], batch["objects"]):
+            boxes, categories = clean_coco_boxes(objects["bbox"], objects["category"], *image.size, num_labels)
+            annotations.append(
+                {
+                    "image_id": image_id,
+                    "annotations": [
+                        {"image_id": image_id, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+                        for b, c in zip(boxes, categories)
+                    ],
+                }
+            )
+        images = [image.convert("RGB") for image in batch["image"]]
+        encoded = image_processor(images=images, annotations=annotations, return_tensors="pt")
+        return {"pixel_values": encoded["pixel_values"], "labels": encoded["labels"]}
+
+    return transform
+
+
+def collate(examples):
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": [example["labels"] for example in examples],
+    }
+
+
+def corners_in_pixels(boxes: np.ndarray, height: float, width: float) -> np.ndarray:
+    """Normalised (cx, cy, w, h) → absolute (x0, y0, x1, y1)."""
+    cx, cy, w, h = boxes.T
+    return np.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 1)
+
+
+def make_compute_metrics(image_processor, threshold: float):
+    def compute_metrics(evaluation, compute_result: bool = True):
+        metric = CocoDetectionMAP()
+        for batch_predictions, batch_targets in zip(evaluation.predictions, evaluation.label_ids):
+            # The Trainer drops `loss` from the output tuple: (loss_dict, logits, pred_boxes, last_hidden_state).
+            logits, pred_boxes = torch.as_tensor(batch_predictions[1]), torch.as_tensor(batch_predictions[2])
+            sizes = [tuple(int(v) for v in target["orig_size"]) for target in batch_targets]
+            outputs = type("Outputs", (), {"logits": logits, "pred_boxes": pred_boxes})
+            detections = image_processor.post_process_object_detection(outputs, threshold, target_sizes=sizes)
+            for detection, target, (height, width) in zip(detections, batch_targets, sizes):
+                metric.add(
+                    predictions={
+                        "boxes": detection["boxes"].tolist(),
+                        "scores": detection["scores"].tolist(),
+                        "labels": detection["labels"].tolist(),
+                    },
+                    references={
+                        "boxes": corners_in_pixels(np.asarray(target["boxes"]).reshape(-1, 4), height, width).tolist(),
+                        "labels": np.asarray(target["class_labels"]).tolist(),
+                    },
+                )
+        return metric.compute()
+
+    return compute_metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    training_args.remove_unused_columns = False  # the transform reads the raw image and objects columns
+    training_args.eval_do_concat_batches = False  # detection targets differ in length per image
+    set_seed(training_args.seed)
+
+    dataset = load_detection_dataset(data_args, model_args.image_size, training_args.seed)
+    labels = dataset["train"].features["objects"]["category"].feature.names
+    model, image_processor = load_model_and_processor(model_args, labels)
+    for split in ("train", "test"):
+        dataset[split].set_transform(make_transform(image_processor, len(labels)))
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset["test"],
+        data_collator=collate,
+        compute_metrics=make_compute_metrics(image_processor, data_args.score_threshold),
+        processing_class=image_processor,
+        callbacks=[CastlingMaskDecayCallback(model_args.mask_decay_start, model_args.mask_decay_end, model_args.mask_decay_schedule)]
+        if model.config.attention_mode == "castling"
+        else [],
+    )
+    results = {}
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.log_metrics("train", train_result.metrics)
+    results["train"] = train_result.metrics
+
+    results["castling"] = trainer.evaluate(metric_key_prefix="eval_castling")
+    inference_dir = os.path.join(training_args.output_dir, "inference")
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(inference_dir, inference=True)
+        image_processor.save_pretrained(inference_dir)
+        logger.info(f"Saved the inference checkpoint to {inference_dir}")
+    trainer.model.switch_to_inference()
+    results["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
+    for form in ("castling", "linear"):
+        trainer.log_metrics(f"eval_{form}", results[form])
+    trainer.save_metrics("eval", {**results["castling"], **results["linear"]})
+    if training_args.push_to_hub and trainer.is_world_process_zero():
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        trainer.model.push_to_hub(repo_id, inference=True, token=training_args.hub_token)
+        image_processor.push_to_hub(repo_id, token=training_args.hub_token)
+    results["inference_dir"] = inference_dir
+    return results
+
+
+if __name__ == "__main__":
+    main()
