@@ -1,6 +1,7 @@
 # Each target installs what it needs first, so both work on a fresh machine.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run
 
 .PHONY: install test demo bench
 
@@ -17,4 +18,4 @@ demo: install
 
 bench: install
 	$(PIP) install --quiet -e ".[dev,bench]"
-	$(PYTHON) benchmarks/speed.py
+	$(PYTHON) benchmarks/speed.py $(BENCH_ARGS)
