@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run
 
-.PHONY: install test demo bench
+.PHONY: install test demo bench bench-accuracy
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -19,3 +19,7 @@ demo: install
 bench: install
 	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/speed.py $(BENCH_ARGS)
+
+bench-accuracy: install
+	$(PIP) install --quiet -e ".[dev,bench]"
+	$(PYTHON) benchmarks/accuracy.py $(BENCH_ARGS)

@@ -75,3 +75,20 @@ def test_clean_coco_boxes_clips_drops_and_refuses():
     assert data.clean_coco_boxes([], [], 64, 64, 3) == ([], [])
     with pytest.raises(ValueError, match=r"Category id 7 is not one of the model's 3 classes"):
         data.clean_coco_boxes([[1, 1, 5, 5]], [7], 64, 64, 3)
+
+
+def test_focus_digits_hides_each_bundled_digit_on_a_larger_canvas():
+    focus, source = data.focus_digits(seed=0), data.digits()
+    assert (len(focus["train"]), len(focus["test"])) == (1437, 360)
+    assert focus["test"]["label"] == source["test"]["label"]  # split for split: no test digit is seen in training
+    image = focus["train"][0]["image"]
+    assert (image.mode, image.size) == ("L", (64, 64))
+    again = data.focus_digits(seed=0)
+    assert np.array_equal(np.asarray(again["train"][7]["image"]), np.asarray(focus["train"][7]["image"]))
+    other = data.focus_digits(seed=1)
+    assert not np.array_equal(np.asarray(other["train"][7]["image"]), np.asarray(focus["train"][7]["image"]))
+
+    # The digit is somewhere: the 24×24 window with the most ink holds far more than a fragment's worth.
+    ink = 1.0 - np.asarray(image, dtype=float) / 255
+    windows = np.lib.stride_tricks.sliding_window_view(ink, (24, 24)).sum(axis=(-1, -2))
+    assert windows.max() > 1.5 * np.median(windows)

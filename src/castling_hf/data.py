@@ -24,6 +24,49 @@ def digits(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
     return dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
 
 
+def _digit_patch(image, size: int) -> np.ndarray:
+    """A bundled 8×8 digit as ink intensity in [0, 1] at `size`×`size` (bilinear)."""
+    ink = 1.0 - np.asarray(image, dtype=np.float32) / 255.0
+    return np.asarray(PILImage.fromarray(ink).resize((size, size), PILImage.BILINEAR), dtype=np.float32)
+
+
+def focus_digits(
+    canvas_size: int = 64, digit_size: int = 24, num_fragments: int = 3, noise: float = 0.15, seed: int = 0
+) -> DatasetDict:
+    """A task that needs attention to find and focus on a small region anywhere in the image.
+
+    Each image is a `canvas_size`² canvas with one bundled digit (`digit_size`² pixels) at a random place, among
+    `num_fragments` fragments (random quarter- to half-size crops) of other digits and Gaussian noise; the label is
+    that digit. Built from `digits()`, split for split, so no test digit is ever seen in training; deterministic for
+    a `seed`. Returns a `DatasetDict` (`train`, `test`) with `image` (grayscale PIL) and `label` columns.
+    """
+    rng = np.random.default_rng(seed)
+    source = digits()
+
+    def compose(split):
+        patches = [_digit_patch(image, digit_size) for image in source[split]["image"]]
+        images = []
+        for index, patch in enumerate(patches):
+            canvas = np.zeros((canvas_size, canvas_size), dtype=np.float32)
+            for _ in range(num_fragments):
+                other = patches[int(rng.integers(len(patches)))]
+                side = int(rng.integers(digit_size // 4, digit_size // 2 + 1))
+                top, left = (int(v) for v in rng.integers(0, digit_size - side + 1, size=2))
+                y, x = (int(v) for v in rng.integers(0, canvas_size - side + 1, size=2))
+                canvas[y : y + side, x : x + side] = np.maximum(
+                    canvas[y : y + side, x : x + side], other[top : top + side, left : left + side]
+                )
+            y, x = (int(v) for v in rng.integers(0, canvas_size - digit_size + 1, size=2))
+            canvas[y : y + digit_size, x : x + digit_size] = np.maximum(canvas[y : y + digit_size, x : x + digit_size], patch)
+            canvas = np.clip(canvas + rng.normal(0.0, noise, canvas.shape), 0.0, 1.0)
+            images.append(((1.0 - canvas) * 255).round().astype(np.uint8))
+        return Dataset.from_dict(
+            {"image": images, "label": source[split]["label"]}, features=source[split].features
+        )
+
+    return DatasetDict(train=compose("train"), test=compose("test"))
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], colour: tuple) -> None:
     x0, y0, x1, y1 = box
     if kind == "circle":
@@ -140,4 +183,4 @@ def clean_coco_boxes(
     return kept_boxes, kept_categories
 
 
-__all__ = ["SHAPE_CLASSES", "clean_coco_boxes", "digits", "shapes"]
+__all__ = ["SHAPE_CLASSES", "clean_coco_boxes", "digits", "focus_digits", "shapes"]
