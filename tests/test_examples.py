@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 

@@ -17,7 +17,6 @@ inference form; the two accuracies agree exactly. The inference checkpoint, with
 
 import json
 import logging
-import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import castling_hf
 from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTConfig, image_processor_for
 from castling_hf.data import digits
 from castling_hf.metrics import Accuracy
+from castling_hf.training import evaluate_switch_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -184,24 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.log_metrics("train", train_result.metrics)
         results["train"] = train_result.metrics
 
-    results["castling"] = trainer.evaluate(metric_key_prefix="eval_castling")
-    trainer.log_metrics("eval_castling", results["castling"])
-    inference_dir = os.path.join(training_args.output_dir, "inference")
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(inference_dir, inference=True)
-        image_processor.save_pretrained(inference_dir)
-        logger.info(f"Saved the inference checkpoint to {inference_dir}")
-
-    trainer.model.switch_to_inference()
-    results["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
-    trainer.log_metrics("eval_linear", results["linear"])
-    trainer.save_metrics("eval", {**results["castling"], **results["linear"]})
-
-    if training_args.push_to_hub and trainer.is_world_process_zero():
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        trainer.model.push_to_hub(repo_id, inference=True, token=training_args.hub_token)
-        image_processor.push_to_hub(repo_id, token=training_args.hub_token)
-    results["inference_dir"] = inference_dir
+    results.update(evaluate_switch_and_save(trainer, image_processor, training_args.push_to_hub, training_args.hub_model_id))
     return results
 
 

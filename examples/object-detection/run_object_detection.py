@@ -15,7 +15,6 @@ pycocotools' COCOeval (`castling_hf.metrics.CocoDetectionMAP`).
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -36,9 +35,7 @@ from transformers import (
 from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTConfig, CastlingViTForObjectDetection
 from castling_hf.data import clean_coco_boxes, shapes
 from castling_hf.metrics import CocoDetectionMAP
-
-logger = logging.getLogger(__name__)
-
+from castling_hf.training import evaluate_switch_and_save
 
 @dataclass
 class ModelArguments:
@@ -191,22 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.log_metrics("train", train_result.metrics)
     results["train"] = train_result.metrics
 
-    results["castling"] = trainer.evaluate(metric_key_prefix="eval_castling")
-    inference_dir = os.path.join(training_args.output_dir, "inference")
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(inference_dir, inference=True)
-        image_processor.save_pretrained(inference_dir)
-        logger.info(f"Saved the inference checkpoint to {inference_dir}")
-    trainer.model.switch_to_inference()
-    results["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
-    for form in ("castling", "linear"):
-        trainer.log_metrics(f"eval_{form}", results[form])
-    trainer.save_metrics("eval", {**results["castling"], **results["linear"]})
-    if training_args.push_to_hub and trainer.is_world_process_zero():
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        trainer.model.push_to_hub(repo_id, inference=True, token=training_args.hub_token)
-        image_processor.push_to_hub(repo_id, token=training_args.hub_token)
-    results["inference_dir"] = inference_dir
+    results.update(evaluate_switch_and_save(trainer, image_processor, training_args.push_to_hub, training_args.hub_model_id))
     return results
 
 

@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CASTLING_VIT_SIZES",
+    "data",
+    "metrics",
     "CastlingMaskDecayCallback",
     "CastlingViTAttention",
     "CastlingViTConfig",

@@ -5,6 +5,7 @@
 """
 
 import math
+import os
 from numbers import Integral, Real
 
 from accelerate.utils import extract_model_from_parallel
@@ -126,4 +127,32 @@ class CastlingMaskDecayCallback(TrainerCallback):
             state.log_history[-1]["softmax_mask_scale"] = self.current_scale
 
 
-__all__ = ["CastlingMaskDecayCallback", "DECAY_SCHEDULES", "decay_window", "softmax_mask_scale"]
+def evaluate_switch_and_save(trainer, image_processor, push_to_hub: bool = False, repo_id: str | None = None) -> dict:
+    """The end of a castling run with a `Trainer`: evaluate in the training form, write the inference checkpoint with
+    its image processor to `<output_dir>/inference` (and to the Hub with `push_to_hub`), switch the model in memory,
+    and evaluate again. Returns both evaluations (`"castling"`, `"linear"`) and `"inference_dir"`."""
+    results = {"castling": trainer.evaluate(metric_key_prefix="eval_castling")}
+    inference_dir = os.path.join(trainer.args.output_dir, "inference")
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(inference_dir, inference=True)
+        image_processor.save_pretrained(inference_dir)
+    trainer.model.switch_to_inference()
+    results["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
+    for form in ("castling", "linear"):
+        trainer.log_metrics(f"eval_{form}", results[form])
+    trainer.save_metrics("eval", {**results["castling"], **results["linear"]})
+    if push_to_hub and trainer.is_world_process_zero():
+        repo_id = repo_id or os.path.basename(os.path.abspath(trainer.args.output_dir))
+        trainer.model.push_to_hub(repo_id, inference=True, token=trainer.args.hub_token)
+        image_processor.push_to_hub(repo_id, token=trainer.args.hub_token)
+    results["inference_dir"] = inference_dir
+    return results
+
+
+__all__ = [
+    "CastlingMaskDecayCallback",
+    "DECAY_SCHEDULES",
+    "decay_window",
+    "evaluate_switch_and_save",
+    "softmax_mask_scale",
+]
