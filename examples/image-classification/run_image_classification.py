@@ -26,7 +26,6 @@ import torch
 from datasets import DatasetDict, load_dataset
 from PIL import Image
 from transformers import (
-    AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
     HfArgumentParser,
@@ -35,11 +34,10 @@ from transformers import (
     set_seed,
 )
 
-import castling_hf
-from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTConfig, image_processor_for
+from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTForImageClassification, image_processor_for
 from castling_hf.data import digits
 from castling_hf.metrics import Accuracy
-from castling_hf.training import evaluate_switch_and_save
+from castling_hf.training import evaluate_switch_and_save, model_from_size_or_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -95,18 +93,12 @@ def load_image_dataset(data_args: DataTrainingArguments, seed: int) -> DatasetDi
 
 
 def load_model_and_processor(model_args: ModelArguments, labels: list[str]):
-    id2label = dict(enumerate(labels))
-    label2id = {label: i for i, label in id2label.items()}
-    if model_args.model_name_or_path in CASTLING_VIT_SIZES:
-        overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
-        config = CastlingViTConfig.from_size(
-            model_args.model_name_or_path, id2label=id2label, label2id=label2id, **overrides
-        )
-        return castling_hf.CastlingViTForImageClassification(config), image_processor_for(config)
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, id2label=id2label, label2id=label2id)
-    model = AutoModelForImageClassification.from_pretrained(
-        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True
+    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+    model = model_from_size_or_checkpoint(
+        model_args.model_name_or_path, labels, CastlingViTForImageClassification, AutoModelForImageClassification, **overrides
     )
+    if model_args.model_name_or_path in CASTLING_VIT_SIZES:
+        return model, image_processor_for(model.config)
     return model, AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
 
 

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from datasets import DatasetDict, load_dataset
 from transformers import (
-    AutoConfig,
     AutoImageProcessor,
     AutoModelForObjectDetection,
     HfArgumentParser,
@@ -32,10 +31,10 @@ from transformers import (
     set_seed,
 )
 
-from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTConfig, CastlingViTForObjectDetection
+from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTForObjectDetection
 from castling_hf.data import clean_coco_boxes, shapes
 from castling_hf.metrics import CocoDetectionMAP
-from castling_hf.training import evaluate_switch_and_save
+from castling_hf.training import evaluate_switch_and_save, model_from_size_or_checkpoint
 
 @dataclass
 class ModelArguments:
@@ -80,20 +79,12 @@ def load_detection_dataset(data_args: DataTrainingArguments, image_size: int, se
 
 
 def load_model_and_processor(model_args: ModelArguments, labels: list[str]):
-    id2label = dict(enumerate(labels))
-    label2id = {label: i for i, label in id2label.items()}
-    if model_args.model_name_or_path in CASTLING_VIT_SIZES:
-        overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
-        config = CastlingViTConfig.from_size(
-            model_args.model_name_or_path, id2label=id2label, label2id=label2id, **overrides
-        )
-        model = CastlingViTForObjectDetection(config)
-        processor = YolosImageProcessorPil(size={"height": model_args.image_size, "width": model_args.image_size})
-        return model, processor
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, id2label=id2label, label2id=label2id)
-    model = AutoModelForObjectDetection.from_pretrained(
-        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True
+    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+    model = model_from_size_or_checkpoint(
+        model_args.model_name_or_path, labels, CastlingViTForObjectDetection, AutoModelForObjectDetection, **overrides
     )
+    if model_args.model_name_or_path in CASTLING_VIT_SIZES:
+        return model, YolosImageProcessorPil(size={"height": model_args.image_size, "width": model_args.image_size})
     return model, AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
 
 

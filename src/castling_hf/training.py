@@ -127,6 +127,19 @@ class CastlingMaskDecayCallback(TrainerCallback):
             state.log_history[-1]["softmax_mask_scale"] = self.current_scale
 
 
+def model_from_size_or_checkpoint(name_or_path: str, labels: list[str], model_class, auto_class, **overrides):
+    """A new `model_class` of a named size (`CASTLING_VIT_SIZES`) with `overrides`, or a checkpoint (path or Hub
+    name) loaded with `auto_class`; either way with `labels` as its id2label, the head resized to fit."""
+    from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
+
+    id2label = dict(enumerate(labels))
+    label2id = {label: i for i, label in id2label.items()}
+    if name_or_path in CASTLING_VIT_SIZES:
+        config = CastlingViTConfig.from_size(name_or_path, id2label=id2label, label2id=label2id, **overrides)
+        return model_class(config)
+    return auto_class.from_pretrained(name_or_path, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
+
+
 def evaluate_switch_and_save(trainer, image_processor, push_to_hub: bool = False, repo_id: str | None = None) -> dict:
     """The end of a castling run with a `Trainer`: evaluate in the training form, write the inference checkpoint with
     its image processor to `<output_dir>/inference` (and to the Hub with `push_to_hub`), switch the model in memory,
@@ -154,5 +167,6 @@ __all__ = [
     "DECAY_SCHEDULES",
     "decay_window",
     "evaluate_switch_and_save",
+    "model_from_size_or_checkpoint",
     "softmax_mask_scale",
 ]
