@@ -31,22 +31,27 @@ def _digit_patch(image, size: int) -> np.ndarray:
 
 
 def focus_digits(
-    canvas_size: int = 64, digit_size: int = 24, num_fragments: int = 3, noise: float = 0.15, seed: int = 0
+    canvas_size: int = 64,
+    digit_size: int = 24,
+    num_fragments: int = 2,
+    noise: float = 0.1,
+    train_copies: int = 8,
+    seed: int = 0,
 ) -> DatasetDict:
     """A task that needs attention to find and focus on a small region anywhere in the image.
 
     Each image is a `canvas_size`² canvas with one bundled digit (`digit_size`² pixels) at a random place, among
     `num_fragments` fragments (random quarter- to half-size crops) of other digits and Gaussian noise; the label is
-    that digit. Built from `digits()`, split for split, so no test digit is ever seen in training; deterministic for
-    a `seed`. Returns a `DatasetDict` (`train`, `test`) with `image` (grayscale PIL) and `label` columns.
+    that digit. Built from `digits()`, split for split, so no test digit is ever seen in training; each training
+    digit appears on `train_copies` different canvases, each test digit on one. Deterministic for a `seed`. Returns a `DatasetDict` (`train`, `test`) with `image` (grayscale PIL) and `label` columns.
     """
     rng = np.random.default_rng(seed)
     source = digits()
 
-    def compose(split):
+    def compose(split, copies):
         patches = [_digit_patch(image, digit_size) for image in source[split]["image"]]
         images = []
-        for index, patch in enumerate(patches):
+        for patch in patches * copies:
             canvas = np.zeros((canvas_size, canvas_size), dtype=np.float32)
             for _ in range(num_fragments):
                 other = patches[int(rng.integers(len(patches)))]
@@ -61,10 +66,10 @@ def focus_digits(
             canvas = np.clip(canvas + rng.normal(0.0, noise, canvas.shape), 0.0, 1.0)
             images.append(((1.0 - canvas) * 255).round().astype(np.uint8))
         return Dataset.from_dict(
-            {"image": images, "label": source[split]["label"]}, features=source[split].features
+            {"image": images, "label": list(source[split]["label"]) * copies}, features=source[split].features
         )
 
-    return DatasetDict(train=compose("train"), test=compose("test"))
+    return DatasetDict(train=compose("train", train_copies), test=compose("test", 1))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], colour: tuple) -> None:
