@@ -117,3 +117,38 @@ def test_object_detection_example_reports_coco_map_before_and_after_the_switch(t
     inference = tmp_path / "inference"
     assert json.loads((inference / "config.json").read_text())["attention_mode"] == "linear"
     assert "Yolos" in json.loads((inference / "preprocessor_config.json").read_text())["image_processor_type"]
+
+
+def test_castle_pretrained_vit_converts_a_directory_with_its_image_processor(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    source = ViTForImageClassification(
+        ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+    )
+    source.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3]).save_pretrained(tmp_path / "vit")
+    example = load_module(Path(__file__).parents[1] / "examples" / "castle_pretrained_vit.py")
+    example.main([str(tmp_path / "vit"), "--output_dir", str(tmp_path / "castled"), "--config_overrides", '{"residual_conv": "sequence"}'])
+    config = json.loads((tmp_path / "castled" / "config.json").read_text())
+    assert (config["model_type"], config["linear_branch_scale_init"], config["residual_conv"]) == ("castling_vit", 0.0, "sequence")
+    processor = json.loads((tmp_path / "castled" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.1, 0.2, 0.3]
+
+
+def test_castle_pretrained_vit_demo_runs_the_recipe(tmp_path):
+    example = load_module(Path(__file__).parents[1] / "examples" / "castle_pretrained_vit.py")
+    summary = example.main(
+        [
+            "--demo",
+            "--output_dir", str(tmp_path),
+            "--source_epochs", "0.1",
+            "--castle_epochs", "0.1",
+            "--latency_sizes", "64",
+            "--repeats", "1",
+        ]
+    )
+    assert summary["start_max_abs_logit_difference"] < 1e-4
+    assert summary["castled_accuracy_after_switch"] == summary["castled_accuracy_before_switch"]
+    assert set(summary["latency_ms"][64]) == {"source_vit", "castled"}
+    assert_inference_checkpoint(Path(summary["inference_dir"]))
+    assert json.loads((tmp_path / "castle_demo.json").read_text())["source_accuracy"] == summary["source_accuracy"]

@@ -285,6 +285,18 @@ class CastlingViTModel(CastlingViTPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
 
+    @classmethod
+    def from_vit(cls, model_or_path, add_pooling_layer: bool | None = None, **config_overrides) -> "CastlingViTModel":
+        """A Castling-ViT encoder with a pretrained ViT's weights, whose first forward pass is the source's.
+
+        `model_or_path`: a `ViTModel` / `ViTForImageClassification`, or a directory or Hub name holding one.
+        `add_pooling_layer` defaults to whether the source has a pooler.
+        See `castling_hf.conversion.convert_vit` for what is mapped and how `config_overrides` apply.
+        """
+        from .conversion import convert_vit
+
+        return convert_vit(cls, model_or_path, add_pooling_layer=add_pooling_layer, **config_overrides)
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -326,6 +338,17 @@ class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
         self.castling_vit = CastlingViTModel(config, add_pooling_layer=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
+
+    @classmethod
+    def from_vit(cls, model_or_path, **config_overrides) -> "CastlingViTForImageClassification":
+        """A Castling-ViT classifier with a pretrained ViT's weights (and classifier), whose first logits are the source's.
+
+        `model_or_path`: a `ViTModel` / `ViTForImageClassification`, or a directory or Hub name holding one.
+        See `castling_hf.conversion.convert_vit` for what is mapped and how `config_overrides` apply.
+        """
+        from .conversion import convert_vit
+
+        return convert_vit(cls, model_or_path, **config_overrides)
 
     def forward(
         self,
