@@ -70,6 +70,17 @@ def test_converted_encoder_mirrors_the_source_pooler(with_pooler):
         assert castled.pooler is None and got.pooler_output is None
 
 
+def test_an_encoder_saved_without_pooler_converts_without_one(tmp_path):
+    source = randomised(ViTModel(vit_config(**SOURCES["base"]), add_pooling_layer=False))
+    source.save_pretrained(tmp_path)
+    castled = CastlingViTModel.from_vit(tmp_path)
+    assert castled.pooler is None
+    pixels = pixels_for(source.config)
+    with torch.no_grad():
+        expected, got = source(pixel_values=pixels).last_hidden_state, castled(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_pooler_cannot_be_asked_of_a_source_without_one():
     source = ViTModel(vit_config(**SOURCES["base"]), add_pooling_layer=False)
     with pytest.raises(ValueError, match="source has no pooler"):
@@ -86,6 +97,15 @@ def test_classifier_from_a_backbone_checkpoint_keeps_the_backbone_and_starts_the
         got = castled.castling_vit(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert castled(pixel_values=pixels).logits.shape == (2, 7)
+
+
+def test_a_new_label_set_replaces_the_source_labels_and_starts_the_classifier_fresh():
+    source = randomised(ViTForImageClassification(vit_config(**SOURCES["base"])))
+    new_labels = {i: f"new {i}" for i in range(5)}  # as many labels as the source: only the names differ
+    castled = CastlingViTForImageClassification.from_vit(source, id2label=new_labels)
+    assert castled.config.label2id == {f"new {i}": i for i in range(5)}
+    assert not torch.equal(castled.classifier.weight, source.classifier.weight)
+    torch.testing.assert_close(castled.castling_vit.embeddings.cls_token, source.vit.embeddings.cls_token)
 
 
 def test_conversion_from_a_directory_saves_and_reloads_through_the_auto_classes(tmp_path):

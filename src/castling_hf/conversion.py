@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel, ViTConfig, ViTForImageClassification, ViTModel
 
 from .configuration_castling_vit import CastlingViTConfig
+from .modeling_castling_vit import CastlingViTModel
 
 # The fields a Castling-ViT takes from the source config, all with ViTConfig's meaning.
 INHERITED_CONFIG_FIELDS = (
@@ -55,6 +56,7 @@ EXACT_START = dict(linear_branch_scale_init=0.0, softmax_mask_threshold=None)
 CASTLING_ONLY = re.compile(r"attention\.(linear_branch_scale|residual_conv\.weight|softmax_branch\.softmax_mask_scale)$")
 # ViT's mask token serves masked-image-modelling only; no Castling-ViT model uses one.
 IGNORED_SOURCE = re.compile(r"^embeddings\.mask_token$")
+POOLER_KEYS = {"pooler.dense.weight", "pooler.dense.bias"}
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _QKV = re.compile(r"^attention\.([qkv])_proj\.(weight|bias)$")
 
@@ -74,8 +76,17 @@ def load_vit(model_or_path) -> ViTModel | ViTForImageClassification:
             f"from_vit converts ViT checkpoints (model_type 'vit'), but {model_or_path!r} holds a "
             f"{config.model_type!r} model ({', '.join(config.architectures or [type(config).__name__])})."
         )
+    unsupported = sorted(set(config.architectures or []) - {"ViTModel", "ViTForImageClassification"})
+    if unsupported:
+        raise TypeError(
+            f"{model_or_path!r} holds a {', '.join(unsupported)}; from_vit converts ViTModel and "
+            "ViTForImageClassification checkpoints (load the encoder alone with ViTModel.from_pretrained and pass it)."
+        )
     source_class = ViTForImageClassification if "ViTForImageClassification" in (config.architectures or []) else ViTModel
     model, info = source_class.from_pretrained(model_or_path, output_loading_info=True)
+    if source_class is ViTModel and info["missing_keys"] and set(info["missing_keys"]) <= POOLER_KEYS:
+        # A ViTModel saved without its pooler: load it as it was saved rather than with a random pooler.
+        model, info = ViTModel.from_pretrained(model_or_path, add_pooling_layer=False, output_loading_info=True)
     problems = {kind: keys for kind, keys in info.items() if keys and kind != "error_msgs"}
     if problems:
         raise ValueError(
@@ -98,7 +109,15 @@ def castling_config_from_vit(vit_config: ViTConfig, **overrides) -> CastlingViTC
             f"Override Castling-ViT's own fields instead (e.g. residual_conv, angular_normalization)."
         )
     inherited = {name: getattr(vit_config, name) for name in INHERITED_CONFIG_FIELDS}
+    if labels_overridden(overrides):  # a new label set replaces the source's whole, never half of it
+        del inherited["id2label"], inherited["label2id"]
+        if "id2label" in overrides and "label2id" not in overrides:
+            overrides = {**overrides, "label2id": {label: int(i) for i, label in overrides["id2label"].items()}}
     return CastlingViTConfig(**{**inherited, **EXACT_START, **overrides})
+
+
+def labels_overridden(overrides: dict) -> bool:
+    return bool({"num_labels", "id2label", "label2id"} & set(overrides))
 
 
 def castling_key(vit_key: str) -> str | None:
@@ -138,8 +157,11 @@ def castling_backbone_state_dict(vit_backbone_state: dict[str, torch.Tensor]) ->
     return renamed
 
 
-def castling_state_dict(source: ViTModel | ViTForImageClassification, target) -> dict[str, torch.Tensor]:
-    """The full state dict for `target` (a Castling-ViT model built for the source), checked against it."""
+def castling_state_dict(
+    source: ViTModel | ViTForImageClassification, target, keep_classifier: bool = True
+) -> dict[str, torch.Tensor]:
+    """The full state dict for `target` (a Castling-ViT model built for the source), checked against it; the
+    source's classifier is carried over when `keep_classifier` and the source has one."""
     source_state = source.state_dict()
     if isinstance(source, ViTForImageClassification):
         backbone = {key.removeprefix("vit."): value for key, value in source_state.items() if key.startswith("vit.")}
@@ -152,8 +174,8 @@ def castling_state_dict(source: ViTModel | ViTForImageClassification, target) ->
     mapped = {prefix + key: value for key, value in mapped.items()}
     if not any(".pooler." in f".{key}" for key in target_state):  # e.g. a classifier built from a ViTModel
         mapped = {key: value for key, value in mapped.items() if ".pooler." not in f".{key}"}
-    if "classifier.weight" in target_state:
-        mapped.update(_matching_head(head, target_state))
+    if "classifier.weight" in target_state and keep_classifier:
+        mapped.update({key: value for key, value in head.items() if key.startswith("classifier.")})
 
     unexpected = sorted(set(mapped) - set(target_state))
     missing = sorted(key for key in set(target_state) - set(mapped) if not _starts_fresh(key))
@@ -174,14 +196,6 @@ def castling_state_dict(source: ViTModel | ViTForImageClassification, target) ->
             + ". Nothing was converted."
         )
     return mapped
-
-
-def _matching_head(head: dict, target_state: dict) -> dict:
-    """The source's classifier, unless the target was given a different number of labels (then it starts fresh)."""
-    weight = head.get("classifier.weight")
-    if weight is None or weight.shape != target_state["classifier.weight"].shape:
-        return {}
-    return {key: value for key, value in head.items() if key.startswith("classifier.")}
 
 
 def _starts_fresh(key: str) -> bool:
@@ -205,7 +219,7 @@ def convert_vit(target_class, model_or_path, add_pooling_layer: bool | None = No
     backbone = source.vit if isinstance(source, ViTForImageClassification) else source
     source_has_pooler = getattr(backbone, "pooler", None) is not None
     kwargs = {}
-    if target_class.__name__ == "CastlingViTModel":
+    if issubclass(target_class, CastlingViTModel):
         kwargs["add_pooling_layer"] = source_has_pooler if add_pooling_layer is None else add_pooling_layer
         if kwargs["add_pooling_layer"] and not source_has_pooler:
             raise ValueError(
@@ -215,5 +229,6 @@ def convert_vit(target_class, model_or_path, add_pooling_layer: bool | None = No
     elif add_pooling_layer is not None:
         raise ValueError(f"{target_class.__name__} has no pooler; add_pooling_layer applies to CastlingViTModel only.")
     target = target_class(config, **kwargs)
-    target.load_state_dict(castling_state_dict(source, target), strict=False)
-    return target.to(dtype=next(source.parameters()).dtype).eval()
+    target.load_state_dict(castling_state_dict(source, target, not labels_overridden(config_overrides)), strict=False)
+    reference = next(source.parameters())
+    return target.to(device=reference.device, dtype=reference.dtype).eval()
