@@ -127,6 +127,7 @@ def demo(args) -> dict:
             "--num_train_epochs", str(args.castle_epochs),
             "--per_device_train_batch_size", "32",
             "--learning_rate", str(args.castle_learning_rate),
+            "--mask_decay_end", str(args.mask_decay_end),
             "--warmup_steps", "30",
             "--weight_decay", "0.05",
             "--label_smoothing_factor", "0.1",
@@ -177,8 +178,11 @@ def main(argv=None):
     parser.add_argument("--config_overrides", default=None, help="JSON object of Castling-ViT config fields")
     parser.add_argument("--demo", action="store_true", help="the whole recipe offline on the bundled digits")
     parser.add_argument("--source_epochs", type=float, default=25)
-    parser.add_argument("--castle_epochs", type=float, default=15)
-    parser.add_argument("--castle_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--castle_epochs", type=float, default=25)
+    parser.add_argument("--castle_learning_rate", type=float, default=2e-3)
+    parser.add_argument(
+        "--mask_decay_end", type=float, default=0.25, help="where α reaches 0 (fraction of the fine-tune): early, see README"
+    )
     parser.add_argument("--latency_sizes", type=int, nargs="+", default=[224, 512])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
