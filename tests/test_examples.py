@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 
@@ -30,6 +31,9 @@ def assert_inference_checkpoint(directory: Path):
         assert not [name for name in weights.keys() if "softmax" in name]
     model = AutoModelForImageClassification.from_pretrained(directory)
     assert model.config.id2label[3] == "3"
+    card = ModelCard.load(directory / "README.md")  # the checkpoint carries its card, with the run's result
+    assert [result.metric_type for result in card.data.eval_results] == ["accuracy"]
+    return card
 
 
 def test_trainer_example_runs_end_to_end(tmp_path):
@@ -51,7 +55,8 @@ def test_trainer_example_runs_end_to_end(tmp_path):
     assert results["train"]["softmax_mask_scale"] == 0.0
     assert results["castling"]["eval_castling_accuracy"] == results["linear"]["eval_linear_accuracy"]
     assert results["castling"]["eval_castling_loss"] == results["linear"]["eval_linear_loss"]
-    assert_inference_checkpoint(tmp_path / "inference")
+    card = assert_inference_checkpoint(tmp_path / "inference")
+    assert card.data.eval_results[0].metric_value == results["linear"]["eval_linear_accuracy"]
     saved_metrics = json.loads((tmp_path / "eval_results.json").read_text())
     assert saved_metrics["eval_linear_accuracy"] == results["linear"]["eval_linear_accuracy"]
     # The Trainer's own final save keeps the training form.

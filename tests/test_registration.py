@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import skimage.data
 import torch
@@ -52,3 +56,74 @@ def test_pipeline_labels_a_real_photo(inference_checkpoint, photo):
     with torch.no_grad():
         logits = model(**processor(images=image.convert("RGB"), return_tensors="pt")).logits[0]
     assert predictions[0]["label"] == LABELS[int(logits.argmax())]
+
+
+# Runs where `castling_hf` cannot be imported: only the checkpoint's own code can build the model.
+REMOTE_LOAD = """
+import sys
+sys.modules["castling_hf"] = None  # any `import castling_hf` now raises ImportError
+import torch
+import transformers
+
+try:
+    import castling_hf  # noqa: F401
+    raise SystemExit("castling_hf is importable; the test would prove nothing")
+except ImportError:
+    pass
+directory, auto_class, expected_file = sys.argv[1:4]
+model = getattr(transformers, auto_class).from_pretrained(directory, trust_remote_code=True).eval()
+assert not type(model).__module__.startswith("castling_hf"), type(model).__module__
+inputs, expected = torch.load(expected_file)
+with torch.no_grad():
+    output = model(pixel_values=inputs)
+got = output.logits if hasattr(output, "logits") else output.last_hidden_state
+print(type(model).__name__, model.config.attention_mode, torch.equal(got, expected))
+"""
+
+
+def load_without_castling_hf(directory, auto_class: str, inputs, expected, work_dir) -> str:
+    torch.save((inputs, expected), work_dir / "expected.pt")
+    # The same thread count as this process, so that the two runs reduce in the same order: equal means bit-equal.
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(work_dir / "modules"),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    finished = subprocess.run(
+        [sys.executable, "-c", REMOTE_LOAD, str(directory), auto_class, str(work_dir / "expected.pt")],
+        capture_output=True, text=True, env=env, cwd=work_dir, timeout=300, check=False,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr[-3000:]
+    return finished.stdout.strip().splitlines()[-1]
+
+
+def test_checkpoints_load_with_remote_code_where_castling_hf_is_not_installed(
+    inference_checkpoint, make_config, tmp_path_factory
+):
+    import json
+
+    from castling_hf import CastlingViTForObjectDetection
+
+    tmp_path = tmp_path_factory.mktemp("remote")  # beside the checkpoint, not inside it
+
+    assert {"modeling_castling_vit.py", "attention.py", "configuration_castling_vit.py"} <= set(os.listdir(inference_checkpoint))
+    auto_map = json.loads((inference_checkpoint / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageClassification"] == "modeling_castling_vit.CastlingViTForImageClassification"
+    inputs = torch.randn(2, 3, 32, 32)
+    classifier = AutoModelForImageClassification.from_pretrained(inference_checkpoint).eval()
+    with torch.no_grad():
+        logits = classifier(pixel_values=inputs).logits
+        hidden = classifier.castling_vit(pixel_values=inputs).last_hidden_state
+    result = load_without_castling_hf(inference_checkpoint, "AutoModelForImageClassification", inputs, logits, tmp_path)
+    assert result == "CastlingViTForImageClassification linear True"
+    # The base model from the same checkpoint, as `AutoModel.from_pretrained` on a ViT classifier gives.
+    result = load_without_castling_hf(inference_checkpoint, "AutoModel", inputs, hidden, tmp_path)
+    assert result == "CastlingViTModel linear True"
+
+    detector = CastlingViTForObjectDetection(make_config(num_detection_tokens=5)).eval()
+    detector.save_pretrained(tmp_path / "detector")
+    with torch.no_grad():
+        detection_logits = detector(pixel_values=inputs).logits
+    result = load_without_castling_hf(tmp_path / "detector", "AutoModelForObjectDetection", inputs, detection_logits, tmp_path)
+    assert result == "CastlingViTForObjectDetection castling True"

@@ -176,7 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.log_metrics("train", train_result.metrics)
         results["train"] = train_result.metrics
 
-    results.update(evaluate_switch_and_save(trainer, image_processor, training_args.push_to_hub, training_args.hub_model_id))
+    results.update(
+        evaluate_switch_and_save(
+            trainer, image_processor, training_args.push_to_hub, training_args.hub_model_id, data_args.dataset_name or "digits"
+        )
+    )
     return results
 
 

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from castling_hf import softmax_mask_scale
+from castling_hf.hub import upload_checkpoint_folder, write_inference_checkpoint
 from castling_hf.metrics import Accuracy
+from castling_hf.model_card import castling_model_card, eval_results_from_metrics
 from run_image_classification import (
     DataTrainingArguments,
     ModelArguments,
@@ -140,26 +142,33 @@ def main(argv=None):
     )
 
     results = {"castling_accuracy": evaluate_accuracy(accelerator, castling_model, eval_loader)}
-    accelerator.wait_for_everyone()
-    inference_dir = os.path.join(args.output_dir, "inference")
-    if accelerator.is_main_process:
-        castling_model.save_pretrained(inference_dir, inference=True)
-        image_processor.save_pretrained(inference_dir)
-        print(f"rank {accelerator.process_index} saved the inference checkpoint to {inference_dir}", flush=True)
     castling_model.switch_to_inference()
     results["linear_accuracy"] = evaluate_accuracy(accelerator, castling_model, eval_loader)
 
     print(f"rank {accelerator.process_index} of {accelerator.num_processes}: parameter digest "
           f"{parameter_digest(castling_model)}", flush=True)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         results.update(steps=completed_steps, processes=accelerator.num_processes)
+        os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "results.json"), "w") as file:
             json.dump(results, file, indent=2)
         print(json.dumps(results), flush=True)
+        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        card = castling_model_card(
+            castling_model.config,
+            model_name=repo_id,
+            eval_results=eval_results_from_metrics(
+                {"accuracy": results["linear_accuracy"]}, "", "image-classification", args.dataset_name or "digits"
+            ),
+            datasets=[args.dataset_name or "digits"],
+            results_source="the evaluation at the end of this training run, after the switch",
+        )
+        inference_dir = os.path.join(args.output_dir, "inference")
+        write_inference_checkpoint(castling_model, inference_dir, image_processor, card)
+        print(f"rank {accelerator.process_index} saved the inference checkpoint to {inference_dir}", flush=True)
         if args.push_to_hub:
-            repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            castling_model.push_to_hub(repo_id, inference=True)
-            image_processor.push_to_hub(repo_id)
+            upload_checkpoint_folder(inference_dir, repo_id)
     accelerator.end_training()
     return results
 

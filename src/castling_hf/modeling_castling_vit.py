@@ -256,9 +256,15 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
         return copy.deepcopy(self).switch_to_inference(force=force)
 
     def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
-        """`PreTrainedModel.save_pretrained`; with `inference=True`, saves the inference form (see `switch_to_inference`)."""
+        """`PreTrainedModel.save_pretrained`; with `inference=True`, saves the inference form (see `switch_to_inference`).
+
+        Once `castling_hf` is imported, the folder also carries this file and the files it imports, and the config
+        an `auto_map` for every Castling-ViT Auto class, so that any of them loads it with `trust_remote_code=True`.
+        """
         if inference:
             return self.inference_copy(force=force).save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **remote_auto_map()}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(self, *args, inference: bool = False, force: bool = False, **kwargs):
@@ -494,3 +500,17 @@ def check_detection_labels(labels: list[dict], batch_size: int, num_labels: int)
                 f"labels[{index}] has class id {int(unknown[0])}, outside the model's {num_labels} classes "
                 f"(0 .. {num_labels - 1})."
             )
+
+
+# The Auto class that loads each model class from a checkpoint's own code (`trust_remote_code=True`).
+REMOTE_AUTO_CLASSES = {
+    "AutoModel": CastlingViTModel,
+    "AutoModelForImageClassification": CastlingViTForImageClassification,
+    "AutoModelForObjectDetection": CastlingViTForObjectDetection,
+}
+
+
+def remote_auto_map() -> dict[str, str]:
+    """`auto_map` entries for every Castling-ViT model class, as `module.Class` within a saved checkpoint."""
+    module = __name__.rsplit(".", 1)[-1]
+    return {auto_class: f"{module}.{model_class.__name__}" for auto_class, model_class in REMOTE_AUTO_CLASSES.items()}

@@ -11,7 +11,12 @@ from transformers import (
 from transformers.utils import is_torchvision_available
 
 from .configuration_castling_vit import CastlingViTConfig
-from .modeling_castling_vit import CastlingViTForImageClassification, CastlingViTForObjectDetection, CastlingViTModel
+from .modeling_castling_vit import (
+    REMOTE_AUTO_CLASSES,
+    CastlingViTForImageClassification,
+    CastlingViTForObjectDetection,
+    CastlingViTModel,
+)
 
 
 def register_auto_classes() -> None:
@@ -31,6 +36,15 @@ def register_auto_classes() -> None:
 
         image_processor_classes["torchvision"] = ViTImageProcessor
     AutoImageProcessor.register(CastlingViTConfig, image_processor_classes=image_processor_classes, exist_ok=True)
+    register_remote_code()
+
+
+def register_remote_code() -> None:
+    """Make every saved or pushed checkpoint carry the modeling code and an `auto_map`, so that it also loads with
+    `trust_remote_code=True` where `castling_hf` is not installed (see `CastlingViTPreTrainedModel.save_pretrained`)."""
+    CastlingViTConfig.register_for_auto_class()
+    for auto_class, model_class in REMOTE_AUTO_CLASSES.items():
+        model_class.register_for_auto_class(auto_class)
 
 
 def image_processor_for(config: CastlingViTConfig) -> ViTImageProcessorPil:

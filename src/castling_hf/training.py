@@ -140,24 +140,38 @@ def model_from_size_or_checkpoint(name_or_path: str, labels: list[str], model_cl
     return auto_class.from_pretrained(name_or_path, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
 
 
-def evaluate_switch_and_save(trainer, image_processor, push_to_hub: bool = False, repo_id: str | None = None) -> dict:
-    """The end of a castling run with a `Trainer`: evaluate in the training form, write the inference checkpoint with
-    its image processor to `<output_dir>/inference` (and to the Hub with `push_to_hub`), switch the model in memory,
-    and evaluate again. Returns both evaluations (`"castling"`, `"linear"`) and `"inference_dir"`."""
+def evaluate_switch_and_save(
+    trainer, image_processor, push_to_hub: bool = False, repo_id: str | None = None, dataset_name: str = "digits"
+) -> dict:
+    """The end of a castling run with a `Trainer`: evaluate in the training form, switch the model in memory,
+    evaluate again, and write the inference checkpoint with its image processor and its model card (results of the
+    second evaluation on `dataset_name`) to `<output_dir>/inference` (and to the Hub with `push_to_hub`).
+    Returns both evaluations (`"castling"`, `"linear"`) and `"inference_dir"`."""
+    from .hub import upload_checkpoint_folder, write_inference_checkpoint
+    from .model_card import castling_model_card, eval_results_from_metrics, pipeline_tag_for
+
     results = {"castling": trainer.evaluate(metric_key_prefix="eval_castling")}
-    inference_dir = os.path.join(trainer.args.output_dir, "inference")
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(inference_dir, inference=True)
-        image_processor.save_pretrained(inference_dir)
     trainer.model.switch_to_inference()
     results["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
     for form in ("castling", "linear"):
         trainer.log_metrics(f"eval_{form}", results[form])
     trainer.save_metrics("eval", {**results["castling"], **results["linear"]})
-    if push_to_hub and trainer.is_world_process_zero():
-        repo_id = repo_id or os.path.basename(os.path.abspath(trainer.args.output_dir))
-        trainer.model.push_to_hub(repo_id, inference=True, token=trainer.args.hub_token)
-        image_processor.push_to_hub(repo_id, token=trainer.args.hub_token)
+
+    architecture = type(trainer.model).__name__
+    name = repo_id or os.path.basename(os.path.abspath(trainer.args.output_dir))
+    card = castling_model_card(
+        trainer.model.config,
+        model_name=name,
+        architecture=architecture,
+        eval_results=eval_results_from_metrics(results["linear"], "eval_linear_", pipeline_tag_for(architecture), dataset_name),
+        datasets=[dataset_name],
+        results_source="the evaluation at the end of this training run, after the switch",
+    )
+    inference_dir = os.path.join(trainer.args.output_dir, "inference")
+    if trainer.is_world_process_zero():
+        write_inference_checkpoint(trainer.model, inference_dir, image_processor, card)
+        if push_to_hub:
+            upload_checkpoint_folder(inference_dir, name, token=trainer.args.hub_token)
     results["inference_dir"] = inference_dir
     return results
 

@@ -1,0 +1,174 @@
+"""Model cards for Castling-ViT checkpoints, built with `huggingface_hub`'s `ModelCard` and `ModelCardData`.
+
+The metadata (pipeline tag, library, tags, data sets, metrics, licence, eval results) goes in the card's YAML header,
+where the Hub reads it; the body says what the model is, how to use it, how it was trained and where the numbers
+came from. Every number in a card is passed in by the caller from a measurement (a benchmark JSON or an evaluation),
+never written here.
+"""
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .configuration_castling_vit import CastlingViTConfig
+
+PAPER = "https://arxiv.org/abs/2211.10526"
+CITATION = """@inproceedings{you2023castling,
+  title     = {Castling-ViT: Compressing Self-Attention via Switching Towards Linear-Angular Attention at Vision
+               Transformer Inference},
+  author    = {You, Haoran and Xiong, Yunyang and Dai, Xiaoliang and Wu, Bichen and Zhang, Peizhao and Fan, Haoqi and
+               Vajda, Peter and Lin, Yingyan Celine},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2023}
+}"""
+TAGS = ["castling-vit", "vision", "linear-attention", "efficient-attention"]
+
+
+PIPELINE_TAGS = {
+    "CastlingViTModel": "image-feature-extraction",
+    "CastlingViTForImageClassification": "image-classification",
+    "CastlingViTForObjectDetection": "object-detection",
+}
+AUTO_CLASSES = {
+    "CastlingViTModel": "AutoModel",
+    "CastlingViTForImageClassification": "AutoModelForImageClassification",
+    "CastlingViTForObjectDetection": "AutoModelForObjectDetection",
+}
+
+
+def pipeline_tag_for(architecture: str) -> str:
+    """The Hub pipeline tag of a Castling-ViT model class name."""
+    if architecture not in PIPELINE_TAGS:
+        raise ValueError(f"Unknown Castling-ViT architecture {architecture!r}; expected one of {sorted(PIPELINE_TAGS)}.")
+    return PIPELINE_TAGS[architecture]
+
+
+def castling_model_card(
+    config: CastlingViTConfig,
+    model_name: str,
+    architecture: str = "CastlingViTForImageClassification",
+    eval_results: list[EvalResult] | None = None,
+    datasets: list[str] | None = None,
+    results_source: str | None = None,
+    training_summary: str | None = None,
+    notes: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """A card for a Castling-ViT checkpoint of class `architecture` with `config`.
+
+    `eval_results` (measured) go into the YAML `model-index` and into a table in the body; `results_source` says
+    where they came from (e.g. the benchmark command); `training_summary` replaces the generic training recipe;
+    `notes` follow the description.
+    """
+    pipeline_tag = pipeline_tag_for(architecture)
+    metrics = sorted({result.metric_type for result in eval_results or []}) or None
+    card_data = ModelCardData(
+        model_name=model_name,
+        license=license,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=[*TAGS, pipeline_tag],
+        datasets=datasets or None,
+        metrics=metrics,
+        eval_results=eval_results or None,
+    )
+    sections = [
+        f"# {model_name}",
+        _description(config) + (f"\n\n{notes}" if notes else ""),
+        _usage(architecture, pipeline_tag),
+        "## Training: the mask decay\n\n" + (training_summary or _RECIPE),
+        _results(eval_results or [], results_source),
+        f"## Citation\n\n[Castling-ViT (CVPR 2023)]({PAPER}):\n\n```bibtex\n{CITATION}\n```",
+    ]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+# Trainer metric names (after the "eval_<form>_" prefix) that become card eval results, with their metric type.
+CARD_METRICS = {"accuracy": "accuracy", "map": "mean_average_precision", "map_50": "mean_average_precision@0.5"}
+
+
+def eval_results_from_metrics(metrics: dict, prefix: str, task_type: str, dataset_name: str, split: str = "test"):
+    """`EvalResult`s for the metrics in a `Trainer.evaluate()` dict whose keys start with `prefix` (e.g.
+    `"eval_linear_"`), for the metrics a card reports (`CARD_METRICS`)."""
+    return [
+        EvalResult(
+            task_type=task_type,
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=metric_type,
+            metric_value=float(metrics[prefix + name]),
+        )
+        for name, metric_type in CARD_METRICS.items()
+        if prefix + name in metrics
+    ]
+
+
+def _description(config: CastlingViTConfig) -> str:
+    mode = (
+        "**inference form** (`attention_mode=\"linear\"`): linear-angular attention and the residual conv only, "
+        "cost linear in the number of image tokens"
+        if config.attention_mode == "linear"
+        else "**training form** (`attention_mode=\"castling\"`): linear-angular attention, the residual conv and the "
+        "auxiliary masked softmax attention weighted by each layer's softmax mask scale α"
+    )
+    rows = [
+        ("hidden size / layers / heads", f"{config.hidden_size} / {config.num_hidden_layers} / {config.num_attention_heads}"),
+        ("MLP size", config.intermediate_size),
+        ("image size / patch size", f"{config.image_size} / {config.patch_size}"),
+        ("angular normalisation", config.angular_normalization),
+        ("residual conv", f"{config.residual_conv} (kernel {config.residual_kernel_size})"),
+        ("softmax mask threshold τ", config.softmax_mask_threshold),
+    ]
+    table = "\n".join(["| field | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
+    return (
+        "A [Castling-ViT](" + PAPER + ") for `transformers`: a ViT trained with linear-angular attention plus an "
+        "auxiliary masked softmax attention whose weight decays to zero, which is then dropped, so that inference "
+        f"runs linear-angular attention alone. This checkpoint is in the {mode}.\n\n{table}"
+    )
+
+
+def _usage(architecture: str, pipeline_tag: str) -> str:
+    auto_class = AUTO_CLASSES[architecture]
+    return f"""## How to use
+
+With the package (`pip install castling-hf`; `import castling_hf` registers the Auto classes):
+
+```python
+import castling_hf  # noqa: F401
+from transformers import AutoImageProcessor, {auto_class}, pipeline
+
+model = {auto_class}.from_pretrained("<repo or directory>")
+image_processor = AutoImageProcessor.from_pretrained("<repo or directory>")
+predictor = pipeline("{pipeline_tag}", model="<repo or directory>")
+```
+
+Without it, the checkpoint carries its modeling code:
+
+```python
+model = {auto_class}.from_pretrained("<repo or directory>", trust_remote_code=True)
+```"""
+
+
+_RECIPE = """Train in `attention_mode="castling"` with `castling_hf.CastlingMaskDecayCallback` (α falls from 1 to 0 over
+the first 75 % of the steps, cosine), then drop the softmax branch, which no longer contributes anything:
+
+```python
+from transformers import Trainer
+from castling_hf import CastlingMaskDecayCallback
+
+trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[CastlingMaskDecayCallback(end=0.75)])
+trainer.train()
+model.save_pretrained("inference", inference=True)  # attention_mode="linear": the branch is gone
+```"""
+
+
+def _results(eval_results: list[EvalResult], source: str | None) -> str:
+    if not eval_results:
+        return "## Results\n\nNo measurement has been made for this checkpoint yet."
+    lines = ["| task | data | metric | value |", "|---|---|---|---|"]
+    for result in eval_results:
+        lines.append(
+            f"| {result.task_type} | {result.dataset_name} | {result.metric_name or result.metric_type} "
+            f"| {result.metric_value:.4g} |"
+        )
+    where = f"\n\nMeasured by {source}." if source else ""
+    return "## Results\n\n" + "\n".join(lines) + where
