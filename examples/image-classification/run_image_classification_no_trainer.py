@@ -30,7 +30,7 @@ from transformers import get_scheduler
 from castling_hf import softmax_mask_scale
 from castling_hf.hub import upload_checkpoint_folder, write_inference_checkpoint
 from castling_hf.metrics import Accuracy
-from castling_hf.model_card import castling_model_card, eval_results_from_metrics
+from castling_hf.model_card import training_run_card
 from run_image_classification import (
     DataTrainingArguments,
     ModelArguments,
@@ -155,14 +155,8 @@ def main(argv=None):
             json.dump(results, file, indent=2)
         print(json.dumps(results), flush=True)
         repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        card = castling_model_card(
-            castling_model.config,
-            model_name=repo_id,
-            eval_results=eval_results_from_metrics(
-                {"accuracy": results["linear_accuracy"]}, "", "image-classification", args.dataset_name or "digits"
-            ),
-            datasets=[args.dataset_name or "digits"],
-            results_source="the evaluation at the end of this training run, after the switch",
+        card = training_run_card(
+            castling_model, repo_id, {"accuracy": results["linear_accuracy"]}, "", args.dataset_name or "digits"
         )
         inference_dir = os.path.join(args.output_dir, "inference")
         write_inference_checkpoint(castling_model, inference_dir, image_processor, card)

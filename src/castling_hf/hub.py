@@ -12,7 +12,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 def write_inference_checkpoint(model, folder, image_processor=None, model_card: ModelCard | None = None, force=False):
     """Write `model`'s inference form to `folder`: the "linear" config with its `auto_map`, the safetensors weights,
-    the modeling code, the image processor's config and the card (`README.md`). Returns the file names, sorted.
+    the modeling code, the image processor's config and the card (`README.md`).
 
     Refuses (as `switch_to_inference` does) while any layer's α is not 0, unless `force=True`; `model` itself is not
     changed.
@@ -22,7 +22,6 @@ def write_inference_checkpoint(model, folder, image_processor=None, model_card: 
         image_processor.save_pretrained(folder)
     if model_card is not None:
         model_card.save(os.path.join(folder, "README.md"))
-    return sorted(os.listdir(folder))
 
 
 COMMIT_MESSAGE = "Upload Castling-ViT inference checkpoint (linear-angular attention only)"

@@ -9,6 +9,7 @@ never written here.
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_castling_vit import CastlingViTConfig
+from .modeling_castling_vit import REMOTE_AUTO_CLASSES
 
 PAPER = "https://arxiv.org/abs/2211.10526"
 CITATION = """@inproceedings{you2023castling,
@@ -27,11 +28,8 @@ PIPELINE_TAGS = {
     "CastlingViTForImageClassification": "image-classification",
     "CastlingViTForObjectDetection": "object-detection",
 }
-AUTO_CLASSES = {
-    "CastlingViTModel": "AutoModel",
-    "CastlingViTForImageClassification": "AutoModelForImageClassification",
-    "CastlingViTForObjectDetection": "AutoModelForObjectDetection",
-}
+# The Auto class of each model class: the inverse of the remote-code registration.
+AUTO_CLASSES = {model_class.__name__: auto_class for auto_class, model_class in REMOTE_AUTO_CLASSES.items()}
 
 
 def pipeline_tag_for(architecture: str) -> str:
@@ -100,6 +98,20 @@ def eval_results_from_metrics(metrics: dict, prefix: str, task_type: str, datase
         for name, metric_type in CARD_METRICS.items()
         if prefix + name in metrics
     ]
+
+
+def training_run_card(model, model_name: str, metrics: dict, prefix: str, dataset_name: str) -> ModelCard:
+    """The card of a model at the end of a training run: its results are the run's last evaluation (`metrics`, keys
+    `prefix + name`, e.g. `eval_linear_accuracy`) on `dataset_name`."""
+    architecture = type(model).__name__
+    return castling_model_card(
+        model.config,
+        model_name=model_name,
+        architecture=architecture,
+        eval_results=eval_results_from_metrics(metrics, prefix, pipeline_tag_for(architecture), dataset_name),
+        datasets=[dataset_name],
+        results_source="the evaluation at the end of this training run, after the switch",
+    )
 
 
 def _description(config: CastlingViTConfig) -> str:

@@ -148,7 +148,7 @@ def evaluate_switch_and_save(
     second evaluation on `dataset_name`) to `<output_dir>/inference` (and to the Hub with `push_to_hub`).
     Returns both evaluations (`"castling"`, `"linear"`) and `"inference_dir"`."""
     from .hub import upload_checkpoint_folder, write_inference_checkpoint
-    from .model_card import castling_model_card, eval_results_from_metrics, pipeline_tag_for
+    from .model_card import training_run_card
 
     results = {"castling": trainer.evaluate(metric_key_prefix="eval_castling")}
     trainer.model.switch_to_inference()
@@ -157,16 +157,8 @@ def evaluate_switch_and_save(
         trainer.log_metrics(f"eval_{form}", results[form])
     trainer.save_metrics("eval", {**results["castling"], **results["linear"]})
 
-    architecture = type(trainer.model).__name__
     name = repo_id or os.path.basename(os.path.abspath(trainer.args.output_dir))
-    card = castling_model_card(
-        trainer.model.config,
-        model_name=name,
-        architecture=architecture,
-        eval_results=eval_results_from_metrics(results["linear"], "eval_linear_", pipeline_tag_for(architecture), dataset_name),
-        datasets=[dataset_name],
-        results_source="the evaluation at the end of this training run, after the switch",
-    )
+    card = training_run_card(trainer.model, name, results["linear"], "eval_linear_", dataset_name)
     inference_dir = os.path.join(trainer.args.output_dir, "inference")
     if trainer.is_world_process_zero():
         write_inference_checkpoint(trainer.model, inference_dir, image_processor, card)
