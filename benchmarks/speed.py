@@ -6,7 +6,7 @@ CPU in fp32, and each one's latency is the median of its repeats, so that drifts
 
 - `castling_linear`:   Castling-ViT in the inference form (`attention_mode="linear"`);
 - `vit_sdpa`:          `transformers`' `ViTForImageClassification` with SDPA attention;
-- `castling_training`: Castling-ViT in the training form (`attention_mode="castling"`, α = 1, τ = 0.02);
+- `castling_training`: Castling-ViT in the training form (`attention_mode="castling"`, α = 1, the default mask);
 - `floor`:             the Castling-ViT network with its whole attention (linear-angular attention and residual
                        conv) replaced by identity on V: the q/k/v and output projections still run, so this is the
                        least that any attention could cost.

@@ -80,16 +80,30 @@ def test_linear_angular_is_not_a_plain_average():
     assert not torch.allclose(fast, value.mean(1, keepdim=True).expand_as(value), atol=1e-3)
 
 
-def test_masked_softmax_equals_explicit_masked_probabilities():
+@pytest.mark.parametrize("threshold, threshold_type, cutoff", [(0.03, "absolute", 0.03), (1.2, "relative", 1.2 / 40)])
+def test_masked_softmax_equals_explicit_masked_probabilities(threshold, threshold_type, cutoff):
     query, key, value = random_qkv(40)
     q, k, v = head_major(query, key, value)
     probabilities = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1)
-    mask = probabilities > 0.03
+    mask = probabilities > cutoff
     assert 0 < mask.float().mean() < 1  # the threshold really masks something
     expected = ((probabilities * mask) @ v).transpose(1, 2)
-    assert torch.allclose(masked_softmax_attention(query, key, value, 0.03), expected, atol=1e-5, rtol=0)
-    dense = masked_softmax_attention(query, key, value, None)
-    assert torch.allclose(dense, (probabilities @ v).transpose(1, 2), atol=1e-5, rtol=0)
+    attended, kept_share = masked_softmax_attention(query, key, value, threshold, threshold_type)
+    assert torch.allclose(attended, expected, atol=1e-5, rtol=0)
+    assert kept_share.item() == pytest.approx(mask.float().mean().item())
+    dense, kept_share = masked_softmax_attention(query, key, value, None)
+    assert torch.allclose(dense, (probabilities @ v).transpose(1, 2), atol=1e-5, rtol=0) and kept_share.item() == 1.0
+
+
+def test_relative_threshold_keeps_a_share_of_a_near_uniform_softmax_at_any_token_count():
+    for tokens in (65, 197, 1025, 4097):
+        generator = torch.Generator().manual_seed(tokens)
+        # Initialisation-like scores: q·kᵀ/√d spread by about 0.1 around a constant.
+        query, key, value = (0.2 * torch.randn(1, tokens, 1, 16, generator=generator) for _ in range(3))
+        _, relative = masked_softmax_attention(query, key, value, 1.0, "relative")
+        _, absolute = masked_softmax_attention(query, key, value, 0.02, "absolute")
+        assert 0.2 < relative.item() < 0.8
+        assert absolute.item() == 0.0
 
 
 def projected_heads(attention, hidden_states):
@@ -145,8 +159,7 @@ def test_castling_mode_with_dense_softmax_equals_explicit_sum(make_config):
 
 
 def test_castling_mode_with_alpha_zero_is_exactly_linear_mode(make_config):
-    # Dense branch: at initialisation the softmax is near uniform (1/65 < τ = 0.02), so a threshold would mask it all.
-    castling = CastlingViTForImageClassification(make_config(softmax_mask_threshold=None)).eval()
+    castling = CastlingViTForImageClassification(make_config()).eval()  # the default mask keeps a share from the start
     linear = CastlingViTForImageClassification(make_config(attention_mode="linear")).eval()
     missing, unexpected = linear.load_state_dict(castling.state_dict(), strict=False)
     assert not missing and all("softmax_branch.softmax_mask_scale" in key for key in unexpected)
@@ -203,5 +216,5 @@ def test_linear_mode_flops_grow_linearly_in_tokens(make_config):
     ratio = counted_flops(model, 128) / counted_flops(model, 64)  # 4× the patch tokens (256 → 1024)
     assert ratio <= 4.4
     # Guard: the masked softmax branch (explicit matmuls, which the counter sees) is quadratic.
-    castling = CastlingViTForImageClassification(make_config(softmax_mask_threshold=0.02)).eval()
+    castling = CastlingViTForImageClassification(make_config()).eval()
     assert counted_flops(castling, 128) / counted_flops(castling, 64) > 4.4

@@ -28,7 +28,10 @@ def test_from_size_applies_overrides_and_rejects_unknown_names():
         (dict(angular_normalization="l1"), r"angular_normalization.*expected one of"),
         (dict(residual_conv="temporal"), r"residual_conv"),
         (dict(residual_kernel_size=4), r"positive odd integer.*got 4"),
-        (dict(softmax_mask_threshold=1.5), r"probability in \[0, 1\), got 1.5"),
+        (dict(softmax_mask_threshold=1.5, softmax_mask_threshold_type="absolute"), r"probability in \[0, 1\), got 1.5"),
+        (dict(softmax_mask_threshold=-1.0), r"'relative' must be None \(dense\) or >= 0.*got -1.0"),
+        (dict(softmax_mask_threshold_type="top_k"), r"softmax_mask_threshold_type.*expected one of"),
+        (dict(weight_init="xavier"), r"weight_init.*expected one of"),
         (dict(image_size=30, patch_size=4), r"multiple of `patch_size`"),
         (dict(num_hidden_layers=0), r"`num_hidden_layers` must be a positive integer"),
     ],
@@ -62,11 +65,13 @@ def test_defaults_are_the_ones_the_accuracy_study_supports():
     from castling_hf import CastlingMaskDecayCallback, softmax_mask_scale
 
     study = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "accuracy.json").read_text())
-    supported = {field: choice["value"] for field, choice in study["choices"].items()}
-    decay_end = supported.pop("mask_decay_end")
+    assert set(study["choices"]) == {"angular_normalization", "residual_conv", "softmax_mask", "weight_init"}
     config = CastlingViTConfig()
-    assert {field: getattr(config, field) for field in supported} == supported
-    assert CastlingMaskDecayCallback().end == inspect.signature(softmax_mask_scale).parameters["end"].default == decay_end
+    for choice, outcome in study["choices"].items():
+        assert {field: getattr(config, field) for field in outcome["value"]} == outcome["value"], choice
     # Pinned as values too: changing a default is a deliberate change here, backed by a new run of the study.
     assert (config.angular_normalization, config.residual_conv, config.residual_kernel_size) == ("kernel", "spatial", 3)
-    assert (config.softmax_mask_threshold, decay_end) == (0.02, 0.75)
+    assert (config.softmax_mask_threshold, config.softmax_mask_threshold_type) == (1.0, "relative")
+    assert config.weight_init == "fan_in"
+    # The study does not vary the decay; its end stays where the earlier study put it.
+    assert CastlingMaskDecayCallback().end == inspect.signature(softmax_mask_scale).parameters["end"].default == 0.75

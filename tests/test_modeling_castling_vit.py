@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageClassification
 
-from castling_hf import CastlingViTForImageClassification, CastlingViTModel
+from castling_hf import CastlingViTConfig, CastlingViTForImageClassification, CastlingViTModel
 
 
 @pytest.fixture
@@ -203,3 +203,39 @@ def test_auto_model_loads_the_base_model(make_config, tmp_path):
     assert isinstance(reloaded, CastlingViTModel)
     with torch.no_grad():
         assert torch.equal(reloaded(pixels()).pooler_output, model(pixels()).pooler_output)
+
+
+def branch_outputs(model):
+    """Forward hooks that keep each layer's softmax-branch output, by layer index."""
+    outputs = {}
+    for index, layer in enumerate(model.encoder.layers):
+        layer.attention.softmax_branch.register_forward_hook(lambda module, args, out, i=index: outputs.__setitem__(i, out))
+    return outputs
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_default_softmax_branch_is_alive_from_the_first_step_in_every_layer(size):
+    torch.manual_seed(0)
+    model = CastlingViTModel(CastlingViTConfig.from_size(size), add_pooling_layer=False)
+    outputs = branch_outputs(model)
+    for resolution in (224, 512):
+        model(torch.randn(1, 3, resolution, resolution), interpolate_pos_encoding=True)
+        shares = model.softmax_mask_kept_shares()
+        assert len(shares) == model.config.num_hidden_layers and min(shares.values()) > 0.05, (resolution, shares)
+        for index, layer in enumerate(model.encoder.layers):
+            # The branch's own gradient, not one that reaches qkv_proj through later layers.
+            (gradient,) = torch.autograd.grad(outputs[index].sum(), layer.attention.qkv_proj.weight, retain_graph=True)
+            assert gradient.abs().sum() > 0, (resolution, index)
+
+
+def test_the_earlier_defaults_left_the_branch_dead_at_initialisation():
+    # The public snippet's absolute τ = 0.02 with ViT's N(0, 0.02²) weights: the softmax over 197 tokens is near
+    # uniform (1/197 < 0.02), so no probability passes and the branch neither adds nor passes anything.
+    torch.manual_seed(0)
+    config = CastlingViTConfig.from_size(
+        "tiny", softmax_mask_threshold=0.02, softmax_mask_threshold_type="absolute", weight_init="normal"
+    )
+    model = CastlingViTModel(config, add_pooling_layer=False)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert set(model.softmax_mask_kept_shares().values()) == {0.0}

@@ -124,7 +124,7 @@ class RecordAlpha(TrainerCallback):
 
 
 def train(make_config, output_dir, resume_from_checkpoint=None, save_steps=None):
-    model = CastlingViTForImageClassification(make_config(softmax_mask_threshold=None))
+    model = CastlingViTForImageClassification(make_config())
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=TOTAL_STEPS,
@@ -161,6 +161,8 @@ def test_trainer_run_follows_the_schedule_logs_alpha_and_ends_at_zero(make_confi
     assert len(logged) == TOTAL_STEPS
     for entry in logged:
         assert entry["softmax_mask_scale"] == softmax_mask_scale(entry["step"], TOTAL_STEPS)
+        # The relative threshold keeps part of the probabilities, from the first step on: the branch is alive.
+        assert 0 < entry["softmax_mask_kept_share"] < 1
     assert logged[-1]["loss"] < logged[0]["loss"]
 
     assert set(model.softmax_mask_scales().values()) == {0.0}

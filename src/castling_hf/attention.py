@@ -114,26 +114,49 @@ def linear_angular_attention_stacked(
         return out.to(value.dtype)
 
 
+def softmax_mask_cutoff(threshold: float, threshold_type: str, num_keys: int) -> float:
+    """The probability at or below which the mask M drops a softmax entry:
+
+        "relative":  τ/N   τ in units of the uniform probability 1/N over the N keys
+        "absolute":  τ     a probability (the authors' public snippet: 0.02)
+
+    A near-uniform softmax (as at initialisation) has probabilities near 1/N: a relative τ ≤ 1 keeps a share of
+    them at every token count, where an absolute τ above 1/N keeps none, and the branch then passes no gradient.
+    """
+    if threshold_type == "relative":
+        return threshold / num_keys
+    if threshold_type == "absolute":
+        return threshold
+    raise ValueError(f"Unknown softmax mask threshold type {threshold_type!r}; expected 'relative' or 'absolute'.")
+
+
 def masked_softmax_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     threshold: float | None,
+    threshold_type: str = "relative",
     dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """(M⊙S)V with S = softmax(q kᵀ/√d) and M = 1[S > τ]; the kept probabilities are not renormalised.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M⊙S)V with S = softmax(q kᵀ/√d) and M = 1[S > cutoff] (`softmax_mask_cutoff`); kept probabilities are not
+    renormalised. With `threshold=None` the mask keeps everything and this is plain softmax attention, done by SDPA.
 
-    Inputs and output are `(batch, tokens, heads, head_dim)`. With `threshold=None` the mask keeps everything and
-    this is plain softmax attention, done by SDPA.
+    Inputs and output are `(batch, tokens, heads, head_dim)`. Also returns the share of probabilities M keeps, a
+    0-dim tensor (1 when dense): 0 means the branch adds nothing and passes no gradient.
     """
     query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
     if threshold is None:
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p).transpose(1, 2)
-    scores = (query @ key.transpose(-2, -1)) * query.shape[-1] ** -0.5
-    probabilities = scores.softmax(dim=-1, dtype=torch.float32)
-    probabilities = probabilities.masked_fill(probabilities <= threshold, 0.0)
-    probabilities = F.dropout(probabilities, p=dropout_p)
-    return (probabilities.to(value.dtype) @ value).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
+        return attended.transpose(1, 2), value.new_ones(())
+    cutoff = softmax_mask_cutoff(threshold, threshold_type, key.shape[-2])
+    # Scaling q costs a pass over N·d values, scaling the scores one over N².
+    probabilities = (query * query.shape[-1] ** -0.5 @ key.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
+    # M⊙S in one fused op, forward and backward: threshold(x, c, 0) is x where x > c, else 0.
+    probabilities = F.threshold(probabilities, cutoff, 0.0)
+    kept_share = probabilities.sign().mean()  # probabilities are >= 0: sign is 1 where kept, 0 where dropped
+    if dropout_p > 0.0:
+        probabilities = F.dropout(probabilities, p=dropout_p)
+    return (probabilities.to(value.dtype) @ value).transpose(1, 2), kept_share
 
 
 def spatial_depthwise_conv(
@@ -173,7 +196,8 @@ class CastlingResidualConv(nn.Module):
             self.weight = nn.Parameter(torch.empty(config.hidden_size, 1, size, size))
         else:
             self.weight = nn.Parameter(torch.empty(config.num_attention_heads, 1, size, 1))
-        nn.init.normal_(self.weight, std=config.initializer_range)
+        # As nn.Conv2d's own default (uniform in ±1/√fan_in); the model's `_init_weights` applies `config.weight_init`.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(
         self,
@@ -197,21 +221,30 @@ class CastlingSoftmaxBranch(nn.Module):
     """The auxiliary masked softmax attention of the training form, scaled by the layer's softmax mask scale α.
 
     α is a persistent buffer, so that a checkpoint taken in the middle of the mask decay reloads with the α it had.
+    `kept_share` is the share of softmax probabilities the mask kept in the last forward pass (None before the
+    first): whether the branch is alive.
     """
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__()
         self.threshold = config.softmax_mask_threshold
+        self.threshold_type = config.softmax_mask_threshold_type
         self.dropout_p = config.attention_probs_dropout_prob
         self.register_buffer("softmax_mask_scale", torch.tensor(1.0))
+        self.kept_share: torch.Tensor | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout_p if self.training else 0.0
-        attended = masked_softmax_attention(query, key, value, self.threshold, dropout_p)
+        attended, self.kept_share = masked_softmax_attention(
+            query, key, value, self.threshold, self.threshold_type, dropout_p
+        )
         return self.softmax_mask_scale.to(attended.dtype) * attended
 
     def extra_repr(self) -> str:
-        return f"threshold={self.threshold}, softmax_mask_scale={self.softmax_mask_scale.item():g}"
+        return (
+            f"threshold={self.threshold}, threshold_type={self.threshold_type}, "
+            f"softmax_mask_scale={self.softmax_mask_scale.item():g}"
+        )
 
 
 class CastlingViTAttention(nn.Module):
@@ -262,5 +295,6 @@ __all__ = [
     "normalized_heads_with_ones",
     "ratio_to_token_major",
     "sequence_depthwise_conv",
+    "softmax_mask_cutoff",
     "spatial_depthwise_conv",
 ]

@@ -114,6 +114,14 @@ def training_run_card(model, model_name: str, metrics: dict, prefix: str, datase
     )
 
 
+def mask_threshold_text(config: CastlingViTConfig) -> str:
+    if config.softmax_mask_threshold is None:
+        return "none (dense softmax branch)"
+    if config.softmax_mask_threshold_type == "relative":
+        return f"{config.softmax_mask_threshold:g} × 1/N (relative to the uniform probability over N tokens)"
+    return f"{config.softmax_mask_threshold:g} (absolute)"
+
+
 def _description(config: CastlingViTConfig) -> str:
     mode = (
         "**inference form** (`attention_mode=\"linear\"`): linear-angular attention and the residual conv only, "
@@ -128,7 +136,8 @@ def _description(config: CastlingViTConfig) -> str:
         ("image size / patch size", f"{config.image_size} / {config.patch_size}"),
         ("angular normalisation", config.angular_normalization),
         ("residual conv", f"{config.residual_conv} (kernel {config.residual_kernel_size})"),
-        ("softmax mask threshold τ", config.softmax_mask_threshold),
+        ("softmax mask threshold τ (training form)", mask_threshold_text(config)),
+        ("weight initialisation", config.weight_init),
     ]
     table = "\n".join(["| field | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
     return (

@@ -50,6 +50,12 @@ def check_pixel_values(pixel_values: torch.Tensor | None, config: CastlingViTCon
         )
 
 
+def init_fan_in_uniform_(weight: torch.Tensor) -> torch.Tensor:
+    """U(-1/√fan_in, 1/√fan_in), PyTorch's default for linear and conv weights; fan_in = the inputs of one output."""
+    bound = weight[0].numel() ** -0.5
+    return init.uniform_(weight, -bound, bound)
+
+
 class CastlingViTPatchEmbeddings(nn.Module):
     """Cuts images into non-overlapping patches and projects each one to `hidden_size`."""
 
@@ -188,8 +194,13 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        super()._init_weights(module)
+        super()._init_weights(module)  # normal(initializer_range) weights and zero biases; LayerNorm at 1 and 0
         std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d, CastlingResidualConv)):
+            if self.config.weight_init == "fan_in":
+                init_fan_in_uniform_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, CastlingViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             init.trunc_normal_(module.cls_token, mean=0.0, std=std)
@@ -197,8 +208,6 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.detection_tokens, mean=0.0, std=std)
         elif isinstance(module, CastlingViTAttention):
             init.constant_(module.linear_branch_scale, float(self.config.linear_branch_scale_init))
-        elif isinstance(module, CastlingResidualConv):
-            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, CastlingSoftmaxBranch):
             init.ones_(module.softmax_mask_scale)
 
@@ -210,6 +219,16 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
     def softmax_mask_scales(self) -> dict[str, float]:
         """α of every layer, by the name of its softmax branch module (empty in the inference form)."""
         return {name: branch.softmax_mask_scale.item() for name, branch in self._softmax_branches().items()}
+
+    def softmax_mask_kept_shares(self) -> dict[str, float]:
+        """The share of softmax probabilities each layer's mask kept in the last forward pass, by the name of its
+        softmax branch module: whether the branch is alive (0 means it added nothing and passed no gradient).
+        Empty in the inference form and before the first forward pass."""
+        return {
+            name: branch.kept_share.item()
+            for name, branch in self._softmax_branches().items()
+            if branch.kept_share is not None
+        }
 
     def set_softmax_mask_scale(self, alpha: float) -> None:
         """Set α, the weight of the auxiliary softmax branch, on every layer. α must lie in [0, 1]."""

@@ -87,7 +87,9 @@ class CastlingMaskDecayCallback(TrainerCallback):
 
     α decays from 1 to 0 between `start` and `end` (floats: fractions of the run's steps; ints: step numbers) along
     `schedule` ("linear" or "cosine"), and is exactly 0 after the last step when `end` lies within the run. It is
-    added to the training logs as `softmax_mask_scale`.
+    added to the training logs as `softmax_mask_scale`, beside `softmax_mask_kept_share`: the share of softmax
+    probabilities the layers' masks kept in the last forward pass (mean over layers; per layer from
+    `model.softmax_mask_kept_shares()`), which shows whether the branch is alive.
     """
 
     def __init__(self, start=0.0, end=0.75, schedule: str = "cosine"):
@@ -118,13 +120,17 @@ class CastlingMaskDecayCallback(TrainerCallback):
         # α for the next step; after the last one this is the final α (0 when `end` lies within the run).
         self._apply(state, model)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or self.current_scale is None:
             return
-        logs["softmax_mask_scale"] = self.current_scale
-        # `Trainer.log` has already stored a copy of `logs` in the history; it should carry α too.
+        added = {"softmax_mask_scale": self.current_scale}
+        kept = extract_model_from_parallel(model).softmax_mask_kept_shares() if model is not None else {}
+        if kept:
+            added["softmax_mask_kept_share"] = sum(kept.values()) / len(kept)
+        logs.update(added)
+        # `Trainer.log` has already stored a copy of `logs` in the history; it should carry these too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1]["softmax_mask_scale"] = self.current_scale
+            state.log_history[-1].update(added)
 
 
 def model_from_size_or_checkpoint(name_or_path: str, labels: list[str], model_class, auto_class, **overrides):
