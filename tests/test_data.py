@@ -84,12 +84,27 @@ def test_focus_digits_hides_each_bundled_digit_on_a_larger_canvas():
     assert focus["test"]["label"] == source["test"]["label"]  # split for split: no test digit is seen in training
     image = focus["train"][0]["image"]
     assert (image.mode, image.size) == ("L", (64, 64))
-    again = data.focus_digits(seed=0, train_copies=1)  # the same stream: its canvases are the first copy's
+    again = data.focus_digits(seed=0)
     assert np.array_equal(np.asarray(again["train"][7]["image"]), np.asarray(focus["train"][7]["image"]))
-    other = data.focus_digits(seed=1, train_copies=1)
+    other = data.focus_digits(seed=1)
     assert not np.array_equal(np.asarray(other["train"][7]["image"]), np.asarray(focus["train"][7]["image"]))
 
     # The digit is somewhere: the 24×24 window with the most ink holds far more than a fragment's worth.
     ink = 1.0 - np.asarray(image, dtype=float) / 255
     windows = np.lib.stride_tricks.sliding_window_view(ink, (24, 24)).sum(axis=(-1, -2))
     assert windows.max() > 1.5 * np.median(windows)
+
+
+def test_focus_canvases_place_the_whole_digit_and_the_fragments_inside_the_canvas():
+    ink = np.zeros((2, 8, 8), dtype=np.float32)
+    ink[0] = 1.0  # a solid square: where it lands is plain to see
+    images, indices = data.focus_canvases(
+        ink, 50, np.random.default_rng(0), canvas_size=20, num_fragments=3, noise=0.0, digit_indices=np.zeros(50, int)
+    )
+    assert images.shape == (50, 20, 20) and images.dtype == np.uint8 and list(indices) == [0] * 50
+    inked = images < 128
+    for canvas in inked:
+        windows = np.lib.stride_tricks.sliding_window_view(canvas, (8, 8)).all(axis=(-1, -2))
+        assert windows.any()  # the whole 8×8 digit is there
+    # Fragments are 2..4 pixels a side, cut from one of the two digits: besides the digit at most 3 × 16 pixels.
+    assert (inked.sum(axis=(1, 2)) <= 64 + 3 * 16).all() and (inked.sum(axis=(1, 2)) > 64).any()

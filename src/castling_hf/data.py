@@ -24,10 +24,66 @@ def digits(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
     return dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
 
 
-def _digit_patch(image, size: int) -> np.ndarray:
-    """A bundled 8×8 digit as ink intensity in [0, 1] at `size`×`size` (bilinear)."""
-    ink = 1.0 - np.asarray(image, dtype=np.float32) / 255.0
-    return np.asarray(PILImage.fromarray(ink).resize((size, size), PILImage.BILINEAR), dtype=np.float32)
+def digit_ink(images, size: int) -> np.ndarray:
+    """Bundled 8×8 digits as ink intensity in [0, 1], `(len(images), size, size)` float32 (bilinear)."""
+    ink = [1.0 - np.asarray(image, dtype=np.float32) / 255.0 for image in images]
+    return np.stack([np.asarray(PILImage.fromarray(i).resize((size, size), PILImage.BILINEAR)) for i in ink])
+
+
+def _paste_max(canvases: np.ndarray, patches: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> None:
+    """canvases[i] = max(canvases[i], patches[i] placed with its top-left corner at (rows[i], columns[i])), for all
+    i at once. `canvases` carries a margin of at least the patch size on the bottom and right."""
+    size = patches.shape[-1]
+    offsets = np.arange(size)
+    index = (
+        np.arange(len(canvases))[:, None, None],
+        rows[:, None, None] + offsets[None, :, None],
+        columns[:, None, None] + offsets[None, None, :],
+    )
+    canvases[index] = np.maximum(canvases[index], patches)
+
+
+def focus_canvases(
+    ink: np.ndarray,
+    count: int,
+    rng: np.random.Generator,
+    canvas_size: int = 64,
+    num_fragments: int = 2,
+    noise: float = 0.1,
+    digit_indices: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` canvases of the focus task, drawn from `ink` (`digit_ink`) with `rng`.
+
+    Each canvas holds one whole digit at a random place among `num_fragments` fragments (random quarter- to
+    half-size square crops) of other digits, plus Gaussian noise. Returns the images as
+    `(count, canvas_size, canvas_size)` uint8 (dark ink on light paper) and the index into `ink` of each canvas's
+    whole digit (`digit_indices` if given, otherwise drawn at random): its label is that digit's.
+    """
+    digit_size = ink.shape[-1]
+    if digit_indices is None:
+        digit_indices = rng.integers(len(ink), size=count)
+    digit_indices = np.asarray(digit_indices)
+    # A margin of one digit on the bottom and right takes the unused corner of every fragment's square window.
+    canvases = np.zeros((count, canvas_size + digit_size, canvas_size + digit_size), dtype=np.float32)
+    largest = digit_size // 2
+    window = np.arange(largest)
+    for _ in range(num_fragments):
+        sources = rng.integers(len(ink), size=count)
+        sides = rng.integers(digit_size // 4, largest + 1, size=count)
+        tops, lefts = (rng.integers(0, digit_size - sides + 1) for _ in range(2))
+        rows, columns = (rng.integers(0, canvas_size - sides + 1) for _ in range(2))
+        inside = (window[None, :] < sides[:, None])[:, :, None] & (window[None, :] < sides[:, None])[:, None, :]
+        crops = ink[
+            sources[:, None, None],
+            np.minimum(tops[:, None, None] + window[None, :, None], digit_size - 1),
+            np.minimum(lefts[:, None, None] + window[None, None, :], digit_size - 1),
+        ]
+        _paste_max(canvases, np.where(inside, crops, 0.0), rows, columns)
+    rows, columns = (rng.integers(0, canvas_size - digit_size + 1, size=count) for _ in range(2))
+    _paste_max(canvases, ink[digit_indices], rows, columns)
+    noise_values = rng.standard_normal((count, canvas_size, canvas_size), dtype=np.float32) * np.float32(noise)
+    canvases = canvases[:, :canvas_size, :canvas_size] + noise_values
+    return ((1.0 - np.clip(canvases, 0.0, 1.0)) * 255).round().astype(np.uint8), digit_indices
 
 
 def focus_digits(
@@ -41,32 +97,20 @@ def focus_digits(
     """A task that needs attention to find and focus on a small region anywhere in the image.
 
     Each image is a `canvas_size`² canvas with one bundled digit (`digit_size`² pixels) at a random place, among
-    `num_fragments` fragments (random quarter- to half-size crops) of other digits and Gaussian noise; the label is
-    that digit. Built from `digits()`, split for split, so no test digit is ever seen in training; each training
-    digit appears on `train_copies` different canvases, each test digit on one. Deterministic for a `seed`. Returns a `DatasetDict` (`train`, `test`) with `image` (grayscale PIL) and `label` columns.
+    `num_fragments` fragments of other digits and Gaussian noise (`focus_canvases`); the label is that digit. Built
+    from `digits()`, split for split, so no test digit is ever seen in training; each training digit appears on
+    `train_copies` different canvases, each test digit on one. Deterministic for a `seed`. Returns a `DatasetDict`
+    (`train`, `test`) with `image` (grayscale PIL) and `label` columns.
     """
     rng = np.random.default_rng(seed)
     source = digits()
 
     def compose(split, copies):
-        patches = [_digit_patch(image, digit_size) for image in source[split]["image"]]
-        images = []
-        for patch in patches * copies:
-            canvas = np.zeros((canvas_size, canvas_size), dtype=np.float32)
-            for _ in range(num_fragments):
-                other = patches[int(rng.integers(len(patches)))]
-                side = int(rng.integers(digit_size // 4, digit_size // 2 + 1))
-                top, left = (int(v) for v in rng.integers(0, digit_size - side + 1, size=2))
-                y, x = (int(v) for v in rng.integers(0, canvas_size - side + 1, size=2))
-                canvas[y : y + side, x : x + side] = np.maximum(
-                    canvas[y : y + side, x : x + side], other[top : top + side, left : left + side]
-                )
-            y, x = (int(v) for v in rng.integers(0, canvas_size - digit_size + 1, size=2))
-            canvas[y : y + digit_size, x : x + digit_size] = np.maximum(canvas[y : y + digit_size, x : x + digit_size], patch)
-            canvas = np.clip(canvas + rng.normal(0.0, noise, canvas.shape), 0.0, 1.0)
-            images.append(((1.0 - canvas) * 255).round().astype(np.uint8))
+        ink = digit_ink(source[split]["image"], digit_size)
+        order = np.tile(np.arange(len(ink)), copies)
+        images, _ = focus_canvases(ink, len(order), rng, canvas_size, num_fragments, noise, digit_indices=order)
         return Dataset.from_dict(
-            {"image": images, "label": list(source[split]["label"]) * copies}, features=source[split].features
+            {"image": list(images), "label": list(source[split]["label"]) * copies}, features=source[split].features
         )
 
     return DatasetDict(train=compose("train", train_copies), test=compose("test", 1))
@@ -188,4 +232,4 @@ def clean_coco_boxes(
     return kept_boxes, kept_categories
 
 
-__all__ = ["SHAPE_CLASSES", "clean_coco_boxes", "digits", "focus_digits", "shapes"]
+__all__ = ["SHAPE_CLASSES", "clean_coco_boxes", "digit_ink", "digits", "focus_canvases", "focus_digits", "shapes"]
