@@ -71,7 +71,7 @@ def test_defaults_are_the_ones_the_accuracy_study_supports():
         assert {field: getattr(config, field) for field in outcome["value"]} == outcome["value"], choice
     # Pinned as values too: changing a default is a deliberate change here, backed by a new run of the study.
     assert (config.angular_normalization, config.residual_conv, config.residual_kernel_size) == ("kernel", "spatial", 3)
-    assert (config.softmax_mask_threshold, config.softmax_mask_threshold_type) == (1.0, "relative")
+    assert (config.softmax_mask_threshold, config.softmax_mask_threshold_type) == (1.3, "relative")
     assert config.weight_init == "fan_in"
     # The study does not vary the decay; its end stays where the earlier study put it.
     assert CastlingMaskDecayCallback().end == inspect.signature(softmax_mask_scale).parameters["end"].default == 0.75
