@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run
 
-.PHONY: install test demo bench bench-accuracy
+.PHONY: install test lint demo bench bench-accuracy
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -12,6 +12,10 @@ install:
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 demo: install
 	$(PYTHON) examples/demo.py

@@ -25,7 +25,15 @@ setup(
     ],
     extras_require={
         # scikit-image ships the real photos the tests and the demo classify.
-        "dev": ["pytest>=8", "scikit-image>=0.22", "scikit-learn>=1.3", "onnx>=1.16", "onnxscript", "onnxruntime>=1.18"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "scikit-image>=0.22",
+            "scikit-learn>=1.3",
+            "onnx>=1.16",
+            "onnxscript",
+            "onnxruntime>=1.18",
+        ],
         "bench": ["matplotlib>=3.7"],
     },
 )

@@ -72,7 +72,12 @@ VARIANTS = {
     "softmax_conv": dict(model="softmax_conv"),
     "castling": dict(),
     "linear_only": dict(config=dict(attention_mode="linear")),
-    **{name: dict(config=fields) for options in CHOICES.values() for name, fields in options.items() if name != "castling"},
+    **{
+        name: dict(config=fields)
+        for options in CHOICES.values()
+        for name, fields in options.items()
+        if name != "castling"
+    },
 }
 DIGITS_VARIANTS = ["vit", "castling", "linear_only"]  # the digits claim needs these; the budget goes to focus
 KEPT_SHARE_EVERY = 50  # steps between two records of the share of probabilities the masks keep
@@ -121,7 +126,7 @@ def shifted(pixels: torch.Tensor, shift: int, generator: torch.Generator) -> tor
     padded = F.pad(pixels, (shift,) * 4, value=1.0)
     offsets = torch.randint(0, 2 * shift + 1, (len(pixels), 2), generator=generator)
     size = pixels.shape[-1]
-    return torch.stack([p[:, y : y + size, x : x + size] for p, (y, x) in zip(padded, offsets.tolist())])
+    return torch.stack([p[:, y : y + size, x : x + size] for p, (y, x) in zip(padded, offsets.tolist(), strict=True)])
 
 
 class DigitsBatches:
@@ -156,7 +161,9 @@ class FocusBatches:
         self.train_labels = np.asarray(splits["train"]["label"])
         test_ink = digit_ink(splits["test"]["image"], task["digit_size"])
         order = np.tile(np.arange(len(test_ink)), task["test_copies"])
-        images, _ = focus_canvases(test_ink, len(order), np.random.default_rng(12345), **self.options, digit_indices=order)
+        images, _ = focus_canvases(
+            test_ink, len(order), np.random.default_rng(12345), **self.options, digit_indices=order
+        )
         self.test = as_pixels(images), torch.tensor(np.asarray(splits["test"]["label"])[order])
 
     def batches(self, batch_size: int, seed: int):
@@ -209,7 +216,7 @@ def train_and_evaluate(name, variant, task_name, seed, args) -> dict:
     kept_shares = []  # (step, mean over layers) of the share of probabilities the masks keep
     started = time.perf_counter()
     model.train()
-    for step, (pixels, labels) in zip(range(steps), data.batches(args.batch_size, seed)):
+    for step, (pixels, labels) in zip(range(steps), data.batches(args.batch_size, seed), strict=False):
         if castling:
             model.set_softmax_mask_scale(softmax_mask_scale(step, steps, 0.0, args.decay_end, "cosine"))
         loss = model(pixel_values=pixels, labels=labels).loss
@@ -277,7 +284,9 @@ def choose_defaults(rows: list[dict], task: str = "focus") -> dict:
         reference = by_variant["castling"]
         best = max(others, key=lambda name: by_variant[name]["accuracy_mean"])
         margin = by_variant[best]["accuracy_mean"] - reference["accuracy_mean"]
-        standard_error = math.sqrt(sum(row["accuracy_std"] ** 2 / row["seeds"] for row in (by_variant[best], reference)))
+        standard_error = math.sqrt(
+            sum(row["accuracy_std"] ** 2 / row["seeds"] for row in (by_variant[best], reference))
+        )
         adopted = margin > 2 * standard_error
         chosen[choice] = {
             "value": options[best] if adopted else options["castling"],
@@ -363,20 +372,26 @@ def plot(rows: list[dict], runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(TASKS) + 1, figsize=(6.5 * (len(TASKS) + 1), 5), squeeze=False)
-    for axis, task in zip(axes[0], TASKS):
+    for axis, task in zip(axes[0], TASKS, strict=False):
         selected = [r for r in rows if r["task"] == task]
         axis.barh(
             [r["variant"] for r in selected],
             [r["accuracy_mean"] for r in selected],
             xerr=[r["accuracy_std"] for r in selected],
-            color=["tab:gray" if r["variant"] in ("vit", "vit_fan_in", "softmax_conv") else "tab:blue" for r in selected],
+            color=[
+                "tab:gray" if r["variant"] in ("vit", "vit_fan_in", "softmax_conv") else "tab:blue" for r in selected
+            ],
         )
         axis.set(xlabel="test accuracy (%)", title=task)
         axis.invert_yaxis()
         axis.grid(True, axis="x", alpha=0.3)
     axis = axes[0][-1]
     for variant in VARIANTS:
-        traces = [r["kept_share_trace"] for r in runs if r["task"] == "focus" and r["variant"] == variant and "kept_share_trace" in r]
+        traces = [
+            r["kept_share_trace"]
+            for r in runs
+            if r["task"] == "focus" and r["variant"] == variant and "kept_share_trace" in r
+        ]
         if traces:
             steps = [step for step, _ in traces[0]]
             mean = [statistics.mean(trace[i][1] for trace in traces) for i in range(len(steps))]
@@ -404,7 +419,9 @@ def run_plan(args) -> list[dict]:
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
     progress = tqdm(total=sum(steps_for(task, args) for _, task, _ in plan), desc="accuracy study", unit="step")
-    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=start_worker, initargs=(progress_queue,)) as pool:
+    with ProcessPoolExecutor(
+        args.workers, mp_context=context, initializer=start_worker, initargs=(progress_queue,)
+    ) as pool:
         pending = {pool.submit(run_one, variant, task, seed, args) for variant, task, seed in plan}
         runs = []
         while pending:
@@ -416,7 +433,9 @@ def run_plan(args) -> list[dict]:
             except queue.Empty:
                 pass
     progress.close()
-    return sorted(runs, key=lambda run: (list(TASKS).index(run["task"]), list(VARIANTS).index(run["variant"]), run["seed"]))
+    return sorted(
+        runs, key=lambda run: (list(TASKS).index(run["task"]), list(VARIANTS).index(run["variant"]), run["seed"])
+    )
 
 
 def main(argv=None):

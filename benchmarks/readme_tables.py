@@ -54,7 +54,7 @@ def update(readme_path: Path = ROOT / "README.md") -> list[str]:
     for name, table in tables().items():
         if readme_table(readme, name) is None:
             raise SystemExit(f"README.md has no <!-- table: {name} --> ... <!-- end table: {name} --> block.")
-        readme = block(name).sub(lambda match: match.group(1) + table + match.group(3), readme)
+        readme = block(name).sub(lambda match, table=table: match.group(1) + table + match.group(3), readme)
         updated.append(name)
     readme_path.write_text(readme)
     return updated

@@ -151,11 +151,20 @@ def training_step_seconds(model, pixel_values, labels, repeats: int, progress) -
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    plan = [(size, resolution, batch) for size in args.sizes for resolution in args.resolutions for batch in args.batch_sizes]
+    plan = [
+        (size, resolution, batch)
+        for size in args.sizes
+        for resolution in args.resolutions
+        for batch in args.batch_sizes
+    ]
     total = sum(len(VARIANTS) * args.repeats for _ in plan) + len(args.sizes) * 2 * (args.train_repeats + 1)
     results = {
         "command": "python benchmarks/speed.py " + " ".join(args.argv),
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
         "inference": [],
         "training_step": [],
     }
@@ -166,14 +175,20 @@ def run(args) -> dict:
             config = models["castling_training"].config
             eager_vit = vit_for(config, "eager").eval()  # FlopCounterMode does not see the CPU SDPA kernel
             one_image = torch.randn(1, 3, resolution, resolution)
-            macs = {name: count_macs(eager_vit if name == "vit_sdpa" else model, one_image) for name, model in models.items()}
+            macs = {
+                name: count_macs(eager_vit if name == "vit_sdpa" else model, one_image)
+                for name, model in models.items()
+            }
             for batch in args.batch_sizes:
                 progress.set_postfix(size=size, resolution=resolution, batch=batch)
                 runnable = dict(models)
                 skipped = {}
                 if scores_bytes(config, batch, resolution) > args.max_scores_bytes:
                     # The training form's masked softmax materialises N×N probabilities per layer.
-                    skipped["castling_training"] = f"N×N probabilities would take {scores_bytes(config, batch, resolution) / 2**30:.1f} GiB per layer"
+                    skipped["castling_training"] = (
+                        f"N×N probabilities would take "
+                        f"{scores_bytes(config, batch, resolution) / 2**30:.1f} GiB per layer"
+                    )
                     del runnable["castling_training"]
                     progress.update(args.repeats)
                 pixel_values = torch.randn(batch, 3, resolution, resolution)
@@ -219,6 +234,16 @@ def ratios(entry: dict) -> dict[str, float]:
     return out
 
 
+def plot_against_tokens(axis, curves: dict[str, dict[int, float]], ylabel: str, title: str) -> None:
+    """One line per network: value against token count, both axes logarithmic."""
+    for name, points in curves.items():
+        if points:
+            axis.plot(list(points), list(points.values()), marker="o", label=name)
+    axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel=ylabel, title=title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+
+
 def plot(results: dict, directory: Path) -> list[Path]:
     import matplotlib
 
@@ -234,13 +259,11 @@ def plot(results: dict, directory: Path) -> list[Path]:
         for column, batch in enumerate(batches):
             axis = axes[row][column]
             selected = [e for e in entries if e["size"] == size and e["batch"] == batch]
-            for name in VARIANTS:
-                points = [(e["tokens"], e["latency_s"][name] * 1000) for e in selected if name in e["latency_s"]]
-                if points:
-                    axis.plot(*zip(*points), marker="o", label=name)
-            axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel="latency (ms)", title=f"{size}, batch {batch}")
-            axis.grid(True, which="both", alpha=0.3)
-            axis.legend()
+            latency = {
+                name: {e["tokens"]: e["latency_s"][name] * 1000 for e in selected if name in e["latency_s"]}
+                for name in VARIANTS
+            }
+            plot_against_tokens(axis, latency, "latency (ms)", f"{size}, batch {batch}")
     figure.tight_layout()
     written.append(directory / "speed_latency.png")
     figure.savefig(written[-1], dpi=120)
@@ -249,12 +272,8 @@ def plot(results: dict, directory: Path) -> list[Path]:
     for column, size in enumerate(sizes):
         axis = axes[0][column]
         selected = [e for e in entries if e["size"] == size and e["batch"] == batches[0]]
-        for name in VARIANTS:
-            points = [(e["tokens"], e["macs_per_image"][name] / 1e9) for e in selected]
-            axis.plot(*zip(*points), marker="o", label=name)
-        axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel="GMACs per image", title=f"{size}: MACs")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend()
+        macs = {name: {e["tokens"]: e["macs_per_image"][name] / 1e9 for e in selected} for name in VARIANTS}
+        plot_against_tokens(axis, macs, "GMACs per image", f"{size}: MACs")
     figure.tight_layout()
     written.append(directory / "speed_macs.png")
     figure.savefig(written[-1], dpi=120)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
 
-from castling_hf import CASTLING_VIT_SIZES, CastlingViTForImageClassification, image_processor_for
+from castling_hf import CASTLING_VIT_SIZES, CastlingViTForImageClassification, from_vit, image_processor_for
 
 EXAMPLE = Path(__file__).parent / "image-classification" / "run_image_classification.py"
 
@@ -36,7 +36,7 @@ def load_training_example():
 
 def castle(source: str, output_dir: str, config_overrides: dict) -> CastlingViTForImageClassification:
     """Convert `source` (directory or Hub name), check the exact start, and save model and image processor."""
-    model = CastlingViTForImageClassification.from_vit(source, **config_overrides)
+    model = from_vit(source, **config_overrides)
     try:
         image_processor = AutoImageProcessor.from_pretrained(source)
     except OSError:  # a checkpoint saved without its processor: ViT's defaults at the model's size
@@ -121,29 +121,21 @@ def demo(args) -> dict:
 
     print("3/4 fine-tuning with the mask decay, then the switch (run_image_classification.py)")
     results = training.main(
-        [
-            "--model_name_or_path", str(root / "castled"),
-            "--output_dir", str(root / "fine-tuned"),
-            "--num_train_epochs", str(args.castle_epochs),
-            "--per_device_train_batch_size", "32",
-            "--learning_rate", str(args.castle_learning_rate),
-            "--mask_decay_end", str(args.mask_decay_end),
-            "--warmup_steps", "30",
-            "--weight_decay", "0.05",
-            "--label_smoothing_factor", "0.1",
-            "--logging_steps", "100",
-            "--eval_strategy", "no",
-            "--save_strategy", "no",
-            "--report_to", "none",
-            "--seed", str(args.seed),
-        ]
+        f"--model_name_or_path {root / 'castled'} --do_train --do_eval --output_dir {root / 'fine-tuned'} "
+        f"--num_train_epochs {args.castle_epochs} --per_device_train_batch_size 32 "
+        f"--learning_rate {args.castle_learning_rate} --mask_decay_end {args.mask_decay_end} --warmup_steps 30 "
+        f"--weight_decay 0.05 --label_smoothing_factor 0.1 --logging_steps 100 --eval_strategy no "
+        f"--save_strategy no --report_to none --seed {args.seed}".split()
     )
     castled_accuracy = results["linear"]["eval_linear_accuracy"]
     inference = CastlingViTForImageClassification.from_pretrained(results["inference_dir"]).eval()
 
     print("4/4 inference latency, batch 1")
     latencies = {
-        size: {"source_vit": latency_ms(source, size, args.repeats), "castled": latency_ms(inference, size, args.repeats)}
+        size: {
+            "source_vit": latency_ms(source, size, args.repeats),
+            "castled": latency_ms(inference, size, args.repeats),
+        }
         for size in args.latency_sizes
     }
     summary = {
@@ -181,7 +173,10 @@ def main(argv=None):
     parser.add_argument("--castle_epochs", type=float, default=25)
     parser.add_argument("--castle_learning_rate", type=float, default=2e-3)
     parser.add_argument(
-        "--mask_decay_end", type=float, default=0.25, help="where α reaches 0 (fraction of the fine-tune): early, see README"
+        "--mask_decay_end",
+        type=float,
+        default=0.25,
+        help="where α reaches 0 (fraction of the fine-tune): early, see README",
     )
     parser.add_argument("--latency_sizes", type=int, nargs="+", default=[224, 512])
     parser.add_argument("--repeats", type=int, default=5)

@@ -16,21 +16,12 @@ from castling_hf.data import digits
 
 EXAMPLE = Path(__file__).parent / "image-classification" / "run_image_classification.py"
 OUTPUT_DIR = "outputs/demo"
-TRAINING = [
-    "--model_name_or_path", "nano",
-    "--output_dir", OUTPUT_DIR,
-    "--num_train_epochs", "25",
-    "--per_device_train_batch_size", "32",
-    "--learning_rate", "2e-3",
-    "--warmup_steps", "30",
-    "--weight_decay", "0.05",
-    "--label_smoothing_factor", "0.1",
-    "--logging_steps", "113",
-    "--eval_strategy", "no",
-    "--save_strategy", "no",
-    "--report_to", "none",
-    "--seed", "42",
-]
+TRAINING = (
+    f"--model_name_or_path nano --do_train --do_eval --output_dir {OUTPUT_DIR} --num_train_epochs 25 "
+    "--per_device_train_batch_size 32 --learning_rate 2e-3 --warmup_steps 30 --weight_decay 0.05 "
+    "--label_smoothing_factor 0.1 --logging_steps 113 --eval_strategy no --save_strategy no --report_to none "
+    "--seed 42"
+).split()
 
 
 def load_example():

@@ -78,7 +78,12 @@ def main(argv=None):
         results_source=source,
     )
     result = push_inference_checkpoint(
-        model, args.repo_id, image_processor, card, dry_run_dir=args.dry_run, private=args.private or None,
+        model,
+        args.repo_id,
+        image_processor,
+        card,
+        dry_run_dir=args.dry_run,
+        private=args.private or None,
         token=args.token,
     )
     if args.dry_run:

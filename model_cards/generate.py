@@ -47,7 +47,7 @@ def accuracy_results(study: dict) -> list[EvalResult]:
                 dataset_name=f"{dataset_name}, {task['image_size']}×{task['image_size']}, patch {task['patch_size']}",
                 dataset_split="test",
                 metric_type="accuracy",
-                    metric_name=f"accuracy, mean of {row['seeds']} seeds, after the switch",
+                metric_name=f"accuracy, mean of {row['seeds']} seeds, after the switch",
                 metric_value=row["accuracy_mean"] / 100,
             )
         )

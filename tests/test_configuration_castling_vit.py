@@ -3,9 +3,7 @@ import pytest
 from castling_hf import CASTLING_VIT_SIZES, CastlingViTConfig
 
 
-@pytest.mark.parametrize(
-    "size, hidden, heads", [("tiny", 192, 3), ("small", 384, 6), ("base", 768, 12)]
-)
+@pytest.mark.parametrize("size, hidden, heads", [("tiny", 192, 3), ("small", 384, 6), ("base", 768, 12)])
 def test_named_sizes_have_the_design_dimensions(size, hidden, heads):
     config = CastlingViTConfig.from_size(size)
     assert (config.hidden_size, config.num_attention_heads) == (hidden, heads)
@@ -23,7 +21,10 @@ def test_from_size_applies_overrides_and_rejects_unknown_names():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(hidden_size=100, num_attention_heads=12), r"`hidden_size` \(100\) must be divisible by `num_attention_heads` \(12\)"),
+        (
+            dict(hidden_size=100, num_attention_heads=12),
+            r"`hidden_size` \(100\) must be divisible by `num_attention_heads` \(12\)",
+        ),
         (dict(attention_mode="softmax"), r"attention_mode.*expected one of \('castling', 'linear'\), got softmax"),
         (dict(angular_normalization="l1"), r"angular_normalization.*expected one of"),
         (dict(residual_conv="temporal"), r"residual_conv"),

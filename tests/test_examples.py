@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
@@ -39,18 +40,9 @@ def assert_inference_checkpoint(directory: Path):
 def test_trainer_example_runs_end_to_end(tmp_path):
     example = load_module(EXAMPLES / "run_image_classification.py")
     results = example.main(
-        [
-            "--output_dir", str(tmp_path),
-            "--max_steps", "6",
-            "--max_train_samples", "96",
-            "--max_eval_samples", "64",
-            "--per_device_train_batch_size", "16",
-            "--learning_rate", "2e-3",
-            "--logging_steps", "2",
-            "--save_strategy", "no",
-            "--report_to", "none",
-            "--disable_tqdm", "true",
-        ]
+        f"--output_dir {tmp_path} --do_train --do_eval --max_steps 6 --max_train_samples 96 --max_eval_samples 64 "
+        "--per_device_train_batch_size 16 --learning_rate 2e-3 --logging_steps 2 --save_strategy no "
+        "--report_to none --disable_tqdm true".split()
     )
     assert results["train"]["softmax_mask_scale"] == 0.0
     assert results["castling"]["eval_castling_accuracy"] == results["linear"]["eval_linear_accuracy"]
@@ -63,6 +55,42 @@ def test_trainer_example_runs_end_to_end(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["attention_mode"] == "castling"
 
 
+def test_trainer_example_respects_do_train_and_do_eval(tmp_path):
+    example = load_module(EXAMPLES / "run_image_classification.py")
+    common = "--max_train_samples 32 --max_eval_samples 16 --per_device_train_batch_size 16 --report_to none"
+    trained = example.main(f"--output_dir {tmp_path / 'a'} --do_train --max_steps 2 {common}".split())
+    assert "train" in trained and "castling" not in trained and "linear" not in trained  # no evaluation asked for
+    assert (tmp_path / "a" / "model.safetensors").exists() and (tmp_path / "a" / "inference").is_dir()
+
+    evaluated = example.main(
+        f"--model_name_or_path {tmp_path / 'a'} --output_dir {tmp_path / 'b'} --do_eval {common}".split()
+    )
+    assert "train" not in evaluated and evaluated["linear"]["eval_linear_accuracy"] >= 0.0
+    assert not (tmp_path / "b" / "inference").exists()  # nothing was trained, so no new checkpoint is written
+
+
+def test_trainer_example_refuses_config_overrides_for_a_checkpoint_and_mismatched_heads_unless_asked(tmp_path):
+    example = load_module(EXAMPLES / "run_image_classification.py")
+    common = f"--output_dir {tmp_path / 'out'} --do_eval --max_eval_samples 8 --report_to none"
+    example.main(
+        f"--output_dir {tmp_path / 'new'} --do_train --max_steps 1 --max_train_samples 8 --report_to none".split()
+    )
+    checkpoint = tmp_path / "new"
+    with pytest.raises(ValueError, match="--config_overrides applies to a new model"):
+        example.main(
+            [*f"--model_name_or_path {checkpoint} {common}".split(), "--config_overrides", '{"residual_conv": null}']
+        )
+
+    config = json.loads((checkpoint / "config.json").read_text())  # the same checkpoint with a 3-way head
+    config["id2label"], config["label2id"] = {str(i): str(i) for i in range(3)}, {str(i): i for i in range(3)}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    AutoModelForImageClassification.from_pretrained(checkpoint, ignore_mismatched_sizes=True).save_pretrained(checkpoint)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        example.main(f"--model_name_or_path {checkpoint} {common}".split())
+    results = example.main(f"--model_name_or_path {checkpoint} {common} --ignore_mismatched_sizes true".split())
+    assert "linear" in results
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -73,15 +101,12 @@ def test_no_trainer_example_under_accelerate_launch_with_two_processes(tmp_path)
     # Two real CPU processes: `accelerate launch --multi_gpu` starts them through torchrun, `--cpu` keeps them on
     # the CPU (DDP over gloo). The launcher's own `--cpu` would start a single process without mpirun.
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        sys.executable,
+        *f"-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+        f"--dynamo_backend no --main_process_port {free_port()}".split(),
         str(EXAMPLES / "run_image_classification_no_trainer.py"),
-        "--cpu",
-        "--output_dir", str(tmp_path),
-        "--max_train_steps", "4",
-        "--max_train_samples", "64",
-        "--per_device_train_batch_size", "8",
+        *f"--cpu --output_dir {tmp_path} --max_train_steps 4 --max_train_samples 64 "
+        "--per_device_train_batch_size 8".split(),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -103,15 +128,10 @@ def test_object_detection_example_reports_coco_map_before_and_after_the_switch(t
     example = load_module(DETECTION)
     results = example.main(
         [
-            "--output_dir", str(tmp_path),
-            "--num_generated_images", "60",
-            "--config_overrides", '{"num_detection_tokens": 8, "num_hidden_layers": 2}',
-            "--max_steps", "4",
-            "--per_device_train_batch_size", "8",
-            "--per_device_eval_batch_size", "6",
-            "--save_strategy", "no",
-            "--report_to", "none",
-            "--disable_tqdm", "true",
+            *f"--output_dir {tmp_path} --do_train --do_eval --num_generated_images 60 --max_steps 4".split(),
+            *"--per_device_train_batch_size 8 --per_device_eval_batch_size 6".split(),
+            *"--save_strategy no --report_to none".split(),
+            *["--disable_tqdm", "true", "--config_overrides", '{"num_detection_tokens": 8, "num_hidden_layers": 2}'],
         ]
     )
     castling, linear = results["castling"], results["linear"]
@@ -128,14 +148,33 @@ def test_castle_pretrained_vit_converts_a_directory_with_its_image_processor(tmp
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     source = ViTForImageClassification(
-        ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
     )
     source.save_pretrained(tmp_path / "vit")
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3]).save_pretrained(tmp_path / "vit")
     example = load_module(Path(__file__).parents[1] / "examples" / "castle_pretrained_vit.py")
-    example.main([str(tmp_path / "vit"), "--output_dir", str(tmp_path / "castled"), "--config_overrides", '{"residual_conv": "sequence"}'])
+    example.main(
+        [
+            str(tmp_path / "vit"),
+            "--output_dir",
+            str(tmp_path / "castled"),
+            "--config_overrides",
+            '{"residual_conv": "sequence"}',
+        ]
+    )
     config = json.loads((tmp_path / "castled" / "config.json").read_text())
-    assert (config["model_type"], config["linear_branch_scale_init"], config["residual_conv"]) == ("castling_vit", 0.0, "sequence")
+    assert (config["model_type"], config["linear_branch_scale_init"], config["residual_conv"]) == (
+        "castling_vit",
+        0.0,
+        "sequence",
+    )
     processor = json.loads((tmp_path / "castled" / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == [0.1, 0.2, 0.3]
 
@@ -145,11 +184,16 @@ def test_castle_pretrained_vit_demo_runs_the_recipe(tmp_path):
     summary = example.main(
         [
             "--demo",
-            "--output_dir", str(tmp_path),
-            "--source_epochs", "0.1",
-            "--castle_epochs", "0.1",
-            "--latency_sizes", "64",
-            "--repeats", "1",
+            "--output_dir",
+            str(tmp_path),
+            "--source_epochs",
+            "0.1",
+            "--castle_epochs",
+            "0.1",
+            "--latency_sizes",
+            "64",
+            "--repeats",
+            "1",
         ]
     )
     assert summary["start_max_abs_logit_difference"] < 1e-4

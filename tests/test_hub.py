@@ -15,7 +15,7 @@ UPLOADED = {
     "attention.py",
     "config.json",
     "configuration_castling_vit.py",
-    "conversion.py",
+    "hub.py",
     "model.safetensors",
     "modeling_castling_vit.py",
     "preprocessor_config.json",
@@ -32,7 +32,9 @@ def push_example():
 @pytest.fixture
 def trained_run(make_config, tmp_path):
     """A training-form checkpoint as the Trainer examples leave it: the model, its processor, and its evaluation."""
-    model = CastlingViTForImageClassification(make_config(id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}))
+    model = CastlingViTForImageClassification(
+        make_config(id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    )
     model.set_softmax_mask_scale(0.0)
     run = tmp_path / "run"
     model.save_pretrained(run)
@@ -50,12 +52,13 @@ def offline_hub(monkeypatch):
         calls["repo"] = repo_id
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def create_commit(self, repo_id, operations, **kwargs):
-        calls["commit"] = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls["commit"] = {path.name: path.read_bytes() for path in Path(folder_path).iterdir()}
+        calls["commit_message"] = kwargs.get("commit_message")
         return "committed"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     return calls
 
 
@@ -67,17 +70,22 @@ def test_dry_run_writes_the_inference_folder_with_card_code_and_processor(traine
     assert {path.name for path in folder.iterdir()} == UPLOADED
     config = json.loads((folder / "config.json").read_text())
     assert config["attention_mode"] == "linear"
-    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_castling_vit.CastlingViTForImageClassification"
+    assert (
+        config["auto_map"]["AutoModelForImageClassification"]
+        == "modeling_castling_vit.CastlingViTForImageClassification"
+    )
     with safe_open(folder / "model.safetensors", "pt") as weights:
         assert not [name for name in weights.keys() if "softmax" in name]
     card = ModelCard.load(folder / "README.md")
     assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "transformers"
-    assert [(r.metric_type, r.metric_value, r.dataset_name) for r in card.data.eval_results] == [("accuracy", 0.625, "digits")]
-    assert "attention_mode=\"linear\"" in card.text
+    assert [(r.metric_type, r.metric_value, r.dataset_name) for r in card.data.eval_results] == [
+        ("accuracy", 0.625, "digits")
+    ]
+    assert 'attention_mode="linear"' in card.text
     assert offline_hub == {}  # a dry run talks to no one
 
 
-def test_push_uploads_exactly_the_dry_run_folder_through_hfapi(trained_run, tmp_path, offline_hub):
+def test_push_uploads_exactly_the_dry_run_folder_with_hfapi_upload_folder(trained_run, tmp_path, offline_hub):
     example = push_example()
     arguments = [str(trained_run), "--repo_id", "org/castling-vit-nano", "--dataset_name", "digits"]
     example.main([*arguments, "--dry_run", str(tmp_path / "dry-run")])
@@ -86,6 +94,17 @@ def test_push_uploads_exactly_the_dry_run_folder_through_hfapi(trained_run, tmp_
     assert set(offline_hub["commit"]) == UPLOADED
     for name, content in offline_hub["commit"].items():
         assert content == (tmp_path / "dry-run" / name).read_bytes(), name
+
+
+def test_model_push_to_hub_with_inference_is_the_same_push(trained_run, offline_hub):
+    model = CastlingViTForImageClassification.from_pretrained(trained_run)
+    assert model.push_to_hub("org/castling-vit-nano", inference=True, commit_message="linear form") == "committed"
+    assert offline_hub["repo"] == "org/castling-vit-nano" and offline_hub["commit_message"] == "linear form"
+    assert set(offline_hub["commit"]) == UPLOADED - {"README.md", "preprocessor_config.json"}
+    assert json.loads(offline_hub["commit"]["config.json"])["attention_mode"] == "linear"
+    assert model.config.attention_mode == "castling"  # the model in memory keeps its form
+    with pytest.raises(TypeError, match="takes repo_id, commit_message, private, token and force"):
+        model.push_to_hub("org/castling-vit-nano", inference=True, max_shard_size="1GB")
 
 
 def test_push_refuses_a_live_softmax_branch_before_contacting_the_hub(trained_run, offline_hub):
@@ -102,4 +121,6 @@ def test_dry_run_refuses_a_folder_that_is_not_empty(trained_run):
     with pytest.raises(SystemExit):
         push_example().main([str(trained_run), "--repo_id", "org/x"])  # results found, but on which data set?
     with pytest.raises(ValueError, match="not empty"):
-        push_example().main([str(trained_run), "--repo_id", "org/x", "--dataset_name", "digits", "--dry_run", str(trained_run)])
+        push_example().main(
+            [str(trained_run), "--repo_id", "org/x", "--dataset_name", "digits", "--dry_run", str(trained_run)]
+        )

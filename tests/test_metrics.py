@@ -14,11 +14,6 @@ def test_accuracy_accumulates_batches():
     assert metric.compute()["accuracy"] == pytest.approx(2 / 3)
 
 
-def test_accuracy_rejects_mismatched_lengths():
-    with pytest.raises(ValueError):
-        Accuracy().compute(predictions=[0, 1], references=[0])
-
-
 def detections(boxes, labels, scores=None):
     return {"boxes": boxes, "labels": labels, "scores": scores if scores is not None else [0.9] * len(boxes)}
 
@@ -26,7 +21,10 @@ def detections(boxes, labels, scores=None):
 def test_coco_map_is_one_for_perfect_detections_and_falls_with_misses():
     from castling_hf.metrics import CocoDetectionMAP
 
-    truth = [{"boxes": [[10, 10, 30, 30], [40, 40, 60, 62]], "labels": [0, 1]}, {"boxes": [[5, 5, 25, 20]], "labels": [2]}]
+    truth = [
+        {"boxes": [[10, 10, 30, 30], [40, 40, 60, 62]], "labels": [0, 1]},
+        {"boxes": [[5, 5, 25, 20]], "labels": [2]},
+    ]
     perfect = CocoDetectionMAP().compute(
         predictions=[detections(t["boxes"], t["labels"]) for t in truth], references=truth
     )
@@ -38,3 +36,17 @@ def test_coco_map_is_one_for_perfect_detections_and_falls_with_misses():
 
     nothing = CocoDetectionMAP().compute(predictions=[detections([], []), detections([], [])], references=truth)
     assert nothing["map"] == 0.0
+
+
+@pytest.mark.parametrize("part", ["boxes", "scores", "labels"])
+def test_coco_map_refuses_boxes_scores_and_labels_of_different_lengths(part):
+    from castling_hf.metrics import CocoDetectionMAP
+
+    truth = [{"boxes": [[10, 10, 30, 30]], "labels": [0]}]
+    prediction = detections([[10, 10, 30, 30], [1, 1, 5, 5]], [0, 0], [0.9, 0.5])
+    prediction[part] = prediction[part][:1]  # one of the three lists is short: nothing may be silently dropped
+    with pytest.raises(ValueError, match="shorter|longer"):
+        CocoDetectionMAP().compute(predictions=[prediction], references=truth)
+    short_truth = [{"boxes": [[10, 10, 30, 30], [40, 40, 50, 50]], "labels": [0]}]
+    with pytest.raises(ValueError, match="shorter|longer"):
+        CocoDetectionMAP().compute(predictions=[detections([[10, 10, 30, 30]], [0])], references=short_truth)

@@ -81,7 +81,9 @@ def test_the_cards_are_exactly_what_the_script_generates(tmp_path):
     load_generator().generate(tmp_path)
     for size in CASTLING_VIT_SIZES:
         generated = (tmp_path / f"castling-vit-{size}" / "README.md").read_text()
-        assert card_path(size).read_text() == generated, f"model_cards/castling-vit-{size} is stale: run model_cards/generate.py"
+        assert card_path(size).read_text() == generated, (
+            f"model_cards/castling-vit-{size} is stale: run model_cards/generate.py"
+        )
 
 
 def test_eval_result_table_in_the_body_matches_the_metadata():

@@ -92,7 +92,12 @@ def load_without_castling_hf(directory, auto_class: str, inputs, expected, work_
     }
     finished = subprocess.run(
         [sys.executable, "-c", REMOTE_LOAD, str(directory), auto_class, str(work_dir / "expected.pt")],
-        capture_output=True, text=True, env=env, cwd=work_dir, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work_dir,
+        timeout=300,
+        check=False,
     )
     assert finished.returncode == 0, finished.stdout + finished.stderr[-3000:]
     return finished.stdout.strip().splitlines()[-1]
@@ -107,7 +112,9 @@ def test_checkpoints_load_with_remote_code_where_castling_hf_is_not_installed(
 
     tmp_path = tmp_path_factory.mktemp("remote")  # beside the checkpoint, not inside it
 
-    assert {"modeling_castling_vit.py", "attention.py", "configuration_castling_vit.py"} <= set(os.listdir(inference_checkpoint))
+    assert {"modeling_castling_vit.py", "attention.py", "configuration_castling_vit.py"} <= set(
+        os.listdir(inference_checkpoint)
+    )
     auto_map = json.loads((inference_checkpoint / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageClassification"] == "modeling_castling_vit.CastlingViTForImageClassification"
     inputs = torch.randn(2, 3, 32, 32)
@@ -125,5 +132,7 @@ def test_checkpoints_load_with_remote_code_where_castling_hf_is_not_installed(
     detector.save_pretrained(tmp_path / "detector")
     with torch.no_grad():
         detection_logits = detector(pixel_values=inputs).logits
-    result = load_without_castling_hf(tmp_path / "detector", "AutoModelForObjectDetection", inputs, detection_logits, tmp_path)
+    result = load_without_castling_hf(
+        tmp_path / "detector", "AutoModelForObjectDetection", inputs, detection_logits, tmp_path
+    )
     assert result == "CastlingViTForObjectDetection castling True"

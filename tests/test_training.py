@@ -25,7 +25,7 @@ def test_cosine_schedule_values():
     assert softmax_mask_scale(37.5, 100) == pytest.approx(0.5)
     assert softmax_mask_scale(25, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))
     values = [softmax_mask_scale(step, 100) for step in range(101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
 def test_linear_schedule_with_step_numbers_and_a_late_start():
@@ -39,7 +39,10 @@ def test_linear_schedule_with_step_numbers_and_a_late_start():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(schedule="exponential"), r"Unknown mask-decay schedule 'exponential'; expected one of \['cosine', 'linear'\]"),
+        (
+            dict(schedule="exponential"),
+            r"Unknown mask-decay schedule 'exponential'; expected one of \['cosine', 'linear'\]",
+        ),
         (dict(start=0.5, end=0.5), r"must start before it ends, got start=0.5 and end=0.5"),
         (dict(start=40, end=10), r"must start before it ends"),
         (dict(end=1.5), r"fraction of the run \(a float\) and must lie in \[0, 1\], got 1.5"),
@@ -68,8 +71,8 @@ def test_fractions_without_a_known_run_length_ask_for_step_numbers(make_config):
     model = CastlingViTForImageClassification(make_config())
     with pytest.raises(ValueError, match="as step numbers"):
         CastlingMaskDecayCallback().on_train_begin(None, TrainerState(), None, model=model)
-    CastlingMaskDecayCallback(start=0, end=10).on_train_begin(None, TrainerState(), None, model=model)
-    assert set(model.softmax_mask_scales().values()) == {1.0}
+    CastlingMaskDecayCallback(start=0, end=10).on_train_begin(None, TrainerState(global_step=4), None, model=model)
+    assert set(model.softmax_mask_scales().values()) == {as_buffer(softmax_mask_scale(4, None, start=0, end=10))}
 
 
 def test_the_callback_refuses_a_model_without_castling_layers():
@@ -166,16 +169,6 @@ def test_trainer_run_follows_the_schedule_logs_alpha_and_ends_at_zero(make_confi
     assert logged[-1]["loss"] < logged[0]["loss"]
 
     assert set(model.softmax_mask_scales().values()) == {0.0}
-    model.eval()
-    pixel_values = RandomImages().images[:16]
-    with torch.no_grad():
-        expected = model(pixel_values).logits
-    model.save_pretrained(tmp_path / "inference", inference=True)
-    reloaded = CastlingViTForImageClassification.from_pretrained(tmp_path / "inference").eval()
-    with torch.no_grad():
-        logits = reloaded(pixel_values).logits
-    assert reloaded.config.attention_mode == "linear"
-    assert torch.equal(logits.argmax(-1), expected.argmax(-1)) and torch.equal(logits, expected)
 
 
 def test_resuming_in_the_middle_of_the_decay_matches_an_uninterrupted_run(make_config, tmp_path):

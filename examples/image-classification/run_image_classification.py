@@ -4,22 +4,23 @@ linear-angular attention and save the inference checkpoint.
 
 In the manner of `transformers`' examples/pytorch/image-classification/run_image_classification.py:
 
-    python examples/image-classification/run_image_classification.py --output_dir outputs/digits
+    python examples/image-classification/run_image_classification.py --do_train --do_eval --output_dir outputs/digits
     python examples/image-classification/run_image_classification.py --model_name_or_path small \\
-        --dataset_name <a Hub image-classification data set> --output_dir outputs/small
+        --dataset_name <a Hub image-classification data set> --do_train --do_eval --output_dir outputs/small
 
 `--model_name_or_path` is a size name ("nano", "tiny", "small", "base": a new model) or a checkpoint (a
 directory or a Hub name). Without `--dataset_name` the bundled scikit-learn digits are used, so it runs offline.
-The model is evaluated in castling mode after training (α has decayed to 0) and again after the switch to the
-inference form; the two accuracies agree exactly. The inference checkpoint, with its image processor, goes to
-`<output_dir>/inference` (and to the Hub with `--push_to_hub`).
+With `--do_train` the model trains with the mask decay and is saved (`<output_dir>`, the training form); with
+`--do_eval` it is evaluated in castling mode (α has decayed to 0) and again after the switch to the inference form,
+and the two accuracies agree exactly. After training, the inference checkpoint, with its image processor and model
+card, goes to `<output_dir>/inference` (and to the Hub with `--push_to_hub`).
 """
 
-import json
 import logging
 import random
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,27 +35,28 @@ from transformers import (
     set_seed,
 )
 
-from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTForImageClassification, image_processor_for
+from castling_hf import (
+    CASTLING_VIT_SIZES,
+    CastlingViTForImageClassification,
+    image_processor_for,
+)
 from castling_hf.data import digits
 from castling_hf.metrics import Accuracy
-from castling_hf.training import evaluate_switch_and_save, model_from_size_or_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from castling_examples import (  # noqa: E402
+    CastlingModelArguments,
+    mask_decay_callbacks,
+    model_from_size_or_checkpoint,
+    run_castling,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        default="nano",
-        metadata={"help": f"A size name {sorted(CASTLING_VIT_SIZES)} for a new model, or a checkpoint (path or Hub name)."},
-    )
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "JSON object of config fields for a new model, e.g. '{\"softmax_mask_threshold\": null}'."},
-    )
-    mask_decay_start: float = field(default=0.0, metadata={"help": "Where α starts to fall: fraction of the run."})
-    mask_decay_end: float = field(default=0.75, metadata={"help": "Where α reaches 0: fraction of the run."})
-    mask_decay_schedule: str = field(default="cosine", metadata={"help": "'cosine' or 'linear'."})
+class ModelArguments(CastlingModelArguments):
+    """The model arguments every Trainer example shares (castling_examples.py); this one adds none."""
 
 
 @dataclass
@@ -93,9 +95,8 @@ def load_image_dataset(data_args: DataTrainingArguments, seed: int) -> DatasetDi
 
 
 def load_model_and_processor(model_args: ModelArguments, labels: list[str]):
-    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
     model = model_from_size_or_checkpoint(
-        model_args.model_name_or_path, labels, CastlingViTForImageClassification, AutoModelForImageClassification, **overrides
+        model_args, labels, CastlingViTForImageClassification, AutoModelForImageClassification
     )
     if model_args.model_name_or_path in CASTLING_VIT_SIZES:
         return model, image_processor_for(model.config)
@@ -147,17 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = load_image_dataset(data_args, training_args.seed)
     labels = dataset["train"].features[data_args.label_column_name].names
     model, image_processor = load_model_and_processor(model_args, labels)
-    castling = model.config.attention_mode == "castling"
-    if not castling:
-        logger.warning("The model is already in the inference form (attention_mode='linear'): no mask decay to run.")
 
     columns = (data_args.image_column_name, data_args.label_column_name)
     dataset["train"].set_transform(make_transform(image_processor, *columns, data_args.augment, training_args.seed))
     dataset["test"].set_transform(make_transform(image_processor, *columns, False, training_args.seed))
 
-    decay = CastlingMaskDecayCallback(
-        start=model_args.mask_decay_start, end=model_args.mask_decay_end, schedule=model_args.mask_decay_schedule
-    )
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -166,22 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collate,
         compute_metrics=compute_metrics,
         processing_class=image_processor,
-        callbacks=[decay] if castling else [],
+        callbacks=mask_decay_callbacks(model, model_args),
     )
 
-    results = {}
-    if training_args.do_train or not training_args.do_eval:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        results["train"] = train_result.metrics
-
-    results.update(
-        evaluate_switch_and_save(
-            trainer, image_processor, training_args.push_to_hub, training_args.hub_model_id, data_args.dataset_name or "digits"
-        )
-    )
-    return results
+    return run_castling(trainer, image_processor, data_args.dataset_name or "digits")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,6 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import get_scheduler
-
-from castling_hf import softmax_mask_scale
-from castling_hf.hub import upload_checkpoint_folder, write_inference_checkpoint
-from castling_hf.metrics import Accuracy
-from castling_hf.model_card import training_run_card
 from run_image_classification import (
     DataTrainingArguments,
     ModelArguments,
@@ -39,6 +31,14 @@ from run_image_classification import (
     load_model_and_processor,
     make_transform,
 )
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from castling_hf import softmax_mask_scale
+from castling_hf.hub import push_inference_checkpoint, write_inference_checkpoint
+from castling_hf.metrics import Accuracy
+from castling_hf.model_card import training_run_card
 
 
 def parse_args(argv=None):
@@ -94,11 +94,17 @@ def main(argv=None):
     with accelerator.main_process_first():
         dataset = load_image_dataset(data_args, args.seed)
     labels = dataset["train"].features[data_args.label_column_name].names
-    model, image_processor = load_model_and_processor(ModelArguments(model_name_or_path=args.model_name_or_path), labels)
+    model, image_processor = load_model_and_processor(
+        ModelArguments(model_name_or_path=args.model_name_or_path), labels
+    )
     columns = (data_args.image_column_name, data_args.label_column_name)
-    dataset["train"].set_transform(make_transform(image_processor, *columns, True, args.seed + accelerator.process_index))
+    dataset["train"].set_transform(
+        make_transform(image_processor, *columns, True, args.seed + accelerator.process_index)
+    )
     dataset["test"].set_transform(make_transform(image_processor, *columns, False, args.seed))
-    train_loader = DataLoader(dataset["train"], shuffle=True, collate_fn=collate, batch_size=args.per_device_train_batch_size)
+    train_loader = DataLoader(
+        dataset["train"], shuffle=True, collate_fn=collate, batch_size=args.per_device_train_batch_size
+    )
     eval_loader = DataLoader(dataset["test"], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -138,19 +144,29 @@ def main(argv=None):
             if completed_steps >= total_steps:
                 break
     castling_model.set_softmax_mask_scale(
-        softmax_mask_scale(total_steps, total_steps, args.mask_decay_start, args.mask_decay_end, args.mask_decay_schedule)
+        softmax_mask_scale(
+            total_steps, total_steps, args.mask_decay_start, args.mask_decay_end, args.mask_decay_schedule
+        )
     )
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # The training form as it ended (α = 0), as the Trainer's save_model() leaves it: it can be resumed from.
+        castling_model.save_pretrained(args.output_dir)
+        image_processor.save_pretrained(args.output_dir)
 
     results = {"castling_accuracy": evaluate_accuracy(accelerator, castling_model, eval_loader)}
     castling_model.switch_to_inference()
     results["linear_accuracy"] = evaluate_accuracy(accelerator, castling_model, eval_loader)
 
-    print(f"rank {accelerator.process_index} of {accelerator.num_processes}: parameter digest "
-          f"{parameter_digest(castling_model)}", flush=True)
+    print(
+        f"rank {accelerator.process_index} of {accelerator.num_processes}: parameter digest "
+        f"{parameter_digest(castling_model)}",
+        flush=True,
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         results.update(steps=completed_steps, processes=accelerator.num_processes)
-        os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "results.json"), "w") as file:
             json.dump(results, file, indent=2)
         print(json.dumps(results), flush=True)
@@ -162,7 +178,7 @@ def main(argv=None):
         write_inference_checkpoint(castling_model, inference_dir, image_processor, card)
         print(f"rank {accelerator.process_index} saved the inference checkpoint to {inference_dir}", flush=True)
         if args.push_to_hub:
-            upload_checkpoint_folder(inference_dir, repo_id)
+            push_inference_checkpoint(castling_model, repo_id, image_processor, card)
     accelerator.end_training()
     return results
 

@@ -4,7 +4,7 @@ after the switch to linear-angular attention, and save the inference checkpoint 
 
 In the manner of `transformers`' examples/pytorch/object-detection/run_object_detection.py:
 
-    python examples/object-detection/run_object_detection.py --output_dir outputs/shapes
+    python examples/object-detection/run_object_detection.py --do_train --do_eval --output_dir outputs/shapes
     python examples/object-detection/run_object_detection.py --dataset_name <a Hub detection data set> ...
 
 Without `--dataset_name` the generated shapes (`castling_hf.data.shapes`) are used, so it runs offline. Annotations
@@ -13,10 +13,10 @@ then through YOLOS's image processor, which turns COCO boxes into the model's no
 pycocotools' COCOeval (`castling_hf.metrics.CocoDetectionMAP`).
 """
 
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,23 +31,22 @@ from transformers import (
     set_seed,
 )
 
-from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTForObjectDetection
+from castling_hf import CASTLING_VIT_SIZES, CastlingViTForObjectDetection
 from castling_hf.data import clean_coco_boxes, shapes
 from castling_hf.metrics import CocoDetectionMAP
-from castling_hf.training import evaluate_switch_and_save, model_from_size_or_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from castling_examples import (  # noqa: E402
+    CastlingModelArguments,
+    mask_decay_callbacks,
+    model_from_size_or_checkpoint,
+    run_castling,
+)
+
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        default="nano", metadata={"help": f"A size name {sorted(CASTLING_VIT_SIZES)} or a checkpoint (path or Hub name)."}
-    )
+class ModelArguments(CastlingModelArguments):
     image_size: int = field(default=64, metadata={"help": "Images are resized to image_size × image_size."})
-    config_overrides: str | None = field(
-        default=None, metadata={"help": "JSON object of config fields for a new model, e.g. '{\"num_detection_tokens\": 10}'."}
-    )
-    mask_decay_start: float = field(default=0.0)
-    mask_decay_end: float = field(default=0.75)
-    mask_decay_schedule: str = field(default="cosine")
 
 
 @dataclass
@@ -79,9 +78,8 @@ def load_detection_dataset(data_args: DataTrainingArguments, image_size: int, se
 
 
 def load_model_and_processor(model_args: ModelArguments, labels: list[str]):
-    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
     model = model_from_size_or_checkpoint(
-        model_args.model_name_or_path, labels, CastlingViTForObjectDetection, AutoModelForObjectDetection, **overrides
+        model_args, labels, CastlingViTForObjectDetection, AutoModelForObjectDetection
     )
     if model_args.model_name_or_path in CASTLING_VIT_SIZES:
         return model, YolosImageProcessorPil(size={"height": model_args.image_size, "width": model_args.image_size})
@@ -91,14 +89,14 @@ def load_model_and_processor(model_args: ModelArguments, labels: list[str]):
 def make_transform(image_processor, num_labels: int):
     def transform(batch):
         annotations = []
-        for image_id, image, objects in zip(batch["image_id"], batch["image"], batch["objects"]):
+        for image_id, image, objects in zip(batch["image_id"], batch["image"], batch["objects"], strict=True):
             boxes, categories = clean_coco_boxes(objects["bbox"], objects["category"], *image.size, num_labels)
             annotations.append(
                 {
                     "image_id": image_id,
                     "annotations": [
                         {"image_id": image_id, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-                        for b, c in zip(boxes, categories)
+                        for b, c in zip(boxes, categories, strict=True)
                     ],
                 }
             )
@@ -125,13 +123,13 @@ def corners_in_pixels(boxes: np.ndarray, height: float, width: float) -> np.ndar
 def make_compute_metrics(image_processor, threshold: float):
     def compute_metrics(evaluation, compute_result: bool = True):
         metric = CocoDetectionMAP()
-        for batch_predictions, batch_targets in zip(evaluation.predictions, evaluation.label_ids):
+        for batch_predictions, batch_targets in zip(evaluation.predictions, evaluation.label_ids, strict=True):
             # The Trainer drops `loss` from the output tuple: (loss_dict, logits, pred_boxes, last_hidden_state).
             logits, pred_boxes = torch.as_tensor(batch_predictions[1]), torch.as_tensor(batch_predictions[2])
             sizes = [tuple(int(v) for v in target["orig_size"]) for target in batch_targets]
             outputs = type("Outputs", (), {"logits": logits, "pred_boxes": pred_boxes})
             detections = image_processor.post_process_object_detection(outputs, threshold, target_sizes=sizes)
-            for detection, target, (height, width) in zip(detections, batch_targets, sizes):
+            for detection, target, (height, width) in zip(detections, batch_targets, sizes, strict=True):
                 metric.add(
                     predictions={
                         "boxes": detection["boxes"].tolist(),
@@ -170,21 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collate,
         compute_metrics=make_compute_metrics(image_processor, data_args.score_threshold),
         processing_class=image_processor,
-        callbacks=[CastlingMaskDecayCallback(model_args.mask_decay_start, model_args.mask_decay_end, model_args.mask_decay_schedule)]
-        if model.config.attention_mode == "castling"
-        else [],
+        callbacks=mask_decay_callbacks(model, model_args),
     )
-    results = {}
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.log_metrics("train", train_result.metrics)
-    results["train"] = train_result.metrics
-
-    results.update(
-        evaluate_switch_and_save(
-            trainer, image_processor, training_args.push_to_hub, training_args.hub_model_id, data_args.dataset_name or "shapes"
-        )
-    )
-    return results
+    return run_castling(trainer, image_processor, data_args.dataset_name or "shapes")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Importing this package registers Castling-ViT with the `transformers` Auto class
 from . import data, metrics
 from .attention import CastlingViTAttention, linear_angular_attention, masked_softmax_attention
 from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
+from .conversion import from_vit
 from .modeling_castling_vit import (
     CastlingViTForImageClassification,
     CastlingViTForObjectDetection,
@@ -32,6 +33,7 @@ __all__ = [
     "CastlingViTModel",
     "CastlingViTObjectDetectionOutput",
     "CastlingViTPreTrainedModel",
+    "from_vit",
     "image_processor_for",
     "linear_angular_attention",
     "masked_softmax_attention",

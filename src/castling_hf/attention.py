@@ -1,15 +1,14 @@
-"""Castling-ViT attention: the math as pure functions (DESIGN §1), then the modules that hold the weights.
+"""Castling-ViT attention: the math as pure functions (docs/design.md §1), then the modules that hold the weights.
 
 Per-head tensors are token-major, `(batch, tokens, heads, head_dim)`: the layout a projection's output has once
-viewed per head, so no function has to transpose its input, and the linear path's output reshapes to
-`(batch, tokens, hidden)` for the output projection without a copy.
+viewed per head, and the one the output projection reads back.
 
     Sim(q, k)     = 1 - θ(q, k)/π = 1/2 + arcsin(q̂·k̂)/π          (angular kernel)
     Sim_lin(q, k) = 1/2 + (q̂·k̂)/π                               (its linear term, kept here)
 
 Layer output, before the output projection:
 
-    γ ⊙ (LA(q, k, v) + DWConv(v)) + α·(M⊙S)V,    S = softmax(q kᵀ/√d),  M = 1[S > τ]
+    γ ⊙ (LA(q, k, v) + DWConv(v)) + α·(M⊙S)V,    S = softmax(q kᵀ/√d),  M = 1[S > τ/N] (or 1[S > τ])
 """
 
 import math
@@ -19,42 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_castling_vit import CastlingViTConfig
-
-INV_PI = 1.0 / math.pi
-
-
-def _tracks_gradients(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records these ops; the inference path then writes results straight into their final layout
-    (`out=`), which autograd does not allow."""
-    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
-
-
-def normalized_heads_with_ones(states: torch.Tensor, ones_value: torch.Tensor, eps: float) -> torch.Tensor:
-    """[x̂, c] head-major: `(S, B, N, H, d)` → `(S, B, H, N, d + 1)`, x̂ = x / max(‖x‖, eps), in fp32.
-
-    `S` stacks tensors normalised together (query and key); `ones_value[s]` is the constant c appended to stack
-    entry s. The appended column lets one matrix product give both numerator and denominator (DESIGN §1).
-    """
-    states = states.float()
-    norms = torch.linalg.vector_norm(states, dim=-1, keepdim=True).clamp_min(eps)
-    if _tracks_gradients(states):
-        constants = ones_value.view(-1, 1, 1, 1, 1).expand(*norms.shape)
-        return torch.cat([states / norms, constants], dim=-1).transpose(2, 3).contiguous()
-    stack, batch, tokens, heads, head_dim = states.shape
-    extended = states.new_empty(stack, batch, heads, tokens, head_dim + 1)
-    extended[..., head_dim] = ones_value.view(-1, 1, 1, 1)
-    torch.div(states.transpose(2, 3), norms.transpose(2, 3), out=extended[..., :head_dim])
-    return extended
-
-
-def ratio_to_token_major(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator, from head-major `(B, H, N, d)` operands to a token-major `(B, N, H, d)` result."""
-    if _tracks_gradients(numerator, denominator):
-        return (numerator / denominator).transpose(1, 2)
-    batch, heads, tokens, head_dim = numerator.shape
-    out = numerator.new_empty(batch, tokens, heads, head_dim)
-    torch.div(numerator, denominator, out=out.transpose(1, 2))
-    return out
 
 
 def linear_angular_attention(
@@ -78,40 +41,38 @@ def linear_angular_attention(
     q and k are L2-normalised with `eps`, so a zero vector gives Sim_lin = 1/2 rather than NaN. The reductions run
     in fp32 whatever the autocast dtype: sums over N tokens lose too much in half precision.
     """
-    return linear_angular_attention_stacked(torch.stack([query, key]), value, normalization, eps, head_scale)
-
-
-def linear_angular_attention_stacked(
-    query_key: torch.Tensor,
-    value: torch.Tensor,
-    normalization: str = "kernel",
-    eps: float = 1e-6,
-    head_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`linear_angular_attention` with query and key stacked, `(2, B, N, H, d)`: a view of a fused qkv projection
-    lets both be normalised by the same few ops."""
     if normalization not in ("kernel", "l2"):
         raise ValueError(f"Unknown angular normalization {normalization!r}; expected 'kernel' or 'l2'.")
-    head_dim = value.shape[-1]
     with torch.autocast(device_type=value.device.type, enabled=False):
-        value32 = value.float()
-        # Kernel form multiplied through by π (the ratio is unchanged):
-        #   o_i = [q̂_i K̂ᵀV + (π/2) Σv] / [q̂_i Σk̂ + (π/2) N] = ([q̂_i, π/2] @ mix)[:d] / ([q̂_i, π/2] @ mix)[d]
-        # with mix = [k̂, 1]ᵀ[V, 1] = [[K̂ᵀV, Σk̂], [Σv, N]].
-        constants = value32.new_tensor([math.pi / 2, 1.0])
-        query_ext, key_ext = normalized_heads_with_ones(query_key, constants, eps)
+        query, key = (F.normalize(x.float(), dim=-1, eps=eps).transpose(1, 2) for x in (query, key))
+        values = value.float().transpose(1, 2)  # (B, H, N, d), as query and key now
         if normalization == "kernel":
-            mix = torch.cat([key_ext.transpose(-2, -1) @ value32.transpose(1, 2), key_ext.sum(dim=2).unsqueeze(-1)], -1)
+            out = _kernel_normalized(query, key, values, head_scale)
+        else:
+            # Multiplied through by π, which the normalisation removes: normalize(q̂ K̂ᵀV + (π/2) v).
+            out = F.normalize(query @ (key.mT @ values) + (math.pi / 2) * values, dim=-1, eps=eps).transpose(1, 2)
             if head_scale is not None:
-                # γ scales the numerator columns only; on this small matrix it costs no pass over the tokens.
-                mix = mix * F.pad(head_scale.float().view(-1, 1, 1).expand(-1, 1, head_dim), (0, 1), value=1.0)
-            weighted = query_ext @ mix
-            return ratio_to_token_major(weighted[..., :head_dim], weighted[..., head_dim:]).to(value.dtype)
-        context = key_ext[..., :head_dim].transpose(-2, -1) @ value32.transpose(1, 2)
-        out = F.normalize((query_ext[..., :head_dim] @ context).transpose(1, 2) * INV_PI + 0.5 * value32, dim=-1, eps=eps)
-        if head_scale is not None:
-            out = out * head_scale.float().view(-1, 1)
-        return out.to(value.dtype)
+                out = out * head_scale.float().view(-1, 1)
+    return out.to(value.dtype)
+
+
+def _kernel_normalized(query, key, values, head_scale):
+    """The kernel form multiplied through by π (the ratio is unchanged), with one product for both of its terms:
+
+        [q̂_i, 1] @ mix = Σ_j π·Sim_lin(q_i, k_j) [v_j, 1],   mix = [[K̂ᵀ[V, 1]], [(π/2) Σ_j [v_j, 1]]]
+
+    whose first d columns are the numerator and whose last is the denominator. Head-major `(B, H, N, d)` in,
+    token-major `(B, N, H, d)` out.
+    """
+    values = F.pad(values, (0, 1), value=1.0)  # [V, 1]
+    mix = torch.cat([key.mT @ values, (math.pi / 2) * values.sum(dim=-2, keepdim=True)], dim=-2)
+    if head_scale is not None:
+        # γ scales the numerator columns of this (d+1)×(d+1) matrix: no pass over the tokens.
+        mix = mix * F.pad(head_scale.float().view(-1, 1, 1).expand(-1, 1, mix.shape[-1] - 1), (0, 1), value=1.0)
+    weighted = (F.pad(query, (0, 1), value=1.0) @ mix).transpose(1, 2)
+    # Slices of a tensor are not dense, so the quotient is laid out in its logical, token-major order: the output
+    # projection then reads it without a copy.
+    return weighted[..., :-1] / weighted[..., -1:]
 
 
 def softmax_mask_cutoff(threshold: float, threshold_type: str, num_keys: int) -> float:
@@ -266,22 +227,16 @@ class CastlingViTAttention(nn.Module):
         self.linear_branch_scale = nn.Parameter(torch.full((self.num_heads,), float(config.linear_branch_scale_init)))
         self.softmax_branch = CastlingSoftmaxBranch(config) if config.attention_mode == "castling" else None
 
-    def forward(
-        self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
         batch, tokens, hidden_size = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).movedim(2, 0)
-        query_key, value = qkv[:2], qkv[2]
-
+        query, key, value = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
         scale = self.linear_branch_scale
-        attended = linear_angular_attention_stacked(
-            query_key, value, self.angular_normalization, self.angular_eps, scale
-        )
+        attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, scale)
         if self.residual_conv is not None:
             # In place, also under autograd: no op before this needs `attended` itself for its backward.
             attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, grid_size, scale)
         if self.softmax_branch is not None:
-            attended = attended + self.softmax_branch(qkv[0], qkv[1], value)
+            attended = attended + self.softmax_branch(query, key, value)
         return self.o_proj(attended.reshape(batch, tokens, hidden_size))
 
 
@@ -290,10 +245,7 @@ __all__ = [
     "CastlingSoftmaxBranch",
     "CastlingViTAttention",
     "linear_angular_attention",
-    "linear_angular_attention_stacked",
     "masked_softmax_attention",
-    "normalized_heads_with_ones",
-    "ratio_to_token_major",
     "sequence_depthwise_conv",
     "softmax_mask_cutoff",
     "spatial_depthwise_conv",

@@ -9,40 +9,23 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-# The four sizes of DESIGN §3. `nano` is small enough to train on a CPU in a test or a demo.
+# The four sizes of docs/design.md §3. `nano` is small enough to train on a CPU in a test or a demo.
+SIZE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "image_size",
+    "patch_size",
+)
 CASTLING_VIT_SIZES: dict[str, dict] = {
-    "nano": dict(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-        image_size=32,
-        patch_size=4,
-    ),
-    "tiny": dict(
-        hidden_size=192,
-        num_hidden_layers=12,
-        num_attention_heads=3,
-        intermediate_size=768,
-        image_size=224,
-        patch_size=16,
-    ),
-    "small": dict(
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        intermediate_size=1536,
-        image_size=224,
-        patch_size=16,
-    ),
-    "base": dict(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        image_size=224,
-        patch_size=16,
-    ),
+    name: dict(zip(SIZE_FIELDS, values, strict=True))
+    for name, values in {
+        "nano": (64, 4, 4, 128, 32, 4),
+        "tiny": (192, 12, 3, 768, 224, 16),
+        "small": (384, 12, 6, 1536, 224, 16),
+        "base": (768, 12, 12, 3072, 224, 16),
+    }.items()
 }
 
 
@@ -226,4 +209,4 @@ class CastlingViTConfig(PreTrainedConfig):
             raise ValueError(f"`angular_eps` must be positive, got {self.angular_eps}.")
 
 
-__all__ = ["CASTLING_VIT_SIZES", "CastlingViTConfig"]
+__all__ = ["CASTLING_VIT_SIZES", "SIZE_FIELDS", "CastlingViTConfig"]

@@ -1,8 +1,8 @@
 """Castling a pretrained ViT: its weights in a Castling-ViT whose first forward pass is the source's.
 
 With γ (the linear branch scale) at 0, α at 1 and no softmax mask threshold, a Castling layer computes
-`proj(softmax(q kᵀ/√d) v)`: exactly ViT's attention, with ViT's own q/k/v/o weights (DESIGN §1). Fine-tuning with the
-mask decay then grows γ while α falls to 0, and the model ends in the linear-angular form.
+`proj(softmax(q kᵀ/√d) v)`: exactly ViT's attention, with ViT's own q/k/v/o weights (docs/design.md §1).
+Fine-tuning with the mask decay then grows γ while α falls to 0, and the model ends in the linear-angular form.
 
 Sources are `transformers`' `ViTModel` and `ViTForImageClassification` (DeiT checkpoints without a distillation token
 use these classes too), as objects or as a local directory / Hub name. Every source tensor is mapped, checked and
@@ -14,8 +14,8 @@ import re
 import torch
 from transformers import AutoConfig, PreTrainedModel, ViTConfig, ViTForImageClassification, ViTModel
 
-from .configuration_castling_vit import CastlingViTConfig
-from .modeling_castling_vit import CastlingViTModel
+from .configuration_castling_vit import SIZE_FIELDS, CastlingViTConfig
+from .modeling_castling_vit import CastlingViTForImageClassification, CastlingViTModel
 
 # The fields a Castling-ViT takes from the source config, all with ViTConfig's meaning.
 INHERITED_CONFIG_FIELDS = (
@@ -39,21 +39,13 @@ INHERITED_CONFIG_FIELDS = (
     "problem_type",
 )
 # Fixed by the shapes of the source weights, so a conversion cannot override them.
-SHAPE_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "image_size",
-    "patch_size",
-    "num_channels",
-    "qkv_bias",
-    "pooler_output_size",
-)
+SHAPE_FIELDS = (*SIZE_FIELDS, "num_channels", "qkv_bias", "pooler_output_size")
 # With these, a converted layer is the source's softmax attention (γ = 0, dense softmax branch).
 EXACT_START = dict(linear_branch_scale_init=0.0, softmax_mask_threshold=None)
 # Castling-ViT's own tensors: no ViT counterpart, so they keep their initial values.
-CASTLING_ONLY = re.compile(r"attention\.(linear_branch_scale|residual_conv\.weight|softmax_branch\.softmax_mask_scale)$")
+CASTLING_ONLY = re.compile(
+    r"attention\.(linear_branch_scale|residual_conv\.weight|softmax_branch\.softmax_mask_scale)$"
+)
 # ViT's mask token serves masked-image-modelling only; no Castling-ViT model uses one.
 IGNORED_SOURCE = re.compile(r"^embeddings\.mask_token$")
 POOLER_KEYS = {"pooler.dense.weight", "pooler.dense.bias"}
@@ -82,7 +74,9 @@ def load_vit(model_or_path) -> ViTModel | ViTForImageClassification:
             f"{model_or_path!r} holds a {', '.join(unsupported)}; from_vit converts ViTModel and "
             "ViTForImageClassification checkpoints (load the encoder alone with ViTModel.from_pretrained and pass it)."
         )
-    source_class = ViTForImageClassification if "ViTForImageClassification" in (config.architectures or []) else ViTModel
+    source_class = (
+        ViTForImageClassification if "ViTForImageClassification" in (config.architectures or []) else ViTModel
+    )
     model, info = source_class.from_pretrained(model_or_path, output_loading_info=True)
     if source_class is ViTModel and info["missing_keys"] and set(info["missing_keys"]) <= POOLER_KEYS:
         # A ViTModel saved without its pooler: load it as it was saved rather than with a random pooler.
@@ -152,7 +146,9 @@ def castling_backbone_state_dict(vit_backbone_state: dict[str, torch.Tensor]) ->
             renamed[target] = tensor
     for target, parts in fused_parts.items():
         if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"{target} needs the source's q, k and v projections, but only {sorted(parts)} were found.")
+            raise ValueError(
+                f"{target} needs the source's q, k and v projections, but only {sorted(parts)} were found."
+            )
         renamed[target] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return renamed
 
@@ -170,7 +166,9 @@ def castling_state_dict(
         backbone, head = source_state, {}
     mapped = castling_backbone_state_dict(backbone)
     target_state = target.state_dict()
-    prefix = f"{target.base_model_prefix}." if target.base_model_prefix + ".embeddings.cls_token" in target_state else ""
+    prefix = (
+        f"{target.base_model_prefix}." if target.base_model_prefix + ".embeddings.cls_token" in target_state else ""
+    )
     mapped = {prefix + key: value for key, value in mapped.items()}
     if not any(".pooler." in f".{key}" for key in target_state):  # e.g. a classifier built from a ViTModel
         mapped = {key: value for key, value in mapped.items() if ".pooler." not in f".{key}"}
@@ -192,7 +190,8 @@ def castling_state_dict(
     ]
     if mismatched:
         raise ValueError(
-            "The source's weights do not match the shapes its config implies: " + "; ".join(mismatched)
+            "The source's weights do not match the shapes its config implies: "
+            + "; ".join(mismatched)
             + ". Nothing was converted."
         )
     return mapped
@@ -204,22 +203,29 @@ def _starts_fresh(key: str) -> bool:
     return bool(CASTLING_ONLY.search(key)) or key.startswith("classifier.")
 
 
-def convert_vit(target_class, model_or_path, add_pooling_layer: bool | None = None, **config_overrides):
-    """`target_class` (`CastlingViTModel` or `CastlingViTForImageClassification`) with a pretrained ViT's weights.
+def from_vit(
+    model_or_path,
+    model_class: type = CastlingViTForImageClassification,
+    add_pooling_layer: bool | None = None,
+    **config_overrides,
+):
+    """A `model_class` (`CastlingViTForImageClassification` or `CastlingViTModel`) with a pretrained ViT's weights,
+    whose first forward pass is the source's.
 
     `model_or_path` is a `transformers` `ViTModel` or `ViTForImageClassification` (DeiT checkpoints without a
     distillation token use these classes), or a local directory or Hub name holding one. The config takes the
     source's dimensions and labels with `linear_branch_scale_init=0.0` and `softmax_mask_threshold=None`, so that with
     α = 1 every layer computes exactly the source's softmax attention; `config_overrides` apply on top (Castling-ViT's
-    own fields, or a new label set, which starts the classifier fresh). Fine-tune with `CastlingMaskDecayCallback`,
-    then `switch_to_inference()`.
+    own fields, or a new label set, which starts the classifier fresh). A `CastlingViTModel` keeps the source's
+    pooler unless `add_pooling_layer` says otherwise. Fine-tune with `CastlingMaskDecayCallback`, then
+    `switch_to_inference()`.
     """
     source = load_vit(model_or_path)
     config = castling_config_from_vit(source.config, **config_overrides)
     backbone = source.vit if isinstance(source, ViTForImageClassification) else source
     source_has_pooler = getattr(backbone, "pooler", None) is not None
     kwargs = {}
-    if issubclass(target_class, CastlingViTModel):
+    if issubclass(model_class, CastlingViTModel):
         kwargs["add_pooling_layer"] = source_has_pooler if add_pooling_layer is None else add_pooling_layer
         if kwargs["add_pooling_layer"] and not source_has_pooler:
             raise ValueError(
@@ -227,8 +233,8 @@ def convert_vit(target_class, model_or_path, add_pooling_layer: bool | None = No
                 "mirror the source."
             )
     elif add_pooling_layer is not None:
-        raise ValueError(f"{target_class.__name__} has no pooler; add_pooling_layer applies to CastlingViTModel only.")
-    target = target_class(config, **kwargs)
+        raise ValueError(f"{model_class.__name__} has no pooler; add_pooling_layer applies to CastlingViTModel only.")
+    target = model_class(config, **kwargs)
     target.load_state_dict(castling_state_dict(source, target, not labels_overridden(config_overrides)), strict=False)
     reference = next(source.parameters())
     return target.to(device=reference.device, dtype=reference.dtype).eval()

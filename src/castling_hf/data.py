@@ -1,4 +1,4 @@
-"""Data sets the package ships or makes, so that examples, tests and demos run offline (DESIGN §5)."""
+"""Data sets the package ships or makes, so that examples, tests and demos run offline (docs/design.md §5)."""
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
@@ -217,7 +217,7 @@ def clean_coco_boxes(
     at least `min_size` pixels per side is left (degenerate boxes). Unknown category ids are an error, since a
     silently dropped or shifted class would train the wrong thing."""
     kept_boxes, kept_categories = [], []
-    for box, category in zip(bboxes, categories):
+    for box, category in zip(bboxes, categories, strict=True):
         if not 0 <= int(category) < num_labels:
             raise ValueError(
                 f"Category id {category} is not one of the model's {num_labels} classes (0 .. {num_labels - 1}); "

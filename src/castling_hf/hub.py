@@ -1,18 +1,22 @@
-"""Inference checkpoints for the Hub: one function writes the folder, the other uploads exactly that folder.
+"""Inference checkpoints for the Hub: one function writes the folder, one pushes it, and `model.push_to_hub(...,
+inference=True)` is that same push.
 
-A dry run and a real push therefore cannot differ: both call `write_inference_checkpoint`; the push then hands the
-folder's files to `huggingface_hub`'s own `HfApi.create_commit` (as `transformers`' `push_to_hub` does).
+A dry run and a real push cannot differ: both write the folder with `write_inference_checkpoint`; the push then
+uploads that folder in one commit with `huggingface_hub`'s own `HfApi.upload_folder`. This file imports nothing of
+the package, so that it travels with the modeling code into every saved checkpoint (see `save_pretrained`).
 """
 
 import os
 import tempfile
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard
+
+COMMIT_MESSAGE = "Upload Castling-ViT inference checkpoint (linear-angular attention only)"
 
 
 def write_inference_checkpoint(model, folder, image_processor=None, model_card: ModelCard | None = None, force=False):
     """Write `model`'s inference form to `folder`: the "linear" config with its `auto_map`, the safetensors weights,
-    the modeling code, the image processor's config and the card (`README.md`).
+    the modeling code, and, when given, the image processor's config and the card (`README.md`).
 
     Refuses (as `switch_to_inference` does) while any layer's α is not 0, unless `force=True`; `model` itself is not
     changed.
@@ -24,36 +28,23 @@ def write_inference_checkpoint(model, folder, image_processor=None, model_card: 
         model_card.save(os.path.join(folder, "README.md"))
 
 
-COMMIT_MESSAGE = "Upload Castling-ViT inference checkpoint (linear-angular attention only)"
-
-
-def upload_checkpoint_folder(folder, repo_id: str, commit_message: str = COMMIT_MESSAGE, private=None, token=None):
-    """Upload every file of `folder` to the Hub repo `repo_id` (created if needed) in one commit; returns its
-    `CommitInfo`."""
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name)) for name in sorted(os.listdir(folder))
-    ]
-    return api.create_commit(repo_id, operations=operations, commit_message=commit_message)
-
-
 def push_inference_checkpoint(
     model,
     repo_id: str,
     image_processor=None,
     model_card: ModelCard | None = None,
     dry_run_dir: str | None = None,
-    commit_message: str = COMMIT_MESSAGE,
+    commit_message: str | None = None,
     private: bool | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
     force: bool = False,
 ):
-    """Push `model`'s inference form, with its image processor and card, to the Hub repo `repo_id`.
+    """Push `model`'s inference form, with its image processor and card when given, to the Hub repo `repo_id` in one
+    commit; returns its `CommitInfo`.
 
-    With `dry_run_dir` (a new or empty folder), writes there the folder that would be uploaded and uploads nothing;
-    returns that path. Otherwise returns the `CommitInfo` of the upload. The folder is written before the Hub is
-    contacted, so a refused model (α ≠ 0) creates no repository.
+    With `dry_run_dir` (a new or empty folder), writes there the folder that would be uploaded, uploads nothing and
+    returns that path. The folder is written before the Hub is contacted, so a refused model (α ≠ 0) creates no
+    repository.
     """
     if dry_run_dir is not None:
         if os.path.isdir(dry_run_dir) and os.listdir(dry_run_dir):
@@ -65,4 +56,6 @@ def push_inference_checkpoint(
         return dry_run_dir
     with tempfile.TemporaryDirectory() as folder:
         write_inference_checkpoint(model, folder, image_processor, model_card, force=force)
-        return upload_checkpoint_folder(folder, repo_id, commit_message, private=private, token=token)
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message or COMMIT_MESSAGE)

@@ -18,16 +18,12 @@ class Accuracy(evaluate.Metric):
             description="Accuracy: the fraction of predictions equal to the references.",
             citation="",
             inputs_description="predictions and references: lists of integer class ids of the same length.",
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references):
-        predictions, references = np.asarray(predictions), np.asarray(references)
-        if predictions.shape != references.shape:
-            raise ValueError(f"{predictions.shape[0]} predictions for {references.shape[0]} references.")
-        return {"accuracy": float((predictions == references).mean())}
+        # `evaluate` itself refuses predictions and references of different lengths before this is called.
+        return {"accuracy": float((np.asarray(predictions) == np.asarray(references)).mean())}
 
 
 class CocoDetectionMAP(evaluate.Metric):
@@ -65,35 +61,47 @@ class CocoDetectionMAP(evaluate.Metric):
             return [x0, y0, x1 - x0, y1 - y0]
 
         images, annotations, detections, categories = [], [], [], set()
-        for image_id, (prediction, reference) in enumerate(zip(predictions, references)):
+        for image_id, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
             images.append({"id": image_id})
-            for box, label in zip(reference["boxes"], reference["labels"]):
+            for box, label in zip(reference["boxes"], reference["labels"], strict=True):
                 box = xywh(box)
                 annotations.append(
-                    {"id": len(annotations) + 1, "image_id": image_id, "category_id": label, "bbox": box,
-                     "area": box[2] * box[3], "iscrowd": 0}
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": label,
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": 0,
+                    }
                 )
                 categories.add(label)
-            for box, score, label in zip(prediction["boxes"], prediction["scores"], prediction["labels"]):
+            for box, score, label in zip(prediction["boxes"], prediction["scores"], prediction["labels"], strict=True):
                 detections.append({"image_id": image_id, "category_id": label, "bbox": xywh(box), "score": score})
                 categories.add(label)
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
             ground_truth = COCO()
             ground_truth.dataset = {
-                "images": images, "annotations": annotations, "categories": [{"id": c} for c in sorted(categories)]
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": c} for c in sorted(categories)],
             }
             ground_truth.createIndex()
             results = ground_truth.loadRes(detections) if detections else COCO()
             if not detections:
-                results.dataset = {"images": images, "annotations": [], "categories": ground_truth.dataset["categories"]}
+                results.dataset = {
+                    "images": images,
+                    "annotations": [],
+                    "categories": ground_truth.dataset["categories"],
+                }
                 results.createIndex()
             evaluation = COCOeval(ground_truth, results, iouType="bbox")
             evaluation.evaluate()
             evaluation.accumulate()
             evaluation.summarize()
         names = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
-        summary = {name: float(value) for name, value in zip(names, evaluation.stats[:6])}
+        summary = {name: float(value) for name, value in zip(names, evaluation.stats[:6], strict=True)}
         summary["mar_100"] = float(evaluation.stats[8])
         return summary
 

@@ -35,7 +35,9 @@ AUTO_CLASSES = {model_class.__name__: auto_class for auto_class, model_class in 
 def pipeline_tag_for(architecture: str) -> str:
     """The Hub pipeline tag of a Castling-ViT model class name."""
     if architecture not in PIPELINE_TAGS:
-        raise ValueError(f"Unknown Castling-ViT architecture {architecture!r}; expected one of {sorted(PIPELINE_TAGS)}.")
+        raise ValueError(
+            f"Unknown Castling-ViT architecture {architecture!r}; expected one of {sorted(PIPELINE_TAGS)}."
+        )
     return PIPELINE_TAGS[architecture]
 
 
@@ -124,14 +126,17 @@ def mask_threshold_text(config: CastlingViTConfig) -> str:
 
 def _description(config: CastlingViTConfig) -> str:
     mode = (
-        "**inference form** (`attention_mode=\"linear\"`): linear-angular attention and the residual conv only, "
+        '**inference form** (`attention_mode="linear"`): linear-angular attention and the residual conv only, '
         "cost linear in the number of image tokens"
         if config.attention_mode == "linear"
-        else "**training form** (`attention_mode=\"castling\"`): linear-angular attention, the residual conv and the "
+        else '**training form** (`attention_mode="castling"`): linear-angular attention, the residual conv and the '
         "auxiliary masked softmax attention weighted by each layer's softmax mask scale α"
     )
     rows = [
-        ("hidden size / layers / heads", f"{config.hidden_size} / {config.num_hidden_layers} / {config.num_attention_heads}"),
+        (
+            "hidden size / layers / heads",
+            f"{config.hidden_size} / {config.num_hidden_layers} / {config.num_attention_heads}",
+        ),
         ("MLP size", config.intermediate_size),
         ("image size / patch size", f"{config.image_size} / {config.patch_size}"),
         ("angular normalisation", config.angular_normalization),

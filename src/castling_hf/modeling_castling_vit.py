@@ -1,6 +1,6 @@
 """Castling-ViT models: a pre-norm ViT whose attention is Castling attention (see `attention.py`).
 
-Two forms share these classes (DESIGN §2): the training form (`attention_mode="castling"`), whose layers carry
+Two forms share these classes (docs/design.md §2): the training form (`attention_mode="castling"`), whose layers carry
 the auxiliary softmax branch and its softmax mask scale α, and the inference form (`attention_mode="linear"`),
 which has no softmax branch at all. `switch_to_inference()` turns the first into the second in memory;
 `save_pretrained(..., inference=True)` and `push_to_hub(..., inference=True)` write the second from the first.
@@ -16,10 +16,14 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .attention import CastlingResidualConv, CastlingSoftmaxBranch, CastlingViTAttention
 from .configuration_castling_vit import CastlingViTConfig, _as_pair
+from .hub import push_inference_checkpoint
 
 
 def check_pixel_values(pixel_values: torch.Tensor | None, config: CastlingViTConfig) -> None:
@@ -29,14 +33,20 @@ def check_pixel_values(pixel_values: torch.Tensor | None, config: CastlingViTCon
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
     if pixel_values.dim() != 4:
-        hint = " For a single image, add the batch dimension: pixel_values.unsqueeze(0)." if pixel_values.dim() == 3 else ""
+        hint = (
+            " For a single image, add the batch dimension: pixel_values.unsqueeze(0)."
+            if pixel_values.dim() == 3
+            else ""
+        )
         raise ValueError(
             f"`pixel_values` must be a 4-D tensor (batch, channels, height, width), got shape "
             f"{tuple(pixel_values.shape)}.{hint}"
         )
     batch, channels, height, width = pixel_values.shape
     if batch == 0:
-        raise ValueError(f"`pixel_values` is an empty batch (shape {tuple(pixel_values.shape)}); expected at least one image.")
+        raise ValueError(
+            f"`pixel_values` is an empty batch (shape {tuple(pixel_values.shape)}); expected at least one image."
+        )
     if channels != config.num_channels:
         raise ValueError(
             f"`pixel_values` has {channels} channels, but the model expects {config.num_channels} "
@@ -150,23 +160,17 @@ class CastlingViTLayer(GradientCheckpointingLayer):
 
 
 class CastlingViTEncoder(nn.Module):
+    """The stack of Castling layers. Their outputs are recorded as `hidden_states` by `capture_outputs` (see
+    `CastlingViTPreTrainedModel._can_record_outputs`), after the embeddings' output."""
+
     def __init__(self, config: CastlingViTConfig):
         super().__init__()
         self.layers = nn.ModuleList([CastlingViTLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        num_prefix_tokens: int,
-        grid_size: tuple[int, int],
-        output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
+    def forward(self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
         for layer in self.layers:
             hidden_states = layer(hidden_states, num_prefix_tokens, grid_size)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-        return hidden_states, all_hidden_states
+        return hidden_states
 
 
 class CastlingViTPooler(nn.Module):
@@ -191,6 +195,8 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["CastlingViTEmbeddings", "CastlingViTLayer"]
+    # The linear path never forms an attention matrix, so there are no attentions to record.
+    _can_record_outputs = {"hidden_states": CastlingViTLayer}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -275,7 +281,7 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
         return copy.deepcopy(self).switch_to_inference(force=force)
 
     def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
-        """`PreTrainedModel.save_pretrained`; with `inference=True`, saves the inference form (see `switch_to_inference`).
+        """`PreTrainedModel.save_pretrained`; with `inference=True`, saves the inference form (`switch_to_inference`).
 
         Once `castling_hf` is imported, the folder also carries this file and the files it imports, and the config
         an `auto_map` for every Castling-ViT Auto class, so that any of them loads it with `trust_remote_code=True`.
@@ -286,11 +292,18 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **remote_auto_map()}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def push_to_hub(self, *args, inference: bool = False, force: bool = False, **kwargs):
-        """`PreTrainedModel.push_to_hub`; with `inference=True`, pushes the inference form (see `switch_to_inference`)."""
+    def push_to_hub(self, repo_id: str, *args, inference: bool = False, force: bool = False, **kwargs):
+        """`PreTrainedModel.push_to_hub`; with `inference=True`, pushes the inference form (see `switch_to_inference`)
+        in one commit through `hub.push_inference_checkpoint` (`commit_message`, `private` and `token` apply)."""
         if inference:
-            return self.inference_copy(force=force).push_to_hub(*args, **kwargs)
-        return super().push_to_hub(*args, **kwargs)
+            options = {name: kwargs.pop(name) for name in ("commit_message", "private", "token") if name in kwargs}
+            if args or kwargs:
+                raise TypeError(
+                    f"push_to_hub(inference=True) takes repo_id, commit_message, private, token and force; got "
+                    f"{len(args)} more positional and {sorted(kwargs)}."
+                )
+            return push_inference_checkpoint(self, repo_id, force=force, **options)
+        return super().push_to_hub(repo_id, *args, **kwargs)
 
 
 class CastlingViTModel(CastlingViTPreTrainedModel):
@@ -310,45 +323,24 @@ class CastlingViTModel(CastlingViTPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
 
-    @classmethod
-    def from_vit(cls, model_or_path, add_pooling_layer: bool | None = None, **config_overrides) -> "CastlingViTModel":
-        """A Castling-ViT encoder with a pretrained ViT's weights, whose first forward pass is the source's.
-
-        `model_or_path`: a `ViTModel` / `ViTForImageClassification`, or a directory or Hub name holding one.
-        `add_pooling_layer` defaults to whether the source has a pooler.
-        See `castling_hf.conversion.convert_vit` for what is mapped and how `config_overrides` apply.
-        """
-        from .conversion import convert_vit
-
-        return convert_vit(cls, model_or_path, add_pooling_layer=add_pooling_layer, **config_overrides)
-
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPooling | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        interpolate_pos_encoding (`bool`, *optional*):
+            Resize the position embeddings (bicubically) to an input size other than `config.image_size`.
+        """
         check_pixel_values(pixel_values, self.config)
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-
         embeddings, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
-        hidden_states, all_hidden_states = self.encoder(
-            embeddings,
-            num_prefix_tokens=self.embeddings.num_prefix_tokens,
-            grid_size=grid_size,
-            output_hidden_states=output_hidden_states,
-        )
+        hidden_states = self.encoder(embeddings, self.embeddings.num_prefix_tokens, grid_size)
         sequence_output = self.layernorm(hidden_states)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-
-        if not return_dict:
-            return tuple(x for x in (sequence_output, pooled_output, all_hidden_states) if x is not None)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=sequence_output, pooler_output=pooled_output, hidden_states=all_hidden_states
-        )
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
 
 
 class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
@@ -364,37 +356,23 @@ class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
-    @classmethod
-    def from_vit(cls, model_or_path, **config_overrides) -> "CastlingViTForImageClassification":
-        """A Castling-ViT classifier with a pretrained ViT's weights (and classifier), whose first logits are the source's.
-
-        `model_or_path`: a `ViTModel` / `ViTForImageClassification`, or a directory or Hub name holding one.
-        See `castling_hf.conversion.convert_vit` for what is mapped and how `config_overrides` apply.
-        """
-        from .conversion import convert_vit
-
-        return convert_vit(cls, model_or_path, **config_overrides)
-
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class ids for the loss (float targets for regression, multi-hot for multi-label; see `problem_type`).
+        """
         outputs = self.castling_vit(
-            pixel_values,
-            output_hidden_states=output_hidden_states,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            return_dict=True,
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0])
-        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-
-        if not return_dict:
-            return tuple(x for x in (loss, logits, outputs.hidden_states) if x is not None)
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -404,7 +382,7 @@ class CastlingViTMLPPredictionHead(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int = 3):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=False))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for index, layer in enumerate(self.layers):
@@ -416,10 +394,24 @@ class CastlingViTMLPPredictionHead(nn.Module):
 
 @dataclass
 class CastlingViTObjectDetectionOutput(ModelOutput):
-    """Output of `CastlingViTForObjectDetection`, with the fields of `YolosObjectDetectionOutput`.
+    r"""Output of `CastlingViTForObjectDetection`, with the fields of `YolosObjectDetectionOutput`.
 
-    logits: `(batch, num_detection_tokens, num_labels + 1)`, the last class being "no object".
-    pred_boxes: `(batch, num_detection_tokens, 4)`, (center_x, center_y, width, height) relative to the image.
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+        The set loss: classification, L1 box and generalised-IoU terms of the Hungarian-matched detections, weighted
+        as the config says, plus the auxiliary terms when `config.auxiliary_loss`.
+    loss_dict (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are given):
+        Each term of the loss on its own (`loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`, and the
+        auxiliary terms suffixed with the layer index).
+    logits (`torch.FloatTensor` of shape `(batch, num_detection_tokens, num_labels + 1)`):
+        Class scores of each detection token, the last class being "no object".
+    pred_boxes (`torch.FloatTensor` of shape `(batch, num_detection_tokens, 4)`):
+        Boxes as (center_x, center_y, width, height), relative to the image (0 to 1).
+    auxiliary_outputs (`list[dict]`, *optional*, returned when `labels` are given and `config.auxiliary_loss`):
+        `logits` and `pred_boxes` of every intermediate layer.
+    last_hidden_state (`torch.FloatTensor` of shape `(batch, tokens, hidden_size)`):
+        The encoder's final hidden states, after the last layer norm.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The embeddings' output and every layer's output, each `(batch, tokens, hidden_size)`.
     """
 
     loss: torch.Tensor | None = None
@@ -454,22 +446,23 @@ class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
         detection = hidden_states[..., 1 : 1 + self.config.num_detection_tokens, :]
         return self.class_labels_classifier(detection), self.bbox_predictor(detection).sigmoid()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: list[dict] | None = None,
         pixel_mask: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> CastlingViTObjectDetectionOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CastlingViTObjectDetectionOutput:
         """`pixel_mask` is accepted for the detection image processors and ignored: the model reads every pixel."""
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_hidden_states = kwargs.pop("output_hidden_states", None) or self.config.output_hidden_states
         auxiliary = labels is not None and self.config.auxiliary_loss
         outputs = self.castling_vit(
             pixel_values,
-            output_hidden_states=bool(output_hidden_states) or auxiliary,
             interpolate_pos_encoding=True,
+            output_hidden_states=bool(output_hidden_states) or auxiliary,
             return_dict=True,
+            **kwargs,
         )
         logits, pred_boxes = self._predict(outputs.last_hidden_state)
 
@@ -485,7 +478,7 @@ class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
                 logits, labels, self.device, pred_boxes, self.config, outputs_class, outputs_coord
             )
 
-        output = CastlingViTObjectDetectionOutput(
+        return CastlingViTObjectDetectionOutput(
             loss=loss,
             loss_dict=loss_dict,
             logits=logits,
@@ -494,7 +487,6 @@ class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
         )
-        return output if return_dict else output.to_tuple()
 
 
 def check_detection_labels(labels: list[dict], batch_size: int, num_labels: int) -> None:

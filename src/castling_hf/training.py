@@ -1,11 +1,10 @@
-"""The mask decay (DESIGN §4): α, the weight of the auxiliary softmax branch, goes from 1 to 0 during training.
+"""The mask decay (docs/design.md §4): α, the weight of the auxiliary softmax branch, goes from 1 to 0 during training.
 
 `softmax_mask_scale(step, total_steps, ...)` is the schedule as a plain function, for custom loops;
 `CastlingMaskDecayCallback` applies it on every step of a `transformers.Trainer` run.
 """
 
 import math
-import os
 from numbers import Integral, Real
 
 from accelerate.utils import extract_model_from_parallel
@@ -66,9 +65,7 @@ def decay_window(total_steps: int | None, start=0.0, end=0.75) -> tuple[float, f
     return start_step, end_step
 
 
-def softmax_mask_scale(
-    step: int, total_steps: int | None, start=0.0, end=0.75, schedule: str = "cosine"
-) -> float:
+def softmax_mask_scale(step: int, total_steps: int | None, start=0.0, end=0.75, schedule: str = "cosine") -> float:
     """α at `step`: 1 until `start`, then down to 0 along `schedule` ("linear" or "cosine"), exactly 0 from `end` on.
 
     `start` and `end` are fractions of `total_steps` (floats) or step numbers (ints).
@@ -133,52 +130,9 @@ class CastlingMaskDecayCallback(TrainerCallback):
             state.log_history[-1].update(added)
 
 
-def model_from_size_or_checkpoint(name_or_path: str, labels: list[str], model_class, auto_class, **overrides):
-    """A new `model_class` of a named size (`CASTLING_VIT_SIZES`) with `overrides`, or a checkpoint (path or Hub
-    name) loaded with `auto_class`; either way with `labels` as its id2label, the head resized to fit."""
-    from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
-
-    id2label = dict(enumerate(labels))
-    label2id = {label: i for i, label in id2label.items()}
-    if name_or_path in CASTLING_VIT_SIZES:
-        config = CastlingViTConfig.from_size(name_or_path, id2label=id2label, label2id=label2id, **overrides)
-        return model_class(config)
-    return auto_class.from_pretrained(name_or_path, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
-
-
-def evaluate_switch_and_save(
-    trainer, image_processor, push_to_hub: bool = False, repo_id: str | None = None, dataset_name: str = "digits"
-) -> dict:
-    """The end of a castling run with a `Trainer`: evaluate in the training form, switch the model in memory,
-    evaluate again, and write the inference checkpoint with its image processor and its model card (results of the
-    second evaluation on `dataset_name`) to `<output_dir>/inference` (and to the Hub with `push_to_hub`).
-    Returns both evaluations (`"castling"`, `"linear"`) and `"inference_dir"`."""
-    from .hub import upload_checkpoint_folder, write_inference_checkpoint
-    from .model_card import training_run_card
-
-    results = {"castling": trainer.evaluate(metric_key_prefix="eval_castling")}
-    trainer.model.switch_to_inference()
-    results["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
-    for form in ("castling", "linear"):
-        trainer.log_metrics(f"eval_{form}", results[form])
-    trainer.save_metrics("eval", {**results["castling"], **results["linear"]})
-
-    name = repo_id or os.path.basename(os.path.abspath(trainer.args.output_dir))
-    card = training_run_card(trainer.model, name, results["linear"], "eval_linear_", dataset_name)
-    inference_dir = os.path.join(trainer.args.output_dir, "inference")
-    if trainer.is_world_process_zero():
-        write_inference_checkpoint(trainer.model, inference_dir, image_processor, card)
-        if push_to_hub:
-            upload_checkpoint_folder(inference_dir, name, token=trainer.args.hub_token)
-    results["inference_dir"] = inference_dir
-    return results
-
-
 __all__ = [
     "CastlingMaskDecayCallback",
     "DECAY_SCHEDULES",
     "decay_window",
-    "evaluate_switch_and_save",
-    "model_from_size_or_checkpoint",
     "softmax_mask_scale",
 ]

@@ -1,0 +1,119 @@
+"""What the Trainer examples share: building the model, and the end of a castling run (evaluate, switch, save).
+
+Not part of the package: the scripts put this folder on `sys.path` and import it, as they would a helper of their own.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTConfig
+from castling_hf.hub import push_inference_checkpoint, write_inference_checkpoint
+from castling_hf.model_card import training_run_card
+
+
+@dataclass
+class CastlingModelArguments:
+    """The model arguments every Trainer example takes; an example adds its own in a subclass."""
+
+    model_name_or_path: str = field(
+        default="nano",
+        metadata={
+            "help": f"A size name {sorted(CASTLING_VIT_SIZES)} for a new model, or a checkpoint (path or Hub name)."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "JSON object of config fields for a new model, e.g. '{\"softmax_mask_threshold\": null}'."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Load a checkpoint whose heads have another number of labels (the heads start fresh)."},
+    )
+    mask_decay_start: float = field(default=0.0, metadata={"help": "Where α starts to fall: fraction of the run."})
+    mask_decay_end: float = field(default=0.75, metadata={"help": "Where α reaches 0: fraction of the run."})
+    mask_decay_schedule: str = field(default="cosine", metadata={"help": "'cosine' or 'linear'."})
+
+
+def mask_decay_callbacks(model, model_args: CastlingModelArguments) -> list:
+    """The mask-decay callback for a model in the training form; none for one already in the inference form."""
+    if model.config.attention_mode != "castling":
+        logging.getLogger(__name__).warning(
+            "The model is in the inference form already: there is no mask decay to run."
+        )
+        return []
+    args = model_args
+    return [CastlingMaskDecayCallback(args.mask_decay_start, args.mask_decay_end, args.mask_decay_schedule)]
+
+
+def model_from_size_or_checkpoint(model_args, labels: list[str], model_class, auto_class):
+    """A new `model_class` of a named size (`CASTLING_VIT_SIZES`) with `model_args.config_overrides` (a JSON object
+    of config fields), or the checkpoint `model_args.model_name_or_path` (path or Hub name) loaded with `auto_class`;
+    either way with `labels` as its id2label.
+
+    A checkpoint whose head has another number of labels loads only with `model_args.ignore_mismatched_sizes` (the
+    head then starts fresh), as in `transformers`' examples; config overrides apply to new models only.
+    """
+    name_or_path, overrides = model_args.model_name_or_path, model_args.config_overrides
+    id2label = dict(enumerate(labels))
+    label2id = {label: i for i, label in id2label.items()}
+    if name_or_path in CASTLING_VIT_SIZES:
+        fields = json.loads(overrides) if overrides else {}
+        return model_class(CastlingViTConfig.from_size(name_or_path, id2label=id2label, label2id=label2id, **fields))
+    if overrides:
+        raise ValueError(
+            f"--config_overrides applies to a new model (a size name: {sorted(CASTLING_VIT_SIZES)}), but "
+            f"--model_name_or_path {name_or_path!r} is a checkpoint, whose config is its own. Drop the overrides, or "
+            "edit the checkpoint's config.json."
+        )
+    return auto_class.from_pretrained(
+        name_or_path, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
+    )
+
+
+def run_castling(trainer, image_processor, dataset_name: str) -> dict:
+    """A castling run with a `Trainer`, as its arguments ask:
+
+    - with `do_train`, train (resuming from `resume_from_checkpoint` if given), save the model in its training form
+      and record the training metrics and state, as `transformers`' examples do;
+    - with `do_eval`, evaluate the model as it is (`eval_castling_*`, or `eval_linear_*` for a linear model);
+    - once α is 0 everywhere, switch it to the inference form in memory, and with `do_eval` evaluate it again
+      (`eval_linear_*`: equal to the castling numbers);
+    - with `do_train`, write the inference checkpoint with its image processor and a model card (the linear results on
+      `dataset_name`) to `<output_dir>/inference`, and with `push_to_hub` push that same checkpoint.
+
+    Returns the training metrics ("train"), the evaluations by form ("castling", "linear") and "inference_dir" when
+    one was written.
+    """
+    args, model, results = trainer.args, trainer.model, {}
+    if args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results["train"] = train_result.metrics
+    evaluations = {}
+    if args.do_eval and model.config.attention_mode == "castling":
+        evaluations["castling"] = trainer.evaluate(metric_key_prefix="eval_castling")
+    if not any(model.softmax_mask_scales().values()):  # else the decay has not ended: the branch still counts
+        model.switch_to_inference()
+        if args.do_eval:
+            evaluations["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
+    for form, metrics in evaluations.items():
+        trainer.log_metrics(f"eval_{form}", metrics)
+    if evaluations:
+        trainer.save_metrics("eval", {key: value for metrics in evaluations.values() for key, value in metrics.items()})
+    results.update(evaluations)
+    if not args.do_train or model.config.attention_mode != "linear":
+        return results
+
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    card = training_run_card(model, name, results.get("linear", {}), "eval_linear_", dataset_name)
+    results["inference_dir"] = os.path.join(args.output_dir, "inference")
+    if trainer.is_world_process_zero():
+        write_inference_checkpoint(model, results["inference_dir"], image_processor, card)
+        if args.push_to_hub:
+            push_inference_checkpoint(model, name, image_processor, card, token=args.hub_token)
+    return results
