@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run
 
-.PHONY: install test lint demo bench bench-accuracy
+.PHONY: install test lint demo bench bench-accuracy bench-detection
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -27,3 +27,7 @@ bench: install
 bench-accuracy: install
 	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/accuracy.py $(BENCH_ARGS)
+
+bench-detection: install
+	$(PIP) install --quiet -e ".[dev,bench]"
+	$(PYTHON) benchmarks/detection.py $(BENCH_ARGS)

@@ -30,6 +30,7 @@ setup(
             "ruff>=0.6",
             "scikit-image>=0.22",
             "scikit-learn>=1.3",
+            "matplotlib>=3.7",  # the examples' training plots
             "onnx>=1.16",
             "onnxscript",
             "onnxruntime>=1.18",

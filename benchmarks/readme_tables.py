@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the benchmark tables into README.md from the benchmark JSON, so that no number in them is typed by hand.
 
-    python benchmarks/readme_tables.py           # after `make bench` / `make bench-accuracy`
+    python benchmarks/readme_tables.py    # after `make bench`, `make bench-accuracy`, `make bench-detection`
 
 Each table sits between `<!-- table: NAME -->` and `<!-- end table: NAME -->`; `tests/test_benchmarks.py` checks that
 README.md holds exactly what this script would write.
@@ -35,6 +35,9 @@ def tables() -> dict[str, str]:
         rendered["accuracy"] = accuracy.markdown_table(study["summary"])
         rendered["accuracy-targets"] = accuracy.targets_table(study["summary"])
         rendered["accuracy-choices"] = accuracy.choices_table(study["choices"])
+    if (RESULTS / "detection.json").exists():
+        detection = json.loads((RESULTS / "detection.json").read_text())
+        rendered["detection"] = _benchmark("detection").markdown_table(detection)
     return rendered
 
 

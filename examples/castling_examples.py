@@ -72,11 +72,44 @@ def model_from_size_or_checkpoint(model_args, labels: list[str], model_class, au
     )
 
 
+def plot_training_history(log_history: list[dict], path: str) -> None:
+    """The training loss, and every evaluation metric logged during training (e.g. `eval_map`, `eval_accuracy`),
+    against the step: a PNG at `path`, from the Trainer's `state.log_history`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    metrics = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith("eval_") and not key.endswith(("_loss", "_runtime", "_per_second")) and key != "epoch":
+                metrics.setdefault(key, []).append((entry["step"], value))
+    # COCOeval reports -1 for what is undefined on this data (e.g. no large objects): nothing to plot.
+    metrics = {key: points for key, points in metrics.items() if min(value for _, value in points) >= 0}
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if losses:
+        loss_axis.plot(*zip(*losses, strict=True), color="tab:blue")
+    loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
+    for key, points in metrics.items():
+        metric_axis.plot(*zip(*points, strict=True), marker="o", label=key)
+    metric_axis.set(xlabel="step", title="evaluations during training")
+    if metrics:
+        metric_axis.legend(fontsize=8)
+    for axis in (loss_axis, metric_axis):
+        axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def run_castling(trainer, image_processor, dataset_name: str) -> dict:
     """A castling run with a `Trainer`, as its arguments ask:
 
     - with `do_train`, train (resuming from `resume_from_checkpoint` if given), save the model in its training form
-      and record the training metrics and state, as `transformers`' examples do;
+      and record the training metrics and state, as `transformers`' examples do, and plot the loss and the
+      evaluations during training (`training_history.png`);
     - with `do_eval`, evaluate the model as it is (`eval_castling_*`, or `eval_linear_*` for a linear model);
     - once α is 0 everywhere, switch it to the inference form in memory, and with `do_eval` evaluate it again
       (`eval_linear_*`: equal to the castling numbers);
@@ -93,6 +126,8 @@ def run_castling(trainer, image_processor, dataset_name: str) -> dict:
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
+        if trainer.is_world_process_zero():
+            plot_training_history(trainer.state.log_history, os.path.join(args.output_dir, "training_history.png"))
         results["train"] = train_result.metrics
     evaluations = {}
     if args.do_eval and model.config.attention_mode == "castling":

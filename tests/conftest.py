@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,3 +17,37 @@ def make_config():
         return CastlingViTConfig.from_size("nano", **{"num_hidden_layers": 2, "num_labels": 3, **overrides})
 
     return make
+
+
+# Prepended to a script run by `run_without_castling_hf`: after it, any `import castling_hf` raises ImportError.
+BLOCK_CASTLING_HF = """
+import sys
+sys.modules["castling_hf"] = None
+try:
+    import castling_hf  # noqa: F401
+    raise SystemExit("castling_hf is importable; the test would prove nothing")
+except ImportError:
+    pass
+"""
+
+
+def run_without_castling_hf(script: str, args: list[str], work_dir) -> str:
+    """Run `script` in a new Python where `castling_hf` cannot be imported, offline, with this process's thread count
+    (so that equal results mean bit-equal); returns its last line of output."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(work_dir / "modules"),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    finished = subprocess.run(
+        [sys.executable, "-c", BLOCK_CASTLING_HF + script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work_dir,
+        timeout=300,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr[-3000:]
+    return finished.stdout.strip().splitlines()[-1]

@@ -16,7 +16,19 @@ def load_readme_tables():
 def test_readme_tables_are_rendered_from_the_benchmark_json():
     readme_tables = load_readme_tables()
     tables = readme_tables.tables()
-    assert set(tables) == {"speed", "speed-base", "accuracy", "accuracy-targets", "accuracy-choices"}
+    assert set(tables) == {"speed", "speed-base", "accuracy", "accuracy-targets", "accuracy-choices", "detection"}
     readme = (ROOT / "README.md").read_text()
     for name, table in tables.items():
         assert readme_tables.readme_table(readme, name) == table, f"README's {name} table is stale or edited by hand"
+
+
+def test_detection_benchmark_smoke_run_writes_its_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("detection", ROOT / "benchmarks" / "detection.py")
+    detection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(detection)
+    results = detection.main(["--quick", "--output_dir", str(tmp_path), "--run_dir", str(tmp_path / "run")])
+    training = results["training"]
+    assert training["castling"]["eval_castling_map"] == training["linear"]["eval_linear_map"]
+    assert [entry["resolution"] for entry in results["latency"]] == [64, 128]
+    assert (tmp_path / "detection.png").stat().st_size > 0
+    assert detection.markdown_table(results) in (tmp_path / "detection.md").read_text()

@@ -1,15 +1,19 @@
-"""CastlingViTForObjectDetection: set loss, overfitting, the switch, the pipeline, bad labels."""
+"""CastlingViTForObjectDetection: the dense head, set loss, fitting a batch, the switch, the pipeline, bad labels."""
+
+import json
 
 import numpy as np
 import pytest
 import skimage.data
 import torch
+from conftest import run_without_castling_hf
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
-from transformers import AutoModelForObjectDetection, YolosImageProcessorPil, pipeline
+from transformers import AutoModelForObjectDetection, DeformableDetrImageProcessorPil, pipeline
 
 from castling_hf import CastlingViTForObjectDetection, CastlingViTObjectDetectionOutput
 from castling_hf.data import SHAPE_CLASSES, shapes
+from castling_hf.modeling_castling_vit import cell_boxes
 
 LABELS = dict(enumerate(SHAPE_CLASSES))
 
@@ -20,7 +24,6 @@ def make_detector(make_config):
         config = make_config(
             id2label=LABELS,
             label2id={v: k for k, v in LABELS.items()},
-            num_detection_tokens=8,
             image_size=64,
             **overrides,
         )
@@ -30,7 +33,7 @@ def make_detector(make_config):
 
 
 def processor():
-    return YolosImageProcessorPil(size={"height": 64, "width": 64})
+    return DeformableDetrImageProcessorPil(size={"height": 64, "width": 64})
 
 
 def encoded_batch(records):
@@ -59,23 +62,43 @@ def box_iou(a, b):
     return inter / ((ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter)
 
 
-def test_outputs_follow_the_yolos_layout(make_detector):
+def test_outputs_follow_the_deformable_detr_layout_one_detection_per_cell(make_detector):
     model = make_detector().eval()
     with torch.no_grad():
         output = model(torch.randn(2, 3, 64, 64))
+        wide = model(torch.randn(1, 3, 32, 64))  # any size the patches tile: an 8×16 grid
     assert isinstance(output, CastlingViTObjectDetectionOutput)
-    assert output.logits.shape == (2, 8, 4) and output.pred_boxes.shape == (2, 8, 4)
+    assert output.logits.shape == (2, 16 * 16, 3) and output.pred_boxes.shape == (2, 16 * 16, 4)
     assert 0 <= output.pred_boxes.min() and output.pred_boxes.max() <= 1
-    assert output.last_hidden_state.shape == (2, 1 + 8 + 16 * 16, 64)
+    assert output.last_hidden_state.shape == (2, 1 + 16 * 16, 64)
+    assert wide.logits.shape == (1, 8 * 16, 3)
+    # Every cell starts at the prior score, so the many empty cells do not swamp the focal loss.
+    torch.testing.assert_close(output.logits.sigmoid().mean(), torch.tensor(0.01), atol=5e-3, rtol=0)
 
 
-def test_set_loss_falls_and_a_small_batch_is_overfit(make_detector):
+def test_cell_boxes_decode_distances_from_each_cells_centre():
+    distances = torch.zeros(1, 4, 2, 4)
+    distances[0, :, 1, 2] = torch.tensor([1.0, 0.5, 0.5, 0.25])  # row 1, column 2: centre (2.5/4, 1.5/2)
+    distances[0, :, 0, 0] = torch.tensor([3.0, 3.0, 0.5, 0.5])  # reaches past the top-left corner: clipped
+    boxes = cell_boxes(distances)
+    assert boxes.shape == (1, 8, 4)
+    x0, x1, y0, y1 = (2.5 - 1.0) / 4, (2.5 + 0.5) / 4, (1.5 - 0.5) / 2, (1.5 + 0.25) / 2
+    torch.testing.assert_close(boxes[0, 1 * 4 + 2], torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]))
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.5 / 4, 0.5 / 2, 1.0 / 4, 1.0 / 2]))
+    torch.testing.assert_close(boxes[0, 3, 2:], torch.zeros(2))  # zero distances: an empty box at the centre
+
+    distances.requires_grad_(True)
+    cell_boxes(distances)[0, 0, 2].backward()  # the clipped box's width
+    assert distances.grad[0, 0, 0, 0] == 1 / 4  # the overshooting left edge still learns: clipped in value only
+
+
+def test_set_loss_falls_and_a_small_batch_is_fit(make_detector):
     records = [r for r in shapes(num_images=12, seed=1)["train"] if r["objects"]["bbox"]][:2]
     pixel_values, labels = encoded_batch(records)
-    model = make_detector(softmax_mask_threshold=None).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = make_detector().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(300):
+    for _ in range(120):
         output = model(pixel_values, labels=labels)
         losses.append(output.loss.item())
         output.loss.backward()
@@ -87,11 +110,16 @@ def test_set_loss_falls_and_a_small_batch_is_overfit(make_detector):
     model.eval()
     with torch.no_grad():
         output = model(pixel_values)
-    for predicted, target in zip(output.pred_boxes, labels, strict=True):
-        # Match each target to one detection token, as the set loss does, and require a tight box.
-        cost = -np.array([[box_iou(p.tolist(), t.tolist()) for t in target["boxes"]] for p in predicted])
-        rows, columns = linear_sum_assignment(cost)
-        assert all(-cost[r, c] > 0.5 for r, c in zip(rows, columns, strict=True)), -cost[rows, columns]
+    for logits, boxes, target in zip(output.logits, output.pred_boxes, labels, strict=True):
+        # One detection per object, no duplicates (what a head without NMS has to learn): the cells scoring above
+        # 0.5 pair one-to-one with the objects, each with its class and a tight box.
+        score, label = logits.sigmoid().max(-1)
+        detected = (score > 0.5).nonzero().flatten()
+        assert len(detected) == len(target["boxes"])
+        iou = torch.tensor([[box_iou(boxes[d].tolist(), box.tolist()) for box in target["boxes"]] for d in detected])
+        same_class = label[detected, None] == target["class_labels"][None, :]
+        rows, columns = linear_sum_assignment(-(iou * same_class).numpy())
+        assert all(iou[r, c] > 0.5 and same_class[r, c] for r, c in zip(rows, columns, strict=True)), iou
 
 
 def test_auxiliary_loss_adds_a_term_per_intermediate_layer(make_detector):
@@ -100,6 +128,7 @@ def test_auxiliary_loss_adds_a_term_per_intermediate_layer(make_detector):
     output = make_detector(auxiliary_loss=True)(pixel_values, labels=labels)
     assert {"loss_ce_0", "loss_bbox_0", "loss_giou_0"} <= set(output.loss_dict)  # 2 layers: one intermediate
     assert len(output.auxiliary_outputs) == 1
+    assert output.auxiliary_outputs[0]["logits"].shape == output.logits.shape
 
 
 @pytest.mark.parametrize(
@@ -129,7 +158,7 @@ def detection_checkpoint(make_detector, tmp_path):
 
 
 @pytest.mark.parametrize("image", ["coffee", "shapes"])  # a 600×400 photo; a generated 96×96 image
-def test_pipeline_returns_boxes_in_input_pixels(detection_checkpoint, image):
+def test_pipeline_returns_the_top_scoring_cells_boxes_in_input_pixels(detection_checkpoint, image):
     picture = (
         Image.fromarray(skimage.data.coffee())
         if image == "coffee"
@@ -137,14 +166,46 @@ def test_pipeline_returns_boxes_in_input_pixels(detection_checkpoint, image):
     )
     detector = pipeline("object-detection", model=str(detection_checkpoint))
     found = detector(picture, threshold=0.0)
-    assert len(found) == 8 and {d["label"] for d in found} <= set(SHAPE_CLASSES)
+    width, height = picture.size
+    scores = [d["score"] for d in found]
+    assert len(found) == 100 and scores == sorted(scores, reverse=True) and 0 <= min(scores) <= max(scores) <= 1
+    assert {d["label"] for d in found} <= set(SHAPE_CLASSES)
+    assert all(0 <= d["box"]["xmin"] <= d["box"]["xmax"] <= width for d in found)
+    assert all(0 <= d["box"]["ymin"] <= d["box"]["ymax"] <= height for d in found)
 
+    # The same detections from the model's own outputs: the 100 best (cell, class) scores, each cell's box.
     model = AutoModelForObjectDetection.from_pretrained(detection_checkpoint).eval()
     assert model.config.attention_mode == "linear"
     with torch.no_grad():
-        boxes = model(**processor()(images=picture.convert("RGB"), return_tensors="pt")).pred_boxes[0]
-    width, height = picture.size
-    # The pipeline truncates to whole pixels.
-    expected = sorted((int((cx - w / 2) * width), int((cy - h / 2) * height)) for cx, cy, w, h in boxes.tolist())
-    got = sorted((d["box"]["xmin"], d["box"]["ymin"]) for d in found)
+        output = model(**processor()(images=picture.convert("RGB"), return_tensors="pt"))
+    best = output.logits[0].sigmoid().flatten().topk(100)
+    cells, classes = best.indices // len(LABELS), best.indices % len(LABELS)
+    assert [d["label"] for d in found] == [LABELS[int(c)] for c in classes]
+    np.testing.assert_allclose(scores, best.values.tolist(), atol=1e-4)
+    expected = [(int((x - bw / 2) * width), int((y - bh / 2) * height)) for x, y, bw, bh in output.pred_boxes[0, cells]]
+    got = [(d["box"]["xmin"], d["box"]["ymin"]) for d in found]  # the pipeline truncates to whole pixels
     assert np.allclose(got, expected, atol=1)
+
+
+REMOTE_PIPELINE = """
+import json
+import skimage.data
+from PIL import Image
+from transformers import pipeline
+
+detector = pipeline("object-detection", model=sys.argv[1], trust_remote_code=True)
+assert not type(detector.model).__module__.startswith("castling_hf"), type(detector.model).__module__
+print(json.dumps(detector(Image.fromarray(skimage.data.coffee()), threshold=0.0)))
+"""
+
+
+def test_pipeline_with_remote_code_where_castling_hf_is_not_installed(detection_checkpoint, tmp_path_factory):
+    found = json.loads(
+        run_without_castling_hf(REMOTE_PIPELINE, [detection_checkpoint], tmp_path_factory.mktemp("remote"))
+    )
+    expected = pipeline("object-detection", model=str(detection_checkpoint))(
+        Image.fromarray(skimage.data.coffee()), threshold=0.0
+    )
+    assert [d["label"] for d in found] == [d["label"] for d in expected]
+    assert [d["box"] for d in found] == [d["box"] for d in expected]
+    np.testing.assert_allclose([d["score"] for d in found], [d["score"] for d in expected], atol=1e-6)

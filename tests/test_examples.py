@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from datasets import Features, List, Value, load_dataset
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
+
+from castling_hf.data import shapes
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "image-classification"
 DETECTION = Path(__file__).parents[1] / "examples" / "object-detection" / "run_object_detection.py"
@@ -84,7 +87,9 @@ def test_trainer_example_refuses_config_overrides_for_a_checkpoint_and_mismatche
     config = json.loads((checkpoint / "config.json").read_text())  # the same checkpoint with a 3-way head
     config["id2label"], config["label2id"] = {str(i): str(i) for i in range(3)}, {str(i): i for i in range(3)}
     (checkpoint / "config.json").write_text(json.dumps(config))
-    AutoModelForImageClassification.from_pretrained(checkpoint, ignore_mismatched_sizes=True).save_pretrained(checkpoint)
+    AutoModelForImageClassification.from_pretrained(checkpoint, ignore_mismatched_sizes=True).save_pretrained(
+        checkpoint
+    )
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         example.main(f"--model_name_or_path {checkpoint} {common}".split())
     results = example.main(f"--model_name_or_path {checkpoint} {common} --ignore_mismatched_sizes true".split())
@@ -130,8 +135,8 @@ def test_object_detection_example_reports_coco_map_before_and_after_the_switch(t
         [
             *f"--output_dir {tmp_path} --do_train --do_eval --num_generated_images 60 --max_steps 4".split(),
             *"--per_device_train_batch_size 8 --per_device_eval_batch_size 6".split(),
-            *"--save_strategy no --report_to none".split(),
-            *["--disable_tqdm", "true", "--config_overrides", '{"num_detection_tokens": 8, "num_hidden_layers": 2}'],
+            *"--eval_strategy steps --eval_steps 2 --save_strategy no --report_to none".split(),
+            *["--disable_tqdm", "true", "--config_overrides", '{"num_hidden_layers": 2}'],
         ]
     )
     castling, linear = results["castling"], results["linear"]
@@ -139,9 +144,37 @@ def test_object_detection_example_reports_coco_map_before_and_after_the_switch(t
     assert castling["eval_castling_map"] == linear["eval_linear_map"]
     assert castling["eval_castling_map_50"] == linear["eval_linear_map_50"]
     assert 0.0 <= linear["eval_linear_map_50"] <= 1.0
+    assert json.loads((tmp_path / "eval_results.json").read_text())["eval_linear_map"] == linear["eval_linear_map"]
+    assert (tmp_path / "training_history.png").stat().st_size > 0
     inference = tmp_path / "inference"
     assert json.loads((inference / "config.json").read_text())["attention_mode"] == "linear"
-    assert "Yolos" in json.loads((inference / "preprocessor_config.json").read_text())["image_processor_type"]
+    assert "DeformableDetr" in json.loads((inference / "preprocessor_config.json").read_text())["image_processor_type"]
+
+
+def test_object_detection_example_trains_on_a_local_folder_in_the_detection_layout(tmp_path):
+    folder = tmp_path / "my_shapes"
+    folder.mkdir()
+    for split, data in shapes(num_images=30, seed=3).items():
+        data.to_parquet(folder / f"{split}.parquet")
+    example = load_module(DETECTION)
+    common = f"--output_dir {tmp_path / 'out'} --do_eval --report_to none --disable_tqdm true"
+    results = example.main(
+        [
+            *f"--dataset_name {folder} {common} --do_train --max_steps 1".split(),
+            "--config_overrides",
+            '{"num_hidden_layers": 1}',
+        ]
+    )
+    assert results["linear"]["eval_linear_map"] >= 0.0
+
+    for split in ("train", "test"):  # categories as plain integers: no label names to give the model
+        data = load_dataset("parquet", data_files=str(folder / f"{split}.parquet"), split="train")
+        plain = data.cast(
+            Features({**data.features, "objects": {**data.features["objects"], "category": List(Value("int64"))}})
+        )
+        plain.to_parquet(folder / f"{split}.parquet")
+    with pytest.raises(ValueError, match="category a list of ClassLabel"):
+        example.main(f"--dataset_name {folder} {common}".split())
 
 
 def test_castle_pretrained_vit_converts_a_directory_with_its_image_processor(tmp_path):

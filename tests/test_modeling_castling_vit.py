@@ -32,8 +32,6 @@ def saved_tensor_names(directory):
 
 
 def build(model_class, make_config, **overrides):
-    if model_class is CastlingViTForObjectDetection:
-        overrides.setdefault("num_detection_tokens", 3)
     return model_class(make_config(**overrides)).eval()
 
 

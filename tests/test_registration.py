@@ -1,10 +1,9 @@
 import os
-import subprocess
-import sys
 
 import pytest
 import skimage.data
 import torch
+from conftest import run_without_castling_hf
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -58,18 +57,11 @@ def test_pipeline_labels_a_real_photo(inference_checkpoint, photo):
     assert predictions[0]["label"] == LABELS[int(logits.argmax())]
 
 
-# Runs where `castling_hf` cannot be imported: only the checkpoint's own code can build the model.
+# Only the checkpoint's own code can build the model here.
 REMOTE_LOAD = """
-import sys
-sys.modules["castling_hf"] = None  # any `import castling_hf` now raises ImportError
 import torch
 import transformers
 
-try:
-    import castling_hf  # noqa: F401
-    raise SystemExit("castling_hf is importable; the test would prove nothing")
-except ImportError:
-    pass
 directory, auto_class, expected_file = sys.argv[1:4]
 model = getattr(transformers, auto_class).from_pretrained(directory, trust_remote_code=True).eval()
 assert not type(model).__module__.startswith("castling_hf"), type(model).__module__
@@ -83,24 +75,7 @@ print(type(model).__name__, model.config.attention_mode, torch.equal(got, expect
 
 def load_without_castling_hf(directory, auto_class: str, inputs, expected, work_dir) -> str:
     torch.save((inputs, expected), work_dir / "expected.pt")
-    # The same thread count as this process, so that the two runs reduce in the same order: equal means bit-equal.
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(work_dir / "modules"),
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-    }
-    finished = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(directory), auto_class, str(work_dir / "expected.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=work_dir,
-        timeout=300,
-        check=False,
-    )
-    assert finished.returncode == 0, finished.stdout + finished.stderr[-3000:]
-    return finished.stdout.strip().splitlines()[-1]
+    return run_without_castling_hf(REMOTE_LOAD, [directory, auto_class, work_dir / "expected.pt"], work_dir)
 
 
 def test_checkpoints_load_with_remote_code_where_castling_hf_is_not_installed(
@@ -128,7 +103,7 @@ def test_checkpoints_load_with_remote_code_where_castling_hf_is_not_installed(
     result = load_without_castling_hf(inference_checkpoint, "AutoModel", inputs, hidden, tmp_path)
     assert result == "CastlingViTModel linear True"
 
-    detector = CastlingViTForObjectDetection(make_config(num_detection_tokens=5)).eval()
+    detector = CastlingViTForObjectDetection(make_config()).eval()
     detector.save_pretrained(tmp_path / "detector")
     with torch.no_grad():
         detection_logits = detector(pixel_values=inputs).logits

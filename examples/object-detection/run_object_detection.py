@@ -5,12 +5,15 @@ after the switch to linear-angular attention, and save the inference checkpoint 
 In the manner of `transformers`' examples/pytorch/object-detection/run_object_detection.py:
 
     python examples/object-detection/run_object_detection.py --do_train --do_eval --output_dir outputs/shapes
-    python examples/object-detection/run_object_detection.py --dataset_name <a Hub detection data set> ...
+    python examples/object-detection/run_object_detection.py --dataset_name <Hub name or local folder> ...
 
-Without `--dataset_name` the generated shapes (`castling_hf.data.shapes`) are used, so it runs offline. Annotations
-go through `clean_coco_boxes` (boxes clipped to the image, degenerate ones dropped, unknown categories refused) and
-then through YOLOS's image processor, which turns COCO boxes into the model's normalised targets; mAP comes from
-pycocotools' COCOeval (`castling_hf.metrics.CocoDetectionMAP`).
+Without `--dataset_name` the generated shapes (`castling_hf.data.shapes`) are used, so it runs offline. A data set
+(a Hub name, or a local folder `datasets.load_dataset` reads, e.g. `train.parquet` + `test.parquet`) needs the
+layout of `transformers`' detection examples: `image_id`, `image`, and `objects` with COCO `bbox` (x, y, w, h in
+pixels) and `category` (a `ClassLabel`, whose names become the model's labels). Annotations go through
+`clean_coco_boxes` (boxes clipped to the image, degenerate ones dropped, unknown categories refused) and then through
+Deformable DETR's image processor, which turns COCO boxes into the model's normalised targets and post-processes
+its outputs; mAP comes from pycocotools' COCOeval (`castling_hf.metrics.CocoDetectionMAP`).
 """
 
 import logging
@@ -20,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import DatasetDict, load_dataset
+from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import (
     AutoImageProcessor,
     AutoModelForObjectDetection,
+    DeformableDetrImageProcessorPil,
     HfArgumentParser,
     Trainer,
     TrainingArguments,
-    YolosImageProcessorPil,
     set_seed,
 )
 
@@ -51,8 +54,10 @@ class ModelArguments(CastlingModelArguments):
 
 @dataclass
 class DataTrainingArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set; default: generated shapes."})
-    num_generated_images: int = field(default=600, metadata={"help": "Size of the generated shapes set."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub data set or a local folder; default: generated shapes."}
+    )
+    num_generated_images: int = field(default=3000, metadata={"help": "Size of the generated shapes set."})
     eval_split_fraction: float = field(default=0.2)
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
@@ -64,6 +69,8 @@ def load_detection_dataset(data_args: DataTrainingArguments, image_size: int, se
         dataset = shapes(num_images=data_args.num_generated_images, image_size=image_size, seed=seed)
     else:
         dataset = load_dataset(data_args.dataset_name)
+        if "train" not in dataset:
+            raise ValueError(f"{data_args.dataset_name!r} has splits {sorted(dataset)}; a 'train' split is needed.")
     if "test" not in dataset:
         held_out = "validation" if "validation" in dataset else None
         dataset = (
@@ -77,12 +84,26 @@ def load_detection_dataset(data_args: DataTrainingArguments, image_size: int, se
     return dataset
 
 
+def category_names(split, dataset_name: str | None) -> list[str]:
+    """The names of the `objects.category` ClassLabel: the model's labels."""
+    objects = split.features.get("objects")
+    category = objects.get("category") if isinstance(objects, dict) else None
+    feature = getattr(category, "feature", None)
+    if not isinstance(feature, ClassLabel):
+        raise ValueError(
+            f"{dataset_name!r} needs an `objects` column with `bbox` and `category`, the category a list of "
+            f"ClassLabel (whose names become the model's labels); got features {split.features}."
+        )
+    return feature.names
+
+
 def load_model_and_processor(model_args: ModelArguments, labels: list[str]):
     model = model_from_size_or_checkpoint(
         model_args, labels, CastlingViTForObjectDetection, AutoModelForObjectDetection
     )
     if model_args.model_name_or_path in CASTLING_VIT_SIZES:
-        return model, YolosImageProcessorPil(size={"height": model_args.image_size, "width": model_args.image_size})
+        size = {"height": model_args.image_size, "width": model_args.image_size}
+        return model, DeformableDetrImageProcessorPil(size=size)
     return model, AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
 
 
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     dataset = load_detection_dataset(data_args, model_args.image_size, training_args.seed)
-    labels = dataset["train"].features["objects"]["category"].feature.names
+    labels = category_names(dataset["train"], data_args.dataset_name)
     model, image_processor = load_model_and_processor(model_args, labels)
     for split in ("train", "test"):
         dataset[split].set_transform(make_transform(image_processor, len(labels)))
@@ -170,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=image_processor,
         callbacks=mask_decay_callbacks(model, model_args),
     )
-    return run_castling(trainer, image_processor, data_args.dataset_name or "shapes")
+    results = run_castling(trainer, image_processor, data_args.dataset_name or "shapes")
+    return {**results, "eval_samples": len(dataset["test"])}
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def spatial_depthwise_conv(
 
     `value` is `(B, N, H, d)`; `weight` is `(H·d, 1, k, k)`, channels in the head-major order of the hidden state.
     Returns `(B, N - num_prefix_tokens, H, d)`: the conv term of the patch tokens only, since prefix tokens
-    ([CLS], detection tokens) are not on the grid. The grid is passed channels-last, as the tokens already are.
+    ([CLS]) are not on the grid. The grid is passed channels-last, as the tokens already are.
     """
     batch, tokens, heads, head_dim = value.shape
     patches = value[:, num_prefix_tokens:].reshape(batch, *grid_size, heads * head_dim).permute(0, 3, 1, 2)

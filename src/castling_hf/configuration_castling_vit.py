@@ -53,7 +53,7 @@ class CastlingViTConfig(PreTrainedConfig):
     residual_conv (`"spatial"`, `"sequence"` or `None`, defaults to `"spatial"`):
         Depthwise convolution on V that stands in for the high-order residual of the angular kernel.
         `"spatial"`: k×k over the grid of patch tokens, per channel. `"sequence"`: k×1 along the token axis, the
-        heads as channels. `None`: no residual conv. Prefix tokens ([CLS], detection tokens) get no conv term.
+        heads as channels. `None`: no residual conv. The [CLS] token gets no conv term.
     residual_kernel_size (`int`, defaults to 3):
         Kernel size k of the residual conv; odd, so that the output keeps the grid.
     softmax_mask_threshold (`float` or `None`, defaults to 1.3):
@@ -76,18 +76,23 @@ class CastlingViTConfig(PreTrainedConfig):
         N(0, `initializer_range`²), as ViT (at the nano width that is 3.6× smaller than fan-in; the accuracy study
         measures both). The position embeddings and [CLS] use a truncated normal of std `initializer_range` either way.
 
-    Object detection (`CastlingViTForObjectDetection`, as in `YolosConfig`):
+    Object detection (`CastlingViTForObjectDetection`: a dense, NMS-free head on the patch grid, trained with
+    Deformable DETR's one-to-one set loss, whose field names these follow):
 
-    num_detection_tokens (`int`, defaults to 100):
-        Learnable detection tokens placed after [CLS], before the patch tokens; each predicts one box or "no object".
-    class_cost, bbox_cost, giou_cost (`float`, defaults to 1, 5, 2):
-        Weights of the classification, L1 box and generalised-IoU terms in the Hungarian matching cost.
+    detection_tower_depth (`int`, defaults to 2):
+        3×3 conv (+ group norm, GELU) layers in each of the head's two towers, the class tower and the box tower.
+    detection_prior_probability (`float`, defaults to 0.01):
+        The score every cell starts with for every class (the bias of the class logits is set to match), so that
+        the focal loss of the many empty cells does not swamp the first steps (as RetinaNet / FCOS).
+    class_cost, bbox_cost, giou_cost (`float`, defaults to 2, 5, 2):
+        Weights of the focal classification, L1 box and generalised-IoU terms in the Hungarian matching cost that
+        assigns each object to one cell.
     bbox_loss_coefficient, giou_loss_coefficient (`float`, defaults to 5, 2):
         Weights of the L1 box and generalised-IoU losses.
-    eos_coefficient (`float`, defaults to 0.1):
-        Relative weight of the "no object" class in the classification loss.
+    focal_alpha (`float`, defaults to 0.25):
+        α of the sigmoid focal loss on the class scores.
     auxiliary_loss (`bool`, defaults to False):
-        Whether to add the set loss of the detection tokens after every intermediate layer.
+        Whether to add the set loss of the head applied after every intermediate layer as well.
 
     Use `CastlingViTConfig.from_size(name, **overrides)` for one of the sizes in `CASTLING_VIT_SIZES`
     (`"nano"`, `"tiny"`, `"small"`, `"base"`).
@@ -129,13 +134,14 @@ class CastlingViTConfig(PreTrainedConfig):
     linear_branch_scale_init: float | int = 1.0
     weight_init: Literal["fan_in", "normal"] = "fan_in"
 
-    num_detection_tokens: int = 100
-    class_cost: float | int = 1
+    detection_tower_depth: int = 2
+    detection_prior_probability: float = 0.01
+    class_cost: float | int = 2
     bbox_cost: float | int = 5
     giou_cost: float | int = 2
     bbox_loss_coefficient: float | int = 5
     giou_loss_coefficient: float | int = 2
-    eos_coefficient: float = 0.1
+    focal_alpha: float = 0.25
     auxiliary_loss: bool = False
 
     def __post_init__(self, **kwargs):
@@ -155,8 +161,8 @@ class CastlingViTConfig(PreTrainedConfig):
 
     @property
     def decoder_layers(self) -> int:
-        """The layers whose detection tokens the auxiliary loss reads: `transformers`' detection loss names them
-        `decoder_layers`; in this encoder-only detector they are the encoder layers."""
+        """The layers the auxiliary detection loss reads: `transformers`' detection loss names them `decoder_layers`;
+        in this encoder-only detector they are the encoder layers."""
         return self.num_hidden_layers
 
     @property
@@ -203,10 +209,16 @@ class CastlingViTConfig(PreTrainedConfig):
                 "`softmax_mask_threshold` of type 'relative' must be None (dense) or >= 0 (a multiple of the uniform "
                 f"probability 1/N), got {threshold}."
             )
-        if self.num_detection_tokens < 0:
-            raise ValueError(f"`num_detection_tokens` must be >= 0, got {self.num_detection_tokens}.")
         if self.angular_eps <= 0:
             raise ValueError(f"`angular_eps` must be positive, got {self.angular_eps}.")
+
+    def validate_detection_head(self):
+        if self.detection_tower_depth < 0:
+            raise ValueError(f"`detection_tower_depth` must be >= 0, got {self.detection_tower_depth}.")
+        if not 0.0 < self.detection_prior_probability < 1.0:
+            raise ValueError(
+                f"`detection_prior_probability` must lie in (0, 1), got {self.detection_prior_probability}."
+            )
 
 
 __all__ = ["CASTLING_VIT_SIZES", "SIZE_FIELDS", "CastlingViTConfig"]

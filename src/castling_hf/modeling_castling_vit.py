@@ -7,6 +7,7 @@ which has no softmax branch at all. `switch_to_inference()` turns the first into
 """
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,18 +82,16 @@ class CastlingViTPatchEmbeddings(nn.Module):
 
 
 class CastlingViTEmbeddings(nn.Module):
-    """[CLS], then detection tokens (if any), then patch embeddings; learned position embeddings on [CLS] and the
-    patches (bicubically resized for other input sizes). [CLS] and detection tokens are the prefix tokens."""
+    """[CLS], then patch embeddings; learned position embeddings on both (bicubically resized for other input
+    sizes). [CLS] is the one prefix token: it gets no residual conv term."""
 
-    def __init__(self, config: CastlingViTConfig, num_detection_tokens: int = 0):
+    num_prefix_tokens = 1
+
+    def __init__(self, config: CastlingViTConfig):
         super().__init__()
         self.grid_size = config.patch_grid_size
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.detection_tokens = (
-            nn.Parameter(torch.zeros(1, num_detection_tokens, config.hidden_size)) if num_detection_tokens else None
-        )
-        self.num_prefix_tokens = 1 + num_detection_tokens
         self.patch_embeddings = CastlingViTPatchEmbeddings(config)
         self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + num_patches, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -124,10 +123,7 @@ class CastlingViTEmbeddings(nn.Module):
             )
         batch = patches.shape[0]
         positions = self.resized_position_embeddings(grid_size)
-        tokens = [self.cls_token.expand(batch, -1, -1) + positions[:, :1]]
-        if self.detection_tokens is not None:
-            tokens.append(self.detection_tokens.expand(batch, -1, -1))
-        tokens.append(patches + positions[:, 1:])
+        tokens = [self.cls_token.expand(batch, -1, -1) + positions[:, :1], patches + positions[:, 1:]]
         return self.dropout(torch.cat(tokens, dim=1)), grid_size
 
 
@@ -207,11 +203,13 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
                 init_fan_in_uniform_(module.weight)
             else:
                 init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(self, CastlingViTForObjectDetection) and module is self.head.class_logits:
+            # Every cell starts at the prior score (as RetinaNet), so the empty cells do not swamp the focal loss.
+            prior = self.config.detection_prior_probability
+            init.constant_(module.bias, -math.log((1 - prior) / prior))
         if isinstance(module, CastlingViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             init.trunc_normal_(module.cls_token, mean=0.0, std=std)
-            if module.detection_tokens is not None:
-                init.trunc_normal_(module.detection_tokens, mean=0.0, std=std)
         elif isinstance(module, CastlingViTAttention):
             init.constant_(module.linear_branch_scale, float(self.config.linear_branch_scale_init))
         elif isinstance(module, CastlingSoftmaxBranch):
@@ -307,14 +305,11 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
 
 
 class CastlingViTModel(CastlingViTPreTrainedModel):
-    """The bare Castling-ViT encoder: embeddings, Castling layers, final norm and (optionally) a pooler.
+    """The bare Castling-ViT encoder: embeddings, Castling layers, final norm and (optionally) a pooler."""
 
-    With `use_detection_tokens=True` the sequence carries `config.num_detection_tokens` detection tokens after [CLS].
-    """
-
-    def __init__(self, config: CastlingViTConfig, add_pooling_layer: bool = True, use_detection_tokens: bool = False):
+    def __init__(self, config: CastlingViTConfig, add_pooling_layer: bool = True):
         super().__init__(config)
-        self.embeddings = CastlingViTEmbeddings(config, config.num_detection_tokens if use_detection_tokens else 0)
+        self.embeddings = CastlingViTEmbeddings(config)
         self.encoder = CastlingViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = CastlingViTPooler(config) if add_pooling_layer else None
@@ -376,40 +371,88 @@ class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
-class CastlingViTMLPPredictionHead(nn.Module):
-    """A small MLP (ReLU between layers) on each detection token, as DETR's and YOLOS's heads."""
+def conv_tower(channels: int, depth: int) -> nn.Sequential:
+    """`depth` × (3×3 conv, group norm, GELU), keeping the channel count: one tower of an FCOS / PicoDet head."""
+    layers = []
+    for _ in range(depth):
+        layers += [
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.GroupNorm(math.gcd(8, channels), channels),
+            nn.GELU(),
+        ]
+    return nn.Sequential(*layers)
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int = 3):
+
+def cell_boxes(distances: torch.Tensor) -> torch.Tensor:
+    """Boxes from the (left, top, right, bottom) distances of their edges to each cell's centre, in cells, clipped to
+    the image, as normalised (center_x, center_y, width, height).
+
+    `distances` is `(batch, 4, rows, columns)`; the boxes come out `(batch, rows · columns, 4)`, cells row-major.
+    """
+    rows, columns = distances.shape[-2:]
+    row, column = torch.meshgrid(
+        torch.arange(rows, device=distances.device, dtype=distances.dtype),
+        torch.arange(columns, device=distances.device, dtype=distances.dtype),
+        indexing="ij",
+    )
+    center_x, center_y = (column + 0.5) / columns, (row + 0.5) / rows
+    left, top, right, bottom = distances.unbind(1)
+    corners = torch.stack(
+        [center_x - left / columns, center_y - top / rows, center_x + right / columns, center_y + bottom / rows]
+    )
+    # Clipped in value but not in gradient: an edge that overshoots the border still learns its way back.
+    corners = corners + (corners.clamp(0, 1) - corners).detach()
+    x0, y0, x1, y1 = corners
+    boxes = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    return boxes.flatten(1, 2)
+
+
+class CastlingViTDetectionHead(nn.Module):
+    """A dense head on the grid of patch tokens: every cell scores each class (sigmoid) and predicts one box by the
+    distances of its edges from the cell's centre, each from its own small tower of 3×3 convs (as FCOS / PicoDet).
+
+    Trained with a one-to-one assignment (each object to one cell, Hungarian, as OneNet / DeFCN), the other cells
+    learn to score low, so the detections need no non-maximum suppression.
+    """
+
+    def __init__(self, config: CastlingViTConfig):
         super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=False))
+        hidden = config.hidden_size
+        self.class_tower = conv_tower(hidden, config.detection_tower_depth)
+        self.box_tower = conv_tower(hidden, config.detection_tower_depth)
+        self.class_logits = nn.Conv2d(hidden, config.num_labels, kernel_size=3, padding=1)
+        self.box_distances = nn.Conv2d(hidden, 4, kernel_size=3, padding=1)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for index, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states)
-            if index < len(self.layers) - 1:
-                hidden_states = nn.functional.relu(hidden_states)
-        return hidden_states
+    def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`grid` `(batch, hidden_size, rows, columns)` → class logits `(batch, cells, num_labels)` and boxes
+        `(batch, cells, 4)` (normalised center_x, center_y, width, height), cells row-major."""
+        # Contiguous, as DETR's logits are: the image processors' post-processing views them flat.
+        logits = self.class_logits(self.class_tower(grid)).flatten(2).transpose(1, 2).contiguous()
+        # softplus keeps the distances positive without the overflow exp can give in the first steps.
+        distances = nn.functional.softplus(self.box_distances(self.box_tower(grid)))
+        return logits, cell_boxes(distances)
 
 
 @dataclass
 class CastlingViTObjectDetectionOutput(ModelOutput):
-    r"""Output of `CastlingViTForObjectDetection`, with the fields of `YolosObjectDetectionOutput`.
+    r"""Output of `CastlingViTForObjectDetection`, with the fields of `DeformableDetrObjectDetectionOutput` that a
+    dense detector has: one detection per cell of the patch grid.
 
     loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
-        The set loss: classification, L1 box and generalised-IoU terms of the Hungarian-matched detections, weighted
-        as the config says, plus the auxiliary terms when `config.auxiliary_loss`.
+        The set loss: focal classification, L1 box and generalised-IoU terms of the one-to-one (Hungarian)
+        assignment of objects to cells, weighted as the config says, plus the auxiliary terms when
+        `config.auxiliary_loss`.
     loss_dict (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are given):
         Each term of the loss on its own (`loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`, and the
         auxiliary terms suffixed with the layer index).
-    logits (`torch.FloatTensor` of shape `(batch, num_detection_tokens, num_labels + 1)`):
-        Class scores of each detection token, the last class being "no object".
-    pred_boxes (`torch.FloatTensor` of shape `(batch, num_detection_tokens, 4)`):
-        Boxes as (center_x, center_y, width, height), relative to the image (0 to 1).
+    logits (`torch.FloatTensor` of shape `(batch, cells, num_labels)`):
+        Class logits of each cell (sigmoid scores: no "no object" class), cells row-major.
+    pred_boxes (`torch.FloatTensor` of shape `(batch, cells, 4)`):
+        Each cell's box as (center_x, center_y, width, height), relative to the (padded) input (0 to 1).
     auxiliary_outputs (`list[dict]`, *optional*, returned when `labels` are given and `config.auxiliary_loss`):
-        `logits` and `pred_boxes` of every intermediate layer.
+        `logits` and `pred_boxes` of the head applied after every intermediate layer.
     last_hidden_state (`torch.FloatTensor` of shape `(batch, tokens, hidden_size)`):
-        The encoder's final hidden states, after the last layer norm.
+        The encoder's final hidden states, after the last layer norm: [CLS], then the patch tokens.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
         The embeddings' output and every layer's output, each `(batch, tokens, hidden_size)`.
     """
@@ -424,27 +467,26 @@ class CastlingViTObjectDetectionOutput(ModelOutput):
 
 
 class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
-    """YOLOS-style detection: learnable detection tokens, a class head (num_labels + "no object") and a 3-layer box
-    MLP on them, trained with DETR's Hungarian-matched set loss (`transformers`' own `ForObjectDetectionLoss`).
+    """A dense, NMS-free detector: the Castling-ViT encoder, its patch tokens laid back on their grid, and
+    `CastlingViTDetectionHead`, trained with Deformable DETR's set loss (`transformers`' own
+    `DeformableDetrForObjectDetectionLoss`: Hungarian one-to-one assignment with a focal class cost, L1 + GIoU).
 
-    Inputs of any size are accepted (position embeddings are always resized), so the detection image processors'
-    resizing works as for YOLOS; `labels` is a list of dicts with `class_labels` and `boxes` (normalised cx, cy, w, h),
-    the format those processors produce.
+    The outputs read as Deformable DETR's, so `DeformableDetrImageProcessor(Pil).post_process_object_detection`
+    and `pipeline("object-detection")` take them unchanged. Inputs of any size that the patches tile are accepted
+    (position embeddings are resized); `labels` is a list of dicts with `class_labels` and `boxes` (normalised cx,
+    cy, w, h), the format the detection image processors produce.
     """
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__(config)
-        if config.num_detection_tokens < 1:
-            raise ValueError("CastlingViTForObjectDetection needs `num_detection_tokens` >= 1 in its config.")
-        self.castling_vit = CastlingViTModel(config, add_pooling_layer=False, use_detection_tokens=True)
-        hidden = config.hidden_size
-        self.class_labels_classifier = CastlingViTMLPPredictionHead(hidden, hidden, config.num_labels + 1)
-        self.bbox_predictor = CastlingViTMLPPredictionHead(hidden, hidden, 4)
+        self.castling_vit = CastlingViTModel(config, add_pooling_layer=False)
+        self.head = CastlingViTDetectionHead(config)
+        self.loss_type = "DeformableDetrForObjectDetection"
         self.post_init()
 
-    def _predict(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        detection = hidden_states[..., 1 : 1 + self.config.num_detection_tokens, :]
-        return self.class_labels_classifier(detection), self.bbox_predictor(detection).sigmoid()
+    def _predict(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]):
+        patches = hidden_states[:, self.castling_vit.embeddings.num_prefix_tokens :]
+        return self.head(patches.transpose(1, 2).unflatten(2, grid_size))
 
     @can_return_tuple
     def forward(
@@ -454,7 +496,12 @@ class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
         pixel_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CastlingViTObjectDetectionOutput:
-        """`pixel_mask` is accepted for the detection image processors and ignored: the model reads every pixel."""
+        r"""
+        labels (`list[dict]`, *optional*):
+            One dict per image with `class_labels` `(objects,)` and `boxes` `(objects, 4)` (normalised cx, cy, w, h).
+        pixel_mask (`torch.LongTensor`, *optional*):
+            Accepted for the detection image processors and ignored: the model reads every pixel.
+        """
         output_hidden_states = kwargs.pop("output_hidden_states", None) or self.config.output_hidden_states
         auxiliary = labels is not None and self.config.auxiliary_loss
         outputs = self.castling_vit(
@@ -464,16 +511,21 @@ class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        logits, pred_boxes = self._predict(outputs.last_hidden_state)
+        patch_height, patch_width = _as_pair(self.config.patch_size)
+        grid_size = (pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width)
+        logits, pred_boxes = self._predict(outputs.last_hidden_state, grid_size)
 
         loss = loss_dict = auxiliary_outputs = None
         if labels is not None:
             check_detection_labels(labels, len(pixel_values), self.config.num_labels)
             outputs_class = outputs_coord = None
             if auxiliary:
-                # Intermediate layers, normalised as the last one is, then the last layer itself (the loss drops it).
-                intermediate = torch.stack([self.castling_vit.layernorm(h) for h in outputs.hidden_states[1:]])
-                outputs_class, outputs_coord = self._predict(intermediate)
+                # The head on each intermediate layer, normalised as the last one is, then on the last one itself
+                # (the loss drops it), stacked as (layers, batch, cells, ...).
+                layers = torch.cat([self.castling_vit.layernorm(h) for h in outputs.hidden_states[1:]])
+                outputs_class, outputs_coord = (
+                    t.unflatten(0, (-1, len(pixel_values))) for t in self._predict(layers, grid_size)
+                )
             loss, loss_dict, auxiliary_outputs = self.loss_function(
                 logits, labels, self.device, pred_boxes, self.config, outputs_class, outputs_coord
             )
