@@ -94,14 +94,14 @@ def latency(args) -> list[dict]:
 def markdown_table(results: dict) -> str:
     training = results["training"]
     lines = [
-        "| form | mAP@[.5:.95] | mAP@.5 | held-out images |",
-        "|---|---|---|---|",
+        "| form | mAP@[.5:.95] | mAP@.5 | held-out images | training run (wall) |",
+        "|---|---|---|---|---|",
     ]
     for form in ("castling", "linear"):
         metrics = training[form]
         lines.append(
             f"| {form} | {metrics[f'eval_{form}_map']:.3f} | {metrics[f'eval_{form}_map_50']:.3f} "
-            f"| {training['held_out_images']} |"
+            f"| {training['held_out_images']} | {training['wall_seconds']:.0f} s |"
         )
     lines += [
         "",
