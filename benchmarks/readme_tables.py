@@ -27,7 +27,9 @@ def tables() -> dict[str, str]:
     """Every README table, rendered by its benchmark's own `markdown_table` from the JSON that benchmark wrote."""
     rendered = {}
     if (RESULTS / "speed.json").exists():
-        rendered["speed"] = _benchmark("speed").markdown_table(json.loads((RESULTS / "speed.json").read_text()))
+        speed = json.loads((RESULTS / "speed.json").read_text())
+        rendered["speed"] = _benchmark("speed").markdown_table(speed)
+        rendered["speed-targets"] = _benchmark("speed").targets_table(speed)
     for path in sorted(RESULTS.glob("*/speed.json")):  # further runs, e.g. benchmarks/results/base
         rendered[f"speed-{path.parent.name}"] = _benchmark("speed").markdown_table(json.loads(path.read_text()))
     if (RESULTS / "accuracy.json").exists():

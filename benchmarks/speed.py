@@ -305,6 +305,50 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# Issue 16's targets: (what, the entries it reads, the ratio, the bound, whether the bound is strict).
+TARGETS = [
+    ("linear / floor ≤ 1.06, every resolution, batch 1 and 8", lambda e: True, "linear_over_floor", 1.06, False),
+    ("linear / ViT-SDPA < 1.0 at 224, batch 1 and 8", lambda e: e["resolution"] == 224, "linear_over_vit", 1.0, True),
+    (
+        "linear / ViT-SDPA ≤ 0.70 at 512, batch 1",
+        lambda e: (e["resolution"], e["batch"]) == (512, 1),
+        "linear_over_vit",
+        0.70,
+        False,
+    ),
+    (
+        "linear / ViT-SDPA ≤ 0.40 at 1024, batch 1",
+        lambda e: (e["resolution"], e["batch"]) == (1024, 1),
+        "linear_over_vit",
+        0.40,
+        False,
+    ),
+]
+TRAINING_STEP_TARGET = 1.2
+
+
+def targets_table(results: dict) -> str:
+    """Each target against the worst ratio measured for it, per size."""
+    lines = ["| size | target | worst measured | met |", "|---|---|---|---|"]
+    sizes = list(dict.fromkeys(entry["size"] for entry in results["inference"]))
+    for size in sizes:
+        for text, selects, ratio, bound, strict in TARGETS:
+            measured = [ratios(e)[ratio] for e in results["inference"] if e["size"] == size and selects(e)]
+            if not measured:
+                continue
+            worst = max(measured)
+            met = worst < bound if strict else worst <= bound
+            lines.append(f"| {size} | {text} | {worst:.3f} | {'yes' if met else 'no'} |")
+        for entry in results["training_step"]:
+            if entry["size"] == size:
+                ratio = entry["step_s"]["castling_training"] / entry["step_s"]["vit_sdpa"]
+                lines.append(
+                    f"| {size} | training step / ViT step ≤ {TRAINING_STEP_TARGET} at {entry['resolution']}, batch "
+                    f"{entry['batch']} | {ratio:.3f} | {'yes' if ratio <= TRAINING_STEP_TARGET else 'no'} |"
+                )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["small", "tiny"])
@@ -329,9 +373,10 @@ def main(argv=None):
     directory = Path(args.output_dir)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "speed.json").write_text(json.dumps(results, indent=2))
-    (directory / "speed.md").write_text(markdown_table(results) + "\n")
+    (directory / "speed.md").write_text(markdown_table(results) + "\n\n" + targets_table(results) + "\n")
     written = plot(results, directory)
     print(markdown_table(results))
+    print(targets_table(results))
     print(f"wrote {directory / 'speed.json'}, {directory / 'speed.md'}, " + ", ".join(map(str, written)))
     return results
 
