@@ -57,25 +57,23 @@ def test_pipeline_labels_a_real_photo(inference_checkpoint, photo):
     assert predictions[0]["label"] == LABELS[int(logits.argmax())]
 
 
-# Only the checkpoint's own code can build the model here.
+# Only the checkpoint's own code can build the models here. One process for every load: each new Python spends
+# seconds importing torch and transformers.
 REMOTE_LOAD = """
 import torch
 import transformers
 
-directory, auto_class, expected_file = sys.argv[1:4]
-model = getattr(transformers, auto_class).from_pretrained(directory, trust_remote_code=True).eval()
-assert not type(model).__module__.startswith("castling_hf"), type(model).__module__
-inputs, expected = torch.load(expected_file)
-with torch.no_grad():
-    output = model(pixel_values=inputs)
-got = output.logits if hasattr(output, "logits") else output.last_hidden_state
-print(type(model).__name__, model.config.attention_mode, torch.equal(got, expected))
+results = []
+for directory, auto_class, expected_file in zip(*[iter(sys.argv[1:])] * 3):
+    model = getattr(transformers, auto_class).from_pretrained(directory, trust_remote_code=True).eval()
+    assert not type(model).__module__.startswith("castling_hf"), type(model).__module__
+    inputs, expected = torch.load(expected_file)
+    with torch.no_grad():
+        output = model(pixel_values=inputs)
+    got = output.logits if hasattr(output, "logits") else output.last_hidden_state
+    results.append(f"{type(model).__name__} {model.config.attention_mode} {torch.equal(got, expected)}")
+print(" | ".join(results))
 """
-
-
-def load_without_castling_hf(directory, auto_class: str, inputs, expected, work_dir) -> str:
-    torch.save((inputs, expected), work_dir / "expected.pt")
-    return run_without_castling_hf(REMOTE_LOAD, [directory, auto_class, work_dir / "expected.pt"], work_dir)
 
 
 def test_checkpoints_load_with_remote_code_where_castling_hf_is_not_installed(
@@ -94,20 +92,22 @@ def test_checkpoints_load_with_remote_code_where_castling_hf_is_not_installed(
     assert auto_map["AutoModelForImageClassification"] == "modeling_castling_vit.CastlingViTForImageClassification"
     inputs = torch.randn(2, 3, 32, 32)
     classifier = AutoModelForImageClassification.from_pretrained(inference_checkpoint).eval()
-    with torch.no_grad():
-        logits = classifier(pixel_values=inputs).logits
-        hidden = classifier.castling_vit(pixel_values=inputs).last_hidden_state
-    result = load_without_castling_hf(inference_checkpoint, "AutoModelForImageClassification", inputs, logits, tmp_path)
-    assert result == "CastlingViTForImageClassification linear True"
-    # The base model from the same checkpoint, as `AutoModel.from_pretrained` on a ViT classifier gives.
-    result = load_without_castling_hf(inference_checkpoint, "AutoModel", inputs, hidden, tmp_path)
-    assert result == "CastlingViTModel linear True"
-
     detector = CastlingViTForObjectDetection(make_config()).eval()
     detector.save_pretrained(tmp_path / "detector")
     with torch.no_grad():
-        detection_logits = detector(pixel_values=inputs).logits
-    result = load_without_castling_hf(
-        tmp_path / "detector", "AutoModelForObjectDetection", inputs, detection_logits, tmp_path
-    )
-    assert result == "CastlingViTForObjectDetection castling True"
+        expected = {
+            "AutoModelForImageClassification": classifier(pixel_values=inputs).logits,
+            # The base model from the same checkpoint, as `AutoModel.from_pretrained` on a ViT classifier gives.
+            "AutoModel": classifier.castling_vit(pixel_values=inputs).last_hidden_state,
+            "AutoModelForObjectDetection": detector(pixel_values=inputs).logits,
+        }
+    loads = []
+    for auto_class, outputs in expected.items():
+        torch.save((inputs, outputs), tmp_path / f"{auto_class}.pt")
+        directory = tmp_path / "detector" if auto_class == "AutoModelForObjectDetection" else inference_checkpoint
+        loads += [directory, auto_class, tmp_path / f"{auto_class}.pt"]
+    assert run_without_castling_hf(REMOTE_LOAD, loads, tmp_path).split(" | ") == [
+        "CastlingViTForImageClassification linear True",
+        "CastlingViTModel linear True",
+        "CastlingViTForObjectDetection castling True",
+    ]
