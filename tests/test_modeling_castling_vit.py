@@ -68,7 +68,7 @@ def test_once_alpha_is_zero_the_switch_and_the_inference_checkpoint_change_nothi
     with torch.no_grad():
         for form in (reloaded, model):
             assert all(torch.equal(a, b) for a, b in zip(float_outputs(form(pixels())), expected, strict=True))
-    with pytest.raises(ValueError, match="no softmax branch"):
+    with pytest.raises(ValueError, match="has no Castling softmax branch"):
         model.set_softmax_mask_scale(0.5)
 
 

@@ -8,11 +8,16 @@ from .attention import CastlingViTAttention, linear_angular_attention, masked_so
 from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
 from .conversion import from_vit
 from .modeling_castling_vit import (
+    CastlingViTBackbone,
     CastlingViTForImageClassification,
     CastlingViTForObjectDetection,
     CastlingViTModel,
     CastlingViTObjectDetectionOutput,
     CastlingViTPreTrainedModel,
+    set_softmax_mask_scale,
+    softmax_mask_kept_shares,
+    softmax_mask_scales,
+    switch_to_inference,
 )
 from .registration import image_processor_for, register_auto_classes
 from .training import CastlingMaskDecayCallback, softmax_mask_scale
@@ -26,7 +31,12 @@ __all__ = [
     "data",
     "metrics",
     "CastlingMaskDecayCallback",
+    "set_softmax_mask_scale",
+    "softmax_mask_kept_shares",
+    "softmax_mask_scales",
+    "switch_to_inference",
     "CastlingViTAttention",
+    "CastlingViTBackbone",
     "CastlingViTConfig",
     "CastlingViTForImageClassification",
     "CastlingViTForObjectDetection",

@@ -8,6 +8,7 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 # The four sizes of docs/design.md §3. `nano` is small enough to train on a CPU in a test or a demo.
 SIZE_FIELDS = (
@@ -34,7 +35,7 @@ def _as_pair(value) -> tuple[int, int]:
 
 
 @strict
-class CastlingViTConfig(PreTrainedConfig):
+class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a Castling-ViT model (`CastlingViTModel`, `CastlingViTForImageClassification`).
 
@@ -94,6 +95,17 @@ class CastlingViTConfig(PreTrainedConfig):
     auxiliary_loss (`bool`, defaults to False):
         Whether to add the set loss of the head applied after every intermediate layer as well.
 
+    As a backbone (`CastlingViTBackbone`, `AutoBackbone`; stages named as Dinov2's: `"stem"` for the embeddings,
+    then `"stage1"` ... `"stageL"` for the layers):
+
+    out_features (`list[str]`, *optional*) / out_indices (`list[int]`, *optional*):
+        The stages whose outputs the backbone returns as feature maps; the last stage by default.
+    apply_layernorm (`bool`, defaults to True):
+        Whether to apply the final layer norm to each feature map.
+    reshape_hidden_states (`bool`, defaults to True):
+        Whether to return feature maps as `(batch, hidden_size, rows, columns)` ([CLS] dropped) rather than token
+        sequences `(batch, tokens, hidden_size)`.
+
     Use `CastlingViTConfig.from_size(name, **overrides)` for one of the sizes in `CASTLING_VIT_SIZES`
     (`"nano"`, `"tiny"`, `"small"`, `"base"`).
 
@@ -144,8 +156,17 @@ class CastlingViTConfig(PreTrainedConfig):
     focal_alpha: float = 0.25
     auxiliary_loss: bool = False
 
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+    apply_layernorm: bool = True
+    reshape_hidden_states: bool = True
+
     def __post_init__(self, **kwargs):
         self.pooler_output_size = self.pooler_output_size or self.hidden_size
+        self.stage_names = ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
         super().__post_init__(**kwargs)
 
     @classmethod

@@ -15,8 +15,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
@@ -181,6 +182,72 @@ class CastlingViTPooler(nn.Module):
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
+def softmax_branches(model: nn.Module) -> dict[str, CastlingSoftmaxBranch]:
+    """Every Castling softmax branch inside `model`, by module name: in a Castling-ViT model, or in any model that
+    holds Castling layers (e.g. a `UperNetForSemanticSegmentation` with a `CastlingViTBackbone`)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, CastlingSoftmaxBranch)}
+
+
+def softmax_mask_scales(model: nn.Module) -> dict[str, float]:
+    """α of every Castling layer in `model`, by the name of its softmax branch (empty in the inference form)."""
+    return {name: branch.softmax_mask_scale.item() for name, branch in softmax_branches(model).items()}
+
+
+def softmax_mask_kept_shares(model: nn.Module) -> dict[str, float]:
+    """The share of softmax probabilities each layer's mask kept in the last forward pass, by the name of its
+    softmax branch: whether the branch is alive (0 means it added nothing and passed no gradient). Empty in the
+    inference form and before the first forward pass."""
+    return {
+        name: branch.kept_share.item()
+        for name, branch in softmax_branches(model).items()
+        if branch.kept_share is not None
+    }
+
+
+def set_softmax_mask_scale(model: nn.Module, alpha: float) -> None:
+    """Set α, the weight of the auxiliary softmax branch, on every Castling layer in `model`. α must lie in [0, 1]."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"The softmax mask scale α must lie in [0, 1], got {alpha}.")
+    branches = softmax_branches(model)
+    if not branches and alpha != 0.0:
+        raise ValueError(
+            f"{type(model).__name__} has no Castling softmax branch (a model in attention_mode='linear', or one "
+            f"without Castling layers), so α can only be 0; got {alpha}. Build it with attention_mode='castling' to "
+            "train with the branch."
+        )
+    for branch in branches.values():
+        branch.softmax_mask_scale.fill_(alpha)
+
+
+def switch_to_inference(model: nn.Module, force: bool = False) -> nn.Module:
+    """Drop the softmax branch of every Castling layer in `model` and record `attention_mode="linear"` in every
+    Castling-ViT config it holds (its own, its modules', and a nested `backbone_config`), in place; returns `model`.
+
+    Its `save_pretrained` then writes no softmax-branch tensors, and its Auto class reloads the linear form.
+    Refuses while any α is not 0, since the linear form would then not compute what this model computes, unless
+    `force=True`.
+    """
+    branches = softmax_branches(model)
+    live = {name: alpha for name, alpha in softmax_mask_scales(model).items() if alpha != 0.0}
+    if live and not force:
+        name, alpha = next(iter(live.items()))
+        raise ValueError(
+            f"Cannot switch to the inference form: the softmax branch {name} still has softmax mask scale "
+            f"α = {alpha:g} ({len(live)} of {len(branches)} layers have α ≠ 0), so dropping it would change the "
+            "model's outputs. Finish the mask decay first (CastlingMaskDecayCallback, or "
+            "set_softmax_mask_scale(model, 0.0)), or pass force=True to drop the branch anyway."
+        )
+    for module in model.modules():
+        if isinstance(module, CastlingViTAttention):
+            module.softmax_branch = None
+        config = getattr(module, "config", None)
+        for candidate in (config, getattr(config, "backbone_config", None)):
+            if isinstance(candidate, CastlingViTConfig):
+                candidate.attention_mode = "linear"
+    return model
+
+
 class CastlingViTPreTrainedModel(PreTrainedModel):
     """Weight initialisation, the softmax mask scale α, and the switch to the inference form."""
 
@@ -215,62 +282,24 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CastlingSoftmaxBranch):
             init.ones_(module.softmax_mask_scale)
 
-    # -- the softmax mask scale α -------------------------------------------------------------------------------
-
-    def _softmax_branches(self) -> dict[str, CastlingSoftmaxBranch]:
-        return {name: module for name, module in self.named_modules() if isinstance(module, CastlingSoftmaxBranch)}
+    # -- the softmax mask scale α and the switch: the module-level functions, on this model ---------------------
 
     def softmax_mask_scales(self) -> dict[str, float]:
         """α of every layer, by the name of its softmax branch module (empty in the inference form)."""
-        return {name: branch.softmax_mask_scale.item() for name, branch in self._softmax_branches().items()}
+        return softmax_mask_scales(self)
 
     def softmax_mask_kept_shares(self) -> dict[str, float]:
-        """The share of softmax probabilities each layer's mask kept in the last forward pass, by the name of its
-        softmax branch module: whether the branch is alive (0 means it added nothing and passed no gradient).
-        Empty in the inference form and before the first forward pass."""
-        return {
-            name: branch.kept_share.item()
-            for name, branch in self._softmax_branches().items()
-            if branch.kept_share is not None
-        }
+        """The share of softmax probabilities each layer's mask kept in the last forward pass (see the function)."""
+        return softmax_mask_kept_shares(self)
 
     def set_softmax_mask_scale(self, alpha: float) -> None:
         """Set α, the weight of the auxiliary softmax branch, on every layer. α must lie in [0, 1]."""
-        alpha = float(alpha)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"The softmax mask scale α must lie in [0, 1], got {alpha}.")
-        branches = self._softmax_branches()
-        if not branches and alpha != 0.0:
-            raise ValueError(
-                f"This model is in attention_mode={self.config.attention_mode!r} and has no softmax branch, so α "
-                f"can only be 0; got {alpha}. Build it with attention_mode='castling' to train with the branch."
-            )
-        for branch in branches.values():
-            branch.softmax_mask_scale.fill_(alpha)
-
-    # -- the switch to the inference form ----------------------------------------------------------------------
+        set_softmax_mask_scale(self, alpha)
 
     def switch_to_inference(self, force: bool = False) -> "CastlingViTPreTrainedModel":
         """Drop the softmax branch of every layer and set `attention_mode="linear"`, in place; returns the model.
-
-        Refuses while any α is not 0, since the linear form would then not compute what this model computes,
-        unless `force=True`.
-        """
-        branches = self._softmax_branches()
-        live = {name: alpha for name, alpha in self.softmax_mask_scales().items() if alpha != 0.0}
-        if live and not force:
-            name, alpha = next(iter(live.items()))
-            raise ValueError(
-                f"Cannot switch to the inference form: the softmax branch {name} still has softmax mask scale "
-                f"α = {alpha:g} ({len(live)} of {len(branches)} layers have α ≠ 0), so dropping it would change the "
-                "model's outputs. Finish the mask decay first (CastlingMaskDecayCallback, or "
-                "model.set_softmax_mask_scale(0.0)), or pass force=True to drop the branch anyway."
-            )
-        for module in self.modules():
-            if isinstance(module, CastlingViTAttention):
-                module.softmax_branch = None
-        self.config.attention_mode = "linear"
-        return self
+        Refuses while any α is not 0, unless `force=True` (see the function)."""
+        return switch_to_inference(self, force=force)
 
     def inference_copy(self, force: bool = False) -> "CastlingViTPreTrainedModel":
         """A copy of this model in the inference form; this model is left as it is."""
@@ -369,6 +398,61 @@ class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
         logits = self.classifier(outputs.last_hidden_state[:, 0])
         loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
+    """Castling-ViT as a backbone for `transformers`' task models (`AutoBackbone`, `backbone_config=` in UperNet,
+    Mask2Former, DETR-family configs), as `Dinov2Backbone`: the outputs of the stages in `config.out_features`
+    ("stem" = the embeddings, "stageN" = layer N), each optionally normalised by the final layer norm
+    (`apply_layernorm`) and laid back on the patch grid as `(batch, hidden_size, rows, columns)`
+    (`reshape_hidden_states`). Inputs of any size the patches tile are accepted (position embeddings are resized).
+    """
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.embeddings = CastlingViTEmbeddings(config)
+        self.encoder = CastlingViTEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BackboneOutput:
+        r"""
+        output_hidden_states (`bool`, *optional*):
+            Also return every stage's output as `hidden_states` (token sequences, before any layer norm).
+        """
+        check_pixel_values(pixel_values, self.config)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        hidden_state, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=True)
+        num_prefix_tokens = self.embeddings.num_prefix_tokens
+        stages = [hidden_state]
+        for layer in self.encoder.layers:
+            hidden_state = layer(hidden_state, num_prefix_tokens, grid_size)
+            stages.append(hidden_state)
+
+        feature_maps = []
+        for name, stage in zip(self.stage_names, stages, strict=True):
+            if name not in self.out_features:
+                continue
+            if self.config.apply_layernorm:
+                stage = self.layernorm(stage)
+            if self.config.reshape_hidden_states:
+                stage = stage[:, num_prefix_tokens:].transpose(1, 2).reshape(len(stage), -1, *grid_size)
+            feature_maps.append(stage)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return BackboneOutput(
+            feature_maps=tuple(feature_maps), hidden_states=tuple(stages) if output_hidden_states else None
+        )
 
 
 def conv_tower(channels: int, depth: int) -> nn.Sequential:
@@ -568,6 +652,7 @@ def check_detection_labels(labels: list[dict], batch_size: int, num_labels: int)
 # The Auto class that loads each model class from a checkpoint's own code (`trust_remote_code=True`).
 REMOTE_AUTO_CLASSES = {
     "AutoModel": CastlingViTModel,
+    "AutoBackbone": CastlingViTBackbone,
     "AutoModelForImageClassification": CastlingViTForImageClassification,
     "AutoModelForObjectDetection": CastlingViTForObjectDetection,
 }

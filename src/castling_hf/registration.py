@@ -1,6 +1,7 @@
 """Registers Castling-ViT with the `transformers` Auto classes (run on `import castling_hf`)."""
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -13,6 +14,7 @@ from transformers.utils import is_torchvision_available
 from .configuration_castling_vit import CastlingViTConfig
 from .modeling_castling_vit import (
     REMOTE_AUTO_CLASSES,
+    CastlingViTBackbone,
     CastlingViTForImageClassification,
     CastlingViTForObjectDetection,
     CastlingViTModel,
@@ -23,13 +25,14 @@ def register_auto_classes() -> None:
     """Make `Auto*.from_pretrained` resolve `model_type="castling_vit"` to the Castling-ViT classes.
 
     Castling-ViT reads images as ViT does, so its image processor is ViT's: the PIL backend, or the torchvision
-    backend where torchvision is installed. Detection checkpoints save a YOLOS image processor, which
+    backend where torchvision is installed. Detection checkpoints save Deformable DETR's image processor, which
     `AutoImageProcessor` finds by the type recorded in `preprocessor_config.json`.
     """
     AutoConfig.register(CastlingViTConfig.model_type, CastlingViTConfig, exist_ok=True)
     AutoModel.register(CastlingViTConfig, CastlingViTModel, exist_ok=True)
     AutoModelForImageClassification.register(CastlingViTConfig, CastlingViTForImageClassification, exist_ok=True)
     AutoModelForObjectDetection.register(CastlingViTConfig, CastlingViTForObjectDetection, exist_ok=True)
+    AutoBackbone.register(CastlingViTConfig, CastlingViTBackbone, exist_ok=True)
     image_processor_classes = {"pil": ViTImageProcessorPil}
     if is_torchvision_available():
         from transformers import ViTImageProcessor

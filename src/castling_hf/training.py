@@ -10,6 +10,8 @@ from numbers import Integral, Real
 from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
+from .modeling_castling_vit import set_softmax_mask_scale, softmax_branches, softmax_mask_kept_shares
+
 DECAY_SCHEDULES = {
     "linear": lambda progress: 1.0 - progress,
     "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
@@ -86,7 +88,8 @@ class CastlingMaskDecayCallback(TrainerCallback):
     `schedule` ("linear" or "cosine"), and is exactly 0 after the last step when `end` lies within the run. It is
     added to the training logs as `softmax_mask_scale`, beside `softmax_mask_kept_share`: the share of softmax
     probabilities the layers' masks kept in the last forward pass (mean over layers; per layer from
-    `model.softmax_mask_kept_shares()`), which shows whether the branch is alive.
+    `softmax_mask_kept_shares(model)`), which shows whether the branch is alive. The model may be a Castling-ViT model
+    or any model holding Castling layers (e.g. `UperNetForSemanticSegmentation` on a `CastlingViTBackbone`).
     """
 
     def __init__(self, start=0.0, end=0.75, schedule: str = "cosine"):
@@ -97,14 +100,15 @@ class CastlingMaskDecayCallback(TrainerCallback):
     def _apply(self, state, model) -> None:
         total_steps = state.max_steps if state.max_steps and state.max_steps > 0 else None
         alpha = softmax_mask_scale(state.global_step, total_steps, self.start, self.end, self.schedule)
-        # The Trainer hands over its unwrapped model; a custom loop may pass a DDP- or compile-wrapped one.
+        # The Trainer hands over its unwrapped model; a custom loop may pass a DDP- or compile-wrapped one. Any
+        # model will do that holds Castling layers: a Castling-ViT model, or e.g. UperNet on a Castling backbone.
         castling_model = extract_model_from_parallel(model)
-        if not hasattr(castling_model, "set_softmax_mask_scale"):
+        if not softmax_branches(castling_model) and alpha != 0.0:
             raise TypeError(
-                f"CastlingMaskDecayCallback needs a Castling-ViT model (with `set_softmax_mask_scale`), "
-                f"got {type(castling_model).__name__}."
+                "CastlingMaskDecayCallback needs a Castling-ViT model, or one with Castling layers in the training "
+                f"form (attention_mode='castling'), got {type(castling_model).__name__} with no softmax branch."
             )
-        castling_model.set_softmax_mask_scale(alpha)
+        set_softmax_mask_scale(castling_model, alpha)
         self.current_scale = alpha
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -121,7 +125,7 @@ class CastlingMaskDecayCallback(TrainerCallback):
         if logs is None or self.current_scale is None:
             return
         added = {"softmax_mask_scale": self.current_scale}
-        kept = extract_model_from_parallel(model).softmax_mask_kept_shares() if model is not None else {}
+        kept = softmax_mask_kept_shares(extract_model_from_parallel(model)) if model is not None else {}
         if kept:
             added["softmax_mask_kept_share"] = sum(kept.values()) / len(kept)
         logs.update(added)

@@ -1,0 +1,123 @@
+"""CastlingViTBackbone: feature maps per stage, AutoBackbone, and transformers' own task heads on top of it."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoBackbone,
+    AutoModelForSemanticSegmentation,
+    TrainerState,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
+
+from castling_hf import (
+    CastlingMaskDecayCallback,
+    CastlingViTBackbone,
+    CastlingViTModel,
+    set_softmax_mask_scale,
+    softmax_mask_scale,
+    softmax_mask_scales,
+    switch_to_inference,
+)
+
+
+@pytest.mark.parametrize(
+    "selection, expected_stages",
+    [
+        ({}, ["stage2"]),
+        ({"out_indices": [0, 1, 2]}, ["stem", "stage1", "stage2"]),
+        ({"out_features": ["stage1"]}, ["stage1"]),
+    ],
+)
+@pytest.mark.parametrize("reshape", [True, False])
+def test_feature_maps_are_the_chosen_stages_on_the_patch_grid(make_config, selection, expected_stages, reshape):
+    backbone = CastlingViTBackbone(make_config(reshape_hidden_states=reshape, **selection)).eval()
+    assert backbone.out_features == expected_stages and backbone.channels == [64] * len(expected_stages)
+    with torch.no_grad():
+        output = backbone(torch.randn(2, 3, 32, 48), output_hidden_states=True)  # an 8×12 grid
+    expected_shape = (2, 64, 8, 12) if reshape else (2, 1 + 8 * 12, 64)
+    assert [tuple(feature.shape) for feature in output.feature_maps] == [expected_shape] * len(expected_stages)
+    assert len(output.hidden_states) == 1 + backbone.config.num_hidden_layers
+
+
+def test_the_last_stage_is_the_encoders_output_on_the_grid(make_config):
+    backbone = CastlingViTBackbone(make_config()).eval()
+    encoder = CastlingViTModel(backbone.config, add_pooling_layer=False).eval()
+    encoder.load_state_dict(backbone.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        (feature_map,) = backbone(pixels).feature_maps
+        tokens = encoder(pixels).last_hidden_state
+    torch.testing.assert_close(feature_map, tokens[:, 1:].transpose(1, 2).reshape(2, 64, 8, 8), rtol=0, atol=0)
+
+
+def test_batch_members_do_not_affect_each_other(make_config):
+    backbone = CastlingViTBackbone(make_config(out_indices=[1, 2])).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        together = backbone(pixels).feature_maps
+        for index in range(3):
+            for joint, alone in zip(together, backbone(pixels[index : index + 1]).feature_maps, strict=True):
+                torch.testing.assert_close(joint[index : index + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_backbone_builds_it_from_the_config(make_config):
+    backbone = AutoBackbone.from_config(make_config(out_indices=[1, 2]))
+    assert isinstance(backbone, CastlingViTBackbone) and backbone.out_indices == [1, 2]
+
+
+def upernet(make_config, **overrides) -> UperNetForSemanticSegmentation:
+    backbone_config = make_config(num_hidden_layers=4, out_indices=[1, 2, 3, 4], **overrides)
+    config = UperNetConfig(
+        backbone_config=backbone_config, hidden_size=32, auxiliary_in_channels=64, auxiliary_channels=16, num_labels=3
+    )
+    return UperNetForSemanticSegmentation(config)
+
+
+def test_upernet_trains_on_it_and_reloads_through_its_auto_class(make_config, tmp_path):
+    model = upernet(make_config).train()
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    output = model(pixel_values=pixels, labels=labels)
+    assert output.logits.shape == (2, 3, 32, 32)
+    output.loss.backward()
+    gradients = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert all(g is not None for g in gradients) and any(g.abs().sum() > 0 for g in gradients)
+
+    model.eval().save_pretrained(tmp_path)
+    reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded.backbone, CastlingViTBackbone)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)
+
+
+def test_the_decay_and_the_switch_reach_a_castling_backbone_inside_upernet(make_config, tmp_path):
+    model = upernet(make_config).eval()
+    callback = CastlingMaskDecayCallback(start=0, end=10)
+    callback.on_train_begin(None, TrainerState(global_step=4), None, model=model)
+    midway = torch.tensor(softmax_mask_scale(4, None, start=0, end=10)).item()  # as the float32 buffer holds it
+    assert len(softmax_mask_scales(model)) == 4 and set(softmax_mask_scales(model).values()) == {midway}
+    callback.on_step_end(None, TrainerState(global_step=10), None, model=model)
+    assert set(softmax_mask_scales(model).values()) == {0.0}
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(pixels).logits
+    assert switch_to_inference(model) is model and softmax_mask_scales(model) == {}
+    assert model.config.backbone_config.attention_mode == model.backbone.config.attention_mode == "linear"
+
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        assert not [name for name in weights.keys() if "softmax" in name]
+    reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert reloaded.backbone.config.attention_mode == "linear" and softmax_mask_scales(reloaded) == {}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).logits, before, rtol=0, atol=0)
+
+
+def test_the_switch_refuses_while_the_branch_still_counts(make_config):
+    model = upernet(make_config)
+    set_softmax_mask_scale(model, 0.5)
+    with pytest.raises(ValueError, match=r"α = 0.5 \(4 of 4 layers"):
+        switch_to_inference(model)
+    with pytest.raises(ValueError, match="must lie in"):
+        set_softmax_mask_scale(model, 1.5)
