@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors import safe_open
 from transformers import (
     AutoBackbone,
@@ -121,3 +122,22 @@ def test_the_switch_refuses_while_the_branch_still_counts(make_config):
         switch_to_inference(model)
     with pytest.raises(ValueError, match="must lie in"):
         set_softmax_mask_scale(model, 1.5)
+
+
+def test_the_simple_feature_pyramid_gives_four_scales_of_the_patch_grid(make_config):
+    config = make_config(num_hidden_layers=4, out_indices=[1, 2, 3, 4], simple_feature_pyramid=True)
+    backbone = CastlingViTBackbone(config).eval()
+    with torch.no_grad():
+        feature_maps = backbone(torch.randn(2, 3, 64, 32)).feature_maps  # a 16×8 grid of 4×4 patches
+    assert [tuple(f.shape[-2:]) for f in feature_maps] == [(64, 32), (32, 16), (16, 8), (8, 4)]
+    assert {f.shape[1] for f in feature_maps} == {64}
+    model = upernet(make_config, simple_feature_pyramid=True).train()
+    model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.randint(0, 3, (2, 32, 32))).loss.backward()
+
+
+@pytest.mark.parametrize(
+    "fields", [{"out_indices": [2, 3, 4]}, {"out_indices": [1, 2, 3, 4], "reshape_hidden_states": False}]
+)
+def test_the_pyramid_refuses_anything_but_four_maps_on_the_grid(make_config, fields):
+    with pytest.raises(StrictDataclassClassValidationError, match="needs four `out_features`"):
+        make_config(num_hidden_layers=4, simple_feature_pyramid=True, **fields)

@@ -105,6 +105,10 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
     reshape_hidden_states (`bool`, defaults to True):
         Whether to return feature maps as `(batch, hidden_size, rows, columns)` ([CLS] dropped) rather than token
         sequences `(batch, tokens, hidden_size)`.
+    simple_feature_pyramid (`bool`, defaults to False):
+        Turn four selected stages into a pyramid of strides 4, 8, 16 and 32 pixels at patch 16 (4×, 2× the patch
+        grid, the grid itself, half of it), as ViTDet's simple feature pyramid: for heads that need true 2× scale
+        steps (RT-DETR, D-FINE). Needs exactly four `out_features` and `reshape_hidden_states`.
 
     Use `CastlingViTConfig.from_size(name, **overrides)` for one of the sizes in `CASTLING_VIT_SIZES`
     (`"nano"`, `"tiny"`, `"small"`, `"base"`).
@@ -160,6 +164,7 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
     _out_indices: list[int] | None = None
     apply_layernorm: bool = True
     reshape_hidden_states: bool = True
+    simple_feature_pyramid: bool = False
 
     def __post_init__(self, **kwargs):
         self.pooler_output_size = self.pooler_output_size or self.hidden_size
@@ -232,6 +237,14 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if self.angular_eps <= 0:
             raise ValueError(f"`angular_eps` must be positive, got {self.angular_eps}.")
+
+    def validate_simple_feature_pyramid(self):
+        if self.simple_feature_pyramid and (len(self.out_features) != 4 or not self.reshape_hidden_states):
+            raise ValueError(
+                "`simple_feature_pyramid` turns exactly four feature maps on the patch grid into strides ×4, ×2, ×1 "
+                f"and ×½ of it: it needs four `out_features` (got {self.out_features}) and "
+                f"`reshape_hidden_states=True` (got {self.reshape_hidden_states})."
+            )
 
     def validate_detection_head(self):
         if self.detection_tower_depth < 0:

@@ -400,12 +400,36 @@ class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
+class CastlingViTSimpleFeaturePyramid(nn.Module):
+    """Four maps on the patch grid → four scales, as ViTDet's simple feature pyramid: the first upsampled 4× (two
+    stride-2 transposed convs with batch norm and GELU between them), the second 2×, the third as it is, the fourth
+    halved by max pooling. Channels stay `hidden_size`."""
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.upsample_4x = nn.Sequential(
+            nn.ConvTranspose2d(hidden, hidden, kernel_size=2, stride=2),
+            nn.BatchNorm2d(hidden),
+            nn.GELU(),
+            nn.ConvTranspose2d(hidden, hidden, kernel_size=2, stride=2),
+        )
+        self.upsample_2x = nn.ConvTranspose2d(hidden, hidden, kernel_size=2, stride=2)
+        self.downsample_2x = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        first, second, third, fourth = feature_maps
+        return [self.upsample_4x(first), self.upsample_2x(second), third, self.downsample_2x(fourth)]
+
+
 class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
     """Castling-ViT as a backbone for `transformers`' task models (`AutoBackbone`, `backbone_config=` in UperNet,
     Mask2Former, DETR-family configs), as `Dinov2Backbone`: the outputs of the stages in `config.out_features`
     ("stem" = the embeddings, "stageN" = layer N), each optionally normalised by the final layer norm
     (`apply_layernorm`) and laid back on the patch grid as `(batch, hidden_size, rows, columns)`
-    (`reshape_hidden_states`). Inputs of any size the patches tile are accepted (position embeddings are resized).
+    (`reshape_hidden_states`), and with `simple_feature_pyramid` made into four scales
+    (`CastlingViTSimpleFeaturePyramid`). Inputs of any size the patches tile are accepted (position embeddings are
+    resized).
     """
 
     def __init__(self, config: CastlingViTConfig):
@@ -414,6 +438,7 @@ class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
         self.embeddings = CastlingViTEmbeddings(config)
         self.encoder = CastlingViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pyramid = CastlingViTSimpleFeaturePyramid(config) if config.simple_feature_pyramid else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -448,6 +473,8 @@ class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
             if self.config.reshape_hidden_states:
                 stage = stage[:, num_prefix_tokens:].transpose(1, 2).reshape(len(stage), -1, *grid_size)
             feature_maps.append(stage)
+        if self.pyramid is not None:
+            feature_maps = self.pyramid(feature_maps)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         return BackboneOutput(
