@@ -22,6 +22,7 @@ setup(
         "scipy>=1.10",
         "pillow>=10",
         "pycocotools>=2.0.7",  # the COCO evaluator behind detection mAP
+        "torchmetrics>=1.0",  # the confusion matrix behind segmentation mean IoU
     ],
     extras_require={
         # scikit-image ships the real photos the tests and the demo classify.

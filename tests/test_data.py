@@ -108,3 +108,21 @@ def test_focus_canvases_place_the_whole_digit_and_the_fragments_inside_the_canva
         assert windows.any()  # the whole 8×8 digit is there
     # Fragments are 2..4 pixels a side, cut from one of the two digits: besides the digit at most 3 × 16 pixels.
     assert (inked.sum(axis=(1, 2)) <= 64 + 3 * 16).all() and (inked.sum(axis=(1, 2)) > 64).any()
+
+
+def test_shape_masks_label_every_shape_pixel_with_its_class_in_the_scene_parse_layout():
+    masks = data.shape_masks(num_images=10, image_size=48, seed=3)
+    assert (len(masks["train"]), len(masks["test"])) == (8, 2)
+    assert set(masks["train"].features) == {"image", "annotation"}
+    record = masks["train"][0]
+    annotation = np.asarray(record["annotation"])
+    assert record["image"].size == record["annotation"].size == (48, 48) and record["annotation"].mode == "L"
+    assert set(np.unique(annotation)) <= set(range(len(data.SEGMENTATION_CLASSES)))
+    assert (annotation > 0).any() and (annotation == 0).any()  # shapes on a background
+    # The label map follows the image: a shape's pixels differ from the background's colour, the background's don't.
+    pixels = np.asarray(record["image"], dtype=float)
+    background = np.median(pixels[annotation == 0], axis=0)
+    assert (
+        np.abs(pixels[annotation > 0] - background).sum(-1).mean()
+        > 3 * np.abs(pixels[annotation == 0] - background).sum(-1).mean()
+    )

@@ -1,6 +1,8 @@
+import math
+
 import pytest
 
-from castling_hf.metrics import Accuracy
+from castling_hf.metrics import Accuracy, MeanIoU
 
 
 def test_accuracy_matches_counting():
@@ -50,3 +52,23 @@ def test_coco_map_refuses_boxes_scores_and_labels_of_different_lengths(part):
     short_truth = [{"boxes": [[10, 10, 30, 30], [40, 40, 50, 50]], "labels": [0]}]
     with pytest.raises(ValueError, match="shorter|longer"):
         CocoDetectionMAP().compute(predictions=[detections([[10, 10, 30, 30]], [0])], references=short_truth)
+
+
+def test_mean_iou_matches_a_hand_worked_case():
+    # Class 0: 1 pixel, found. Class 1: 2 reference pixels, 1 predicted, 1 shared (IoU 1/2). Class 2: 1 reference
+    # pixel, 2 predicted, 1 shared (IoU 1/2). Class 3 appears nowhere: NaN, left out of the mean. The 255 pixel is
+    # ignored whatever is predicted there.
+    metric = MeanIoU()
+    metric.add_batch(predictions=[[[0, 1, 3], [2, 2, 3]]], references=[[[0, 1, 255], [1, 2, 255]]])
+    result = metric.compute(num_labels=4, ignore_index=255)
+    assert result["per_category_iou"][:3] == [1.0, 0.5, 0.5] and math.isnan(result["per_category_iou"][3])
+    assert result["mean_iou"] == pytest.approx(2 / 3)
+    assert result["per_category_accuracy"][:3] == [1.0, 0.5, 1.0]
+    assert result["overall_accuracy"] == pytest.approx(3 / 4)
+
+
+def test_mean_iou_refuses_maps_of_different_sizes():
+    metric = MeanIoU()
+    metric.add_batch(predictions=[[[0, 1]]], references=[[[0, 1], [1, 1]]])
+    with pytest.raises(ValueError, match=r"Image 0: the predicted label map is \(1, 2\) but the reference is \(2, 2\)"):
+        metric.compute(num_labels=2)

@@ -6,6 +6,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 SHAPE_CLASSES = ("circle", "square", "triangle")
+SEGMENTATION_CLASSES = ("background", *SHAPE_CLASSES)  # class 0 of `shape_masks` is the background
 
 
 def digits(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
@@ -210,6 +211,35 @@ def shapes(
     return dataset.train_test_split(test_size=test_fraction, seed=seed)
 
 
+def shape_masks(
+    num_images: int = 600,
+    image_size: int = 64,
+    seed: int = 0,
+    max_objects: int = 3,
+    test_fraction: float = 0.2,
+) -> DatasetDict:
+    """A generated semantic-segmentation set: the images of `shapes`, each with its label map, in the layout of
+    `scene_parse_150` (`image`, `annotation`): the annotation is an "L" image of class ids, 0 for the background
+    and 1, 2, 3 for circle, square and triangle (`SEGMENTATION_CLASSES`), drawn with the very geometry of the image.
+    Deterministic for a `seed`; `train` and `test` splits.
+    """
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for _ in range(num_images):
+        image, boxes, categories = shape_image(rng, image_size, max_objects, empty_fraction=0.0)
+        annotation = PILImage.new("L", (image_size, image_size), 0)
+        draw = ImageDraw.Draw(annotation)
+        for (x, y, width, height), category in zip(boxes, categories, strict=True):
+            box = (int(x), int(y), int(x + width), int(y + height))
+            _draw_shape(draw, SHAPE_CLASSES[category], box, category + 1)  # in drawing order: overlaps as in the image
+        images.append(image)
+        annotations.append(annotation)
+    dataset = Dataset.from_dict(
+        {"image": images, "annotation": annotations}, features=Features({"image": Image(), "annotation": Image()})
+    )
+    return dataset.train_test_split(test_size=test_fraction, seed=seed)
+
+
 def clean_coco_boxes(
     bboxes: list, categories: list, width: int, height: int, num_labels: int, min_size: float = 1.0
 ) -> tuple[list[list[float]], list[int]]:
@@ -232,4 +262,14 @@ def clean_coco_boxes(
     return kept_boxes, kept_categories
 
 
-__all__ = ["SHAPE_CLASSES", "clean_coco_boxes", "digit_ink", "digits", "focus_canvases", "focus_digits", "shapes"]
+__all__ = [
+    "SEGMENTATION_CLASSES",
+    "SHAPE_CLASSES",
+    "clean_coco_boxes",
+    "digit_ink",
+    "digits",
+    "focus_canvases",
+    "focus_digits",
+    "shape_masks",
+    "shapes",
+]

@@ -107,3 +107,49 @@ class CocoDetectionMAP(evaluate.Metric):
 
 
 __all__ = ["Accuracy", "CocoDetectionMAP"]
+
+
+class MeanIoU(evaluate.Metric):
+    """Semantic segmentation: intersection over union per class and its mean, with the keys and conventions of
+    `evaluate`'s own "mean_iou" (a class absent from both predictions and references has IoU NaN and is left out of
+    the mean; pixels labelled `ignore_index` do not count). The pixel counts come from torchmetrics'
+    `MulticlassConfusionMatrix`.
+
+    `predictions` and `references` are label maps (lists of rows of class ids), one per image, of equal sizes.
+    `compute(num_labels=..., ignore_index=255)`.
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        label_map = datasets.List(datasets.List(datasets.Value("int64")))
+        return evaluate.MetricInfo(
+            description="Mean intersection over union of semantic segmentation label maps.",
+            citation="",
+            inputs_description="predictions and references: one label map (rows of class ids) per image.",
+            features=datasets.Features({"predictions": label_map, "references": label_map}),
+        )
+
+    def _compute(self, predictions, references, num_labels: int, ignore_index: int | None = 255):
+        import torch
+        from torchmetrics.classification import MulticlassConfusionMatrix
+
+        confusion = MulticlassConfusionMatrix(num_classes=num_labels, ignore_index=ignore_index)
+        for index, (predicted, reference) in enumerate(zip(predictions, references, strict=True)):
+            predicted, reference = torch.as_tensor(np.asarray(predicted)), torch.as_tensor(np.asarray(reference))
+            if predicted.shape != reference.shape:
+                raise ValueError(
+                    f"Image {index}: the predicted label map is {tuple(predicted.shape)} but the reference is "
+                    f"{tuple(reference.shape)}; resize the predictions to the reference's size first."
+                )
+            confusion.update(predicted.flatten(), reference.flatten())
+        counts = confusion.compute().double().numpy()  # rows: reference class, columns: predicted class
+        intersection, referenced, predicted_total = np.diag(counts), counts.sum(axis=1), counts.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_category_iou = intersection / (referenced + predicted_total - intersection)
+            per_category_accuracy = intersection / referenced
+        return {
+            "mean_iou": float(np.nanmean(per_category_iou)),
+            "mean_accuracy": float(np.nanmean(per_category_accuracy)),
+            "overall_accuracy": float(intersection.sum() / counts.sum()),
+            "per_category_iou": per_category_iou.tolist(),
+            "per_category_accuracy": per_category_accuracy.tolist(),
+        }
