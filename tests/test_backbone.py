@@ -7,6 +7,14 @@ from safetensors import safe_open
 from transformers import (
     AutoBackbone,
     AutoModelForSemanticSegmentation,
+    DeformableDetrConfig,
+    DeformableDetrForObjectDetection,
+    DPTConfig,
+    DPTForDepthEstimation,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    RTDetrConfig,
+    RTDetrForObjectDetection,
     TrainerState,
     UperNetConfig,
     UperNetForSemanticSegmentation,
@@ -141,3 +149,64 @@ def test_the_simple_feature_pyramid_gives_four_scales_of_the_patch_grid(make_con
 def test_the_pyramid_refuses_anything_but_four_maps_on_the_grid(make_config, fields):
     with pytest.raises(StrictDataclassClassValidationError, match="needs four `out_features`"):
         make_config(num_hidden_layers=4, simple_feature_pyramid=True, **fields)
+
+
+def backbone_config(make_config, **fields):
+    return make_config(num_hidden_layers=4, **fields)
+
+
+BOXES = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
+
+
+def mask2former(make_config):
+    config = Mask2FormerConfig(
+        backbone_config=backbone_config(make_config, out_indices=[1, 2, 3, 4], simple_feature_pyramid=True),
+        **dict(feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64, dim_feedforward=64),
+        **dict(num_queries=5, decoder_layers=2, encoder_layers=1, num_attention_heads=4, num_labels=3),
+    )
+    masks = [torch.randint(0, 2, (2, 64, 64)).float()] * 2
+    return Mask2FormerForUniversalSegmentation(config), dict(mask_labels=masks, class_labels=[torch.tensor([0, 1])] * 2)
+
+
+def deformable_detr(make_config):
+    config = DeformableDetrConfig(
+        backbone_config=backbone_config(make_config, out_indices=[2, 3, 4]),
+        **dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5),
+        **dict(num_feature_levels=3, encoder_attention_heads=4, decoder_attention_heads=4, num_labels=3),
+    )
+    return DeformableDetrForObjectDetection(config), dict(labels=BOXES)
+
+
+def rt_detr(make_config):
+    # RT-DETR's hybrid encoder steps by true 2× scales: the simple feature pyramid's four maps.
+    config = RTDetrConfig(
+        backbone_config=backbone_config(make_config, out_indices=[1, 2, 3, 4], simple_feature_pyramid=True),
+        **dict(encoder_in_channels=[64] * 4, feat_strides=[4, 8, 16, 32], num_feature_levels=4, encode_proj_layers=[3]),
+        **dict(decoder_in_channels=[32] * 4, encoder_hidden_dim=32, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64),
+        **dict(num_queries=5, decoder_layers=2, num_labels=3, encoder_attention_heads=4, decoder_attention_heads=4),
+    )
+    return RTDetrForObjectDetection(config), dict(labels=BOXES)
+
+
+@pytest.mark.parametrize("build", [mask2former, deformable_detr, rt_detr])
+def test_transformers_task_heads_train_on_it(make_config, build):
+    model, targets = build(make_config)
+    loss = model(pixel_values=torch.randn(2, 3, 64, 64), **targets).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    backbone = next(module for module in model.modules() if isinstance(module, CastlingViTBackbone))
+    assert backbone.encoder.layers[0].attention.qkv_proj.weight.grad.abs().sum() > 0
+
+
+def test_dpt_estimates_depth_from_its_token_sequences(make_config):
+    # DPT reassembles the token sequences itself: feature maps without the reshape, [CLS] included.
+    config = DPTConfig(
+        backbone_config=backbone_config(make_config, out_indices=[1, 2, 3, 4], reshape_hidden_states=False),
+        **dict(hidden_size=64, patch_size=4, image_size=32, neck_hidden_sizes=[16, 32, 64, 64]),
+        **dict(fusion_hidden_size=32, reassemble_factors=[4, 2, 1, 0.5]),
+    )
+    model = DPTForDepthEstimation(config)
+    depth = model(pixel_values=torch.randn(2, 3, 32, 32)).predicted_depth
+    assert depth.shape[0] == 2 and torch.isfinite(depth).all()
+    depth.mean().backward()
+    assert model.backbone.encoder.layers[0].attention.qkv_proj.weight.grad.abs().sum() > 0
