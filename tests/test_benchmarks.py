@@ -39,4 +39,4 @@ def test_detection_benchmark_smoke_run_writes_its_results(tmp_path):
     assert training["castling"]["eval_castling_map"] == training["linear"]["eval_linear_map"]
     assert [entry["resolution"] for entry in results["latency"]] == [64, 128]
     assert (tmp_path / "detection.png").stat().st_size > 0
-    assert detection.markdown_table(results) in (tmp_path / "detection.md").read_text()
+    assert training["held_out_images"] == 8  # a fifth of the 40 generated images

@@ -400,6 +400,12 @@ class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
+def patch_grid(hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Token sequences `(batch, tokens, hidden_size)` → the patch tokens on their grid, `(batch, hidden_size, rows,
+    columns)`, as dense heads and feature pyramids read them."""
+    return hidden_states[:, num_prefix_tokens:].transpose(1, 2).unflatten(2, grid_size)
+
+
 class CastlingViTSimpleFeaturePyramid(nn.Module):
     """Four maps on the patch grid → four scales, as ViTDet's simple feature pyramid: the first upsampled 4× (two
     stride-2 transposed convs with batch norm and GELU between them), the second 2×, the third as it is, the fourth
@@ -471,7 +477,7 @@ class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
             if self.config.apply_layernorm:
                 stage = self.layernorm(stage)
             if self.config.reshape_hidden_states:
-                stage = stage[:, num_prefix_tokens:].transpose(1, 2).reshape(len(stage), -1, *grid_size)
+                stage = patch_grid(stage, num_prefix_tokens, grid_size)
             feature_maps.append(stage)
         if self.pyramid is not None:
             feature_maps = self.pyramid(feature_maps)
@@ -596,8 +602,7 @@ class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
         self.post_init()
 
     def _predict(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]):
-        patches = hidden_states[:, self.castling_vit.embeddings.num_prefix_tokens :]
-        return self.head(patches.transpose(1, 2).unflatten(2, grid_size))
+        return self.head(patch_grid(hidden_states, self.castling_vit.embeddings.num_prefix_tokens, grid_size))
 
     @can_return_tuple
     def forward(
