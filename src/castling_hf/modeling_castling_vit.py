@@ -151,8 +151,10 @@ class CastlingViTLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
-        attended = self.attention(self.layernorm_before(hidden_states), num_prefix_tokens, grid_size)
-        hidden_states = hidden_states + self.dropout(attended)
+        # One expression, so that the attention's output is freed before the MLP runs (peak memory at high resolution).
+        hidden_states = hidden_states + self.dropout(
+            self.attention(self.layernorm_before(hidden_states), num_prefix_tokens, grid_size)
+        )
         return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
 
 
@@ -462,30 +464,35 @@ class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
             Also return every stage's output as `hidden_states` (token sequences, before any layer norm).
         """
         check_pixel_values(pixel_values, self.config)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         hidden_state, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=True)
         num_prefix_tokens = self.embeddings.num_prefix_tokens
-        stages = [hidden_state]
-        for layer in self.encoder.layers:
-            hidden_state = layer(hidden_state, num_prefix_tokens, grid_size)
-            stages.append(hidden_state)
-
-        feature_maps = []
-        for name, stage in zip(self.stage_names, stages, strict=True):
-            if name not in self.out_features:
-                continue
-            if self.config.apply_layernorm:
-                stage = self.layernorm(stage)
-            if self.config.reshape_hidden_states:
-                stage = patch_grid(stage, num_prefix_tokens, grid_size)
-            feature_maps.append(stage)
+        # Only the chosen stages are kept (all of them only when asked for): at high resolution every stage held is
+        # a (tokens × hidden_size) tensor of peak memory.
+        hidden_states, feature_maps = [], []
+        for index, name in enumerate(self.stage_names):
+            if index > 0:
+                hidden_state = self.encoder.layers[index - 1](hidden_state, num_prefix_tokens, grid_size)
+            if output_hidden_states:
+                hidden_states.append(hidden_state)
+            if name in self.out_features:
+                feature_maps.append(self.feature_map(hidden_state, num_prefix_tokens, grid_size))
         if self.pyramid is not None:
             feature_maps = self.pyramid(feature_maps)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
         return BackboneOutput(
-            feature_maps=tuple(feature_maps), hidden_states=tuple(stages) if output_hidden_states else None
+            feature_maps=tuple(feature_maps), hidden_states=tuple(hidden_states) if output_hidden_states else None
         )
+
+    def feature_map(self, stage: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+        """One stage's output as the config asks: final layer norm (`apply_layernorm`), then on the patch grid
+        (`reshape_hidden_states`)."""
+        if self.config.apply_layernorm:
+            stage = self.layernorm(stage)
+        if self.config.reshape_hidden_states:
+            stage = patch_grid(stage, num_prefix_tokens, grid_size)
+        return stage
 
 
 def conv_tower(channels: int, depth: int) -> nn.Sequential:
