@@ -8,7 +8,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from castling_hf import CASTLING_VIT_SIZES, CastlingMaskDecayCallback, CastlingViTConfig
+from castling_hf import (
+    CASTLING_VIT_SIZES,
+    CastlingMaskDecayCallback,
+    CastlingViTConfig,
+    softmax_mask_scales,
+    switch_to_inference,
+)
 from castling_hf.hub import push_inference_checkpoint, write_inference_checkpoint
 from castling_hf.model_card import training_run_card
 
@@ -38,7 +44,7 @@ class CastlingModelArguments:
 
 def mask_decay_callbacks(model, model_args: CastlingModelArguments) -> list:
     """The mask-decay callback for a model in the training form; none for one already in the inference form."""
-    if model.config.attention_mode != "castling":
+    if not softmax_mask_scales(model):
         logging.getLogger(__name__).warning(
             "The model is in the inference form already: there is no mask decay to run."
         )
@@ -47,28 +53,43 @@ def mask_decay_callbacks(model, model_args: CastlingModelArguments) -> list:
     return [CastlingMaskDecayCallback(args.mask_decay_start, args.mask_decay_end, args.mask_decay_schedule)]
 
 
+def label_maps(labels: list[str]) -> dict:
+    """`id2label` and `label2id` for a list of label names."""
+    return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+
+
+def new_castling_config(model_args, **fields) -> CastlingViTConfig:
+    """The config of a new model of the size `model_args.model_name_or_path` with `fields`, then
+    `model_args.config_overrides` (a JSON object of config fields) on top."""
+    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+    return CastlingViTConfig.from_size(model_args.model_name_or_path, **{**fields, **overrides})
+
+
 def model_from_size_or_checkpoint(model_args, labels: list[str], model_class, auto_class):
     """A new `model_class` of a named size (`CASTLING_VIT_SIZES`) with `model_args.config_overrides` (a JSON object
     of config fields), or the checkpoint `model_args.model_name_or_path` (path or Hub name) loaded with `auto_class`;
     either way with `labels` as its id2label.
-
-    A checkpoint whose head has another number of labels loads only with `model_args.ignore_mismatched_sizes` (the
-    head then starts fresh), as in `transformers`' examples; config overrides apply to new models only.
     """
-    name_or_path, overrides = model_args.model_name_or_path, model_args.config_overrides
-    id2label = dict(enumerate(labels))
-    label2id = {label: i for i, label in id2label.items()}
-    if name_or_path in CASTLING_VIT_SIZES:
-        fields = json.loads(overrides) if overrides else {}
-        return model_class(CastlingViTConfig.from_size(name_or_path, id2label=id2label, label2id=label2id, **fields))
-    if overrides:
+    if model_args.model_name_or_path in CASTLING_VIT_SIZES:
+        return model_class(new_castling_config(model_args, **label_maps(labels)))
+    return model_from_checkpoint(model_args, labels, auto_class)
+
+
+def model_from_checkpoint(model_args, labels: list[str], auto_class):
+    """The checkpoint `model_args.model_name_or_path` (path or Hub name) loaded with `auto_class`, with `labels` as its
+    id2label. A checkpoint whose head has another number of labels loads only with
+    `model_args.ignore_mismatched_sizes` (the head then starts fresh), as in `transformers`' examples; config
+    overrides apply to new models only.
+    """
+    name_or_path = model_args.model_name_or_path
+    if model_args.config_overrides:
         raise ValueError(
             f"--config_overrides applies to a new model (a size name: {sorted(CASTLING_VIT_SIZES)}), but "
             f"--model_name_or_path {name_or_path!r} is a checkpoint, whose config is its own. Drop the overrides, or "
             "edit the checkpoint's config.json."
         )
     return auto_class.from_pretrained(
-        name_or_path, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
+        name_or_path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **label_maps(labels)
     )
 
 
@@ -130,10 +151,11 @@ def run_castling(trainer, image_processor, dataset_name: str) -> dict:
             plot_training_history(trainer.state.log_history, os.path.join(args.output_dir, "training_history.png"))
         results["train"] = train_result.metrics
     evaluations = {}
-    if args.do_eval and model.config.attention_mode == "castling":
+    scales = softmax_mask_scales(model)  # empty for a model in the inference form
+    if args.do_eval and scales:
         evaluations["castling"] = trainer.evaluate(metric_key_prefix="eval_castling")
-    if not any(model.softmax_mask_scales().values()):  # else the decay has not ended: the branch still counts
-        model.switch_to_inference()
+    if not any(scales.values()):  # else the decay has not ended: the branch still counts
+        switch_to_inference(model)
         if args.do_eval:
             evaluations["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
     for form, metrics in evaluations.items():
@@ -141,7 +163,7 @@ def run_castling(trainer, image_processor, dataset_name: str) -> dict:
     if evaluations:
         trainer.save_metrics("eval", {key: value for metrics in evaluations.values() for key, value in metrics.items()})
     results.update(evaluations)
-    if not args.do_train or model.config.attention_mode != "linear":
+    if not args.do_train or softmax_mask_scales(model):
         return results
 
     name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))

@@ -234,3 +234,118 @@ def test_castle_pretrained_vit_demo_runs_the_recipe(tmp_path):
     assert set(summary["latency_ms"][64]) == {"source_vit", "castled"}
     assert_inference_checkpoint(Path(summary["inference_dir"]))
     assert json.loads((tmp_path / "castle_demo.json").read_text())["source_accuracy"] == summary["source_accuracy"]
+
+
+SEGMENTATION = Path(__file__).parents[1] / "examples" / "semantic-segmentation" / "run_semantic_segmentation.py"
+# The nano backbone with 8×8 patches and a narrow UperNet: a fraction of a second per step on 2 cores.
+SEGMENTATION_ARGS = (
+    "--do_eval --report_to none --disable_tqdm true --per_device_train_batch_size 4 --decode_hidden_size 16 "
+    "--save_strategy no --logging_steps 1 --learning_rate 1e-3"
+)
+TINY_BACKBONE = ["--config_overrides", '{"patch_size": 8}']
+
+
+@pytest.fixture(scope="module")
+def segmentation_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("segmentation")
+    example = load_module(SEGMENTATION)
+    results = example.main(
+        f"--output_dir {output_dir} --do_train --max_steps 3 --num_generated_images 20 {SEGMENTATION_ARGS}".split()
+        + TINY_BACKBONE
+    )
+    return output_dir, results
+
+
+def test_segmentation_example_reports_mean_iou_before_and_after_the_switch(segmentation_run):
+    output_dir, results = segmentation_run
+    castling, linear = results["castling"], results["linear"]
+    assert results["labels"] == ["background", "circle", "square", "triangle"]
+    for name in ("mean_iou", "mean_accuracy", "overall_accuracy", "iou_background", "iou_triangle", "loss"):
+        assert castling[f"eval_castling_{name}"] == linear[f"eval_linear_{name}"]
+    assert 0.0 <= linear["eval_linear_mean_iou"] <= 1.0
+    assert results["train"]["softmax_mask_scale"] == 0.0
+    saved = json.loads((output_dir / "eval_results.json").read_text())
+    assert saved["eval_linear_mean_iou"] == linear["eval_linear_mean_iou"]
+    losses = [
+        entry["loss"]
+        for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+        if "loss" in entry
+    ]
+    assert len(losses) == 3 and (output_dir / "training_history.png").stat().st_size > 0
+
+
+def test_segmentation_inference_checkpoint_reloads_and_segments_a_real_photo(segmentation_run):
+    import numpy as np
+    import skimage
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForSemanticSegmentation, pipeline
+
+    inference = segmentation_run[0] / "inference"
+    config = json.loads((inference / "config.json").read_text())
+    assert config["model_type"] == "upernet" and config["backbone_config"]["attention_mode"] == "linear"
+    with safe_open(inference / "model.safetensors", "pt") as weights:
+        assert not [name for name in weights.keys() if "softmax" in name]
+    model = AutoModelForSemanticSegmentation.from_pretrained(inference).eval()
+    assert model.backbone.config.attention_mode == "linear" and model.config.id2label[3] == "triangle"
+    card = ModelCard.load(inference / "README.md")
+    assert card.data.pipeline_tag == "image-segmentation"
+    assert card.data.eval_results[0].metric_value == segmentation_run[1]["linear"]["eval_linear_mean_iou"]
+
+    photo = Image.fromarray(skimage.data.coffee())  # 600×400
+    segments = pipeline("image-segmentation", model=str(inference))(photo)
+    assert segments and {segment["label"] for segment in segments} <= set(model.config.id2label.values())
+    masks = [np.asarray(segment["mask"]) for segment in segments]
+    assert all(mask.shape == (400, 600) for mask in masks)
+    assert sum((mask > 0).astype(int) for mask in masks).tolist() == np.ones((400, 600), int).tolist()  # a partition
+    with torch.no_grad():  # the pipeline's label map is the model's own, resized to the photo
+        inputs = pipeline("image-segmentation", model=str(inference)).image_processor(photo, return_tensors="pt")
+        logits = model(**inputs).logits
+    resized = torch.nn.functional.interpolate(logits, size=(400, 600), mode="bilinear", align_corners=False)
+    expected = {model.config.id2label[int(i)] for i in resized.argmax(1).unique()}
+    assert {segment["label"] for segment in segments} == expected
+
+
+def scene_parse_folder(folder: Path, id2label: dict | None) -> Path:
+    from castling_hf.data import shape_masks
+
+    folder.mkdir()
+    for split, data in shape_masks(num_images=20, image_size=32, seed=5).items():
+        data.to_parquet(folder / f"{split}.parquet")
+    if id2label is not None:
+        (folder / "id2label.json").write_text(json.dumps(id2label))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "id2label, expected",
+    [
+        ({"0": "sky", "1": "ball", "2": "box", "3": "roof"}, ["sky", "ball", "box", "roof"]),
+        (None, ["0", "1", "2", "3"]),  # no id2label.json: the ids in the training annotations name the classes
+    ],
+)
+def test_segmentation_example_trains_on_a_local_folder_in_the_scene_parse_150_layout(tmp_path, id2label, expected):
+    folder = scene_parse_folder(tmp_path / "my_masks", id2label)
+    example = load_module(SEGMENTATION)
+    results = example.main(
+        f"--dataset_name {folder} --output_dir {tmp_path / 'out'} --image_size 32 --do_train --max_steps 1 "
+        f"{SEGMENTATION_ARGS}".split()
+        + TINY_BACKBONE
+    )
+    assert results["labels"] == expected and results["eval_samples"] == 4
+    reloaded = json.loads((tmp_path / "out" / "inference" / "config.json").read_text())
+    assert list(reloaded["id2label"].values()) == expected
+
+
+def test_segmentation_example_refuses_annotations_outside_the_labels_and_other_layouts(tmp_path):
+    folder = scene_parse_folder(tmp_path / "masks", {"0": "background", "1": "circle"})  # squares, triangles unnamed
+    example = load_module(SEGMENTATION)
+    common = f"--output_dir {tmp_path / 'out'} --image_size 32 {SEGMENTATION_ARGS}".split() + TINY_BACKBONE
+    with pytest.raises(ValueError, match=r"class ids \[.*3\], but the model has 2 classes"):
+        example.main(["--dataset_name", str(folder), *common])
+
+    for split in ("train", "test"):
+        data = load_dataset("parquet", data_files=str(folder / f"{split}.parquet"), split="train")
+        data.rename_column("annotation", "label").to_parquet(folder / f"{split}.parquet")
+    with pytest.raises(ValueError, match=r"needs an 'image' and an 'annotation'"):
+        example.main(["--dataset_name", str(folder), *common])

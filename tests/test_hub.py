@@ -124,3 +124,25 @@ def test_dry_run_refuses_a_folder_that_is_not_empty(trained_run):
         push_example().main(
             [str(trained_run), "--repo_id", "org/x", "--dataset_name", "digits", "--dry_run", str(trained_run)]
         )
+
+
+def test_a_task_model_around_a_castling_backbone_is_written_once_switched(make_config, tmp_path):
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    from castling_hf import set_softmax_mask_scale, switch_to_inference
+    from castling_hf.hub import write_inference_checkpoint
+
+    backbone_config = make_config(num_hidden_layers=4, out_indices=[1, 2, 3, 4])
+    model = UperNetForSemanticSegmentation(
+        UperNetConfig(backbone_config=backbone_config, hidden_size=16, auxiliary_in_channels=64, num_labels=3)
+    )
+    set_softmax_mask_scale(model, 0.0)
+    with pytest.raises(ValueError, match=r"training form .* call castling_hf.switch_to_inference\(model\)"):
+        write_inference_checkpoint(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()  # nothing half-written
+
+    write_inference_checkpoint(switch_to_inference(model), tmp_path / "written")
+    config = json.loads((tmp_path / "written" / "config.json").read_text())
+    assert config["backbone_config"]["attention_mode"] == "linear"
+    with safe_open(tmp_path / "written" / "model.safetensors", "pt") as weights:
+        assert not [name for name in weights.keys() if "softmax" in name]

@@ -19,13 +19,30 @@ def write_inference_checkpoint(model, folder, image_processor=None, model_card: 
     the modeling code, and, when given, the image processor's config and the card (`README.md`).
 
     Refuses (as `switch_to_inference` does) while any layer's α is not 0, unless `force=True`; `model` itself is not
-    changed.
+    changed. A `transformers` task model around a Castling-ViT backbone (e.g. `UperNetForSemanticSegmentation`) has
+    no `inference=True` to save with: switch it first (`castling_hf.switch_to_inference(model)`), then write it.
     """
-    model.save_pretrained(folder, inference=True, force=force)
+    if hasattr(model, "inference_copy"):  # a Castling-ViT model class
+        model.save_pretrained(folder, inference=True, force=force)
+    else:
+        check_switched(model)
+        model.save_pretrained(folder)
     if image_processor is not None:
         image_processor.save_pretrained(folder)
     if model_card is not None:
         model_card.save(os.path.join(folder, "README.md"))
+
+
+def check_switched(model) -> None:
+    """Refuse a model whose config, or nested `backbone_config`, is still in the training form."""
+    config = model.config
+    for candidate in (config, getattr(config, "backbone_config", None)):
+        if getattr(candidate, "attention_mode", None) == "castling":
+            raise ValueError(
+                f"{type(model).__name__} still holds a Castling-ViT in the training form (attention_mode="
+                '"castling"); call castling_hf.switch_to_inference(model) once the mask decay has ended, then write '
+                "the inference checkpoint."
+            )
 
 
 def push_inference_checkpoint(

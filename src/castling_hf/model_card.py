@@ -27,9 +27,12 @@ PIPELINE_TAGS = {
     "CastlingViTModel": "image-feature-extraction",
     "CastlingViTForImageClassification": "image-classification",
     "CastlingViTForObjectDetection": "object-detection",
+    "UperNetForSemanticSegmentation": "image-segmentation",
 }
-# The Auto class of each model class: the inverse of the remote-code registration.
+# The Auto class of each model class: the inverse of the remote-code registration, and transformers' own task models
+# that take Castling-ViT as their backbone (these load through the package only: their code is transformers').
 AUTO_CLASSES = {model_class.__name__: auto_class for auto_class, model_class in REMOTE_AUTO_CLASSES.items()}
+BACKBONE_TASK_AUTO_CLASSES = {"UperNetForSemanticSegmentation": "AutoModelForSemanticSegmentation"}
 
 
 def pipeline_tag_for(architecture: str) -> str:
@@ -74,7 +77,7 @@ def castling_model_card(
         f"# {model_name}",
         _description(config) + (f"\n\n{notes}" if notes else ""),
         _usage(architecture, pipeline_tag),
-        "## Training: the mask decay\n\n" + (training_summary or _RECIPE),
+        "## Training: the mask decay\n\n" + (training_summary or _recipe(architecture)),
         _results(eval_results or [], results_source),
         f"## Citation\n\n[Castling-ViT (CVPR 2023)]({PAPER}):\n\n```bibtex\n{CITATION}\n```",
     ]
@@ -82,7 +85,12 @@ def castling_model_card(
 
 
 # Trainer metric names (after the "eval_<form>_" prefix) that become card eval results, with their metric type.
-CARD_METRICS = {"accuracy": "accuracy", "map": "mean_average_precision", "map_50": "mean_average_precision@0.5"}
+CARD_METRICS = {
+    "accuracy": "accuracy",
+    "map": "mean_average_precision",
+    "map_50": "mean_average_precision@0.5",
+    "mean_iou": "mean_iou",
+}
 
 
 def eval_results_from_metrics(metrics: dict, prefix: str, task_type: str, dataset_name: str, split: str = "test"):
@@ -106,8 +114,9 @@ def training_run_card(model, model_name: str, metrics: dict, prefix: str, datase
     """The card of a model at the end of a training run: its results are the run's last evaluation (`metrics`, keys
     `prefix + name`, e.g. `eval_linear_accuracy`) on `dataset_name`."""
     architecture = type(model).__name__
+    config = getattr(model.config, "backbone_config", None) or model.config  # the Castling-ViT inside a task model
     return castling_model_card(
-        model.config,
+        config,
         model_name=model_name,
         architecture=architecture,
         eval_results=eval_results_from_metrics(metrics, prefix, pipeline_tag_for(architecture), dataset_name),
@@ -153,7 +162,24 @@ def _description(config: CastlingViTConfig) -> str:
 
 
 def _usage(architecture: str, pipeline_tag: str) -> str:
-    auto_class = AUTO_CLASSES[architecture]
+    if architecture in BACKBONE_TASK_AUTO_CLASSES:
+        return _package_usage(BACKBONE_TASK_AUTO_CLASSES[architecture], pipeline_tag) + (
+            f"\n\n`{architecture}` is `transformers`' own class with a Castling-ViT backbone "
+            "(`config.backbone_config`): the package must be installed for it to load."
+        )
+    return (
+        _package_usage(AUTO_CLASSES[architecture], pipeline_tag)
+        + f"""
+
+Without it, the checkpoint carries its modeling code:
+
+```python
+model = {AUTO_CLASSES[architecture]}.from_pretrained("<repo or directory>", trust_remote_code=True)
+```"""
+    )
+
+
+def _package_usage(auto_class: str, pipeline_tag: str) -> str:
     return f"""## How to use
 
 With the package (`pip install castling-hf`; `import castling_hf` registers the Auto classes):
@@ -165,25 +191,34 @@ from transformers import AutoImageProcessor, {auto_class}, pipeline
 model = {auto_class}.from_pretrained("<repo or directory>")
 image_processor = AutoImageProcessor.from_pretrained("<repo or directory>")
 predictor = pipeline("{pipeline_tag}", model="<repo or directory>")
-```
-
-Without it, the checkpoint carries its modeling code:
-
-```python
-model = {auto_class}.from_pretrained("<repo or directory>", trust_remote_code=True)
 ```"""
 
 
-_RECIPE = """Train in `attention_mode="castling"` with `castling_hf.CastlingMaskDecayCallback` (α falls from 1 to 0 over
-the first 75 % of the steps, cosine), then drop the softmax branch, which no longer contributes anything:
+def _recipe(architecture: str) -> str:
+    if architecture in BACKBONE_TASK_AUTO_CLASSES:  # transformers' class: no `inference=True` on its save_pretrained
+        imports, save = (
+            "CastlingMaskDecayCallback, switch_to_inference",
+            (
+                'switch_to_inference(model)  # attention_mode="linear" in config.backbone_config: the branch is gone\n'
+                'model.save_pretrained("inference")'
+            ),
+        )
+    else:
+        imports = "CastlingMaskDecayCallback"
+        save = 'model.save_pretrained("inference", inference=True)  # attention_mode="linear": the branch is gone'
+    intro = (
+        'Train in `attention_mode="castling"` with `castling_hf.CastlingMaskDecayCallback` (α falls from 1 to 0 over\n'
+        "the first 75 % of the steps, cosine), then drop the softmax branch, which no longer contributes anything:"
+    )
+    return f"""{intro}
 
 ```python
 from transformers import Trainer
-from castling_hf import CastlingMaskDecayCallback
+from castling_hf import {imports}
 
 trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[CastlingMaskDecayCallback(end=0.75)])
 trainer.train()
-model.save_pretrained("inference", inference=True)  # attention_mode="linear": the branch is gone
+{save}
 ```"""
 
 
