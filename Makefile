@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run
 
-.PHONY: install test lint demo bench bench-accuracy bench-detection
+.PHONY: install test lint demo bench bench-accuracy bench-detection bench-segmentation
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -31,3 +31,7 @@ bench-accuracy: install
 bench-detection: install
 	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/detection.py $(BENCH_ARGS)
+
+bench-segmentation: install
+	$(PIP) install --quiet -e ".[dev,bench]"
+	$(PYTHON) benchmarks/segmentation.py $(BENCH_ARGS)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the benchmark tables into README.md from the benchmark JSON, so that no number in them is typed by hand.
 
-    python benchmarks/readme_tables.py    # after `make bench`, `make bench-accuracy`, `make bench-detection`
+    python benchmarks/readme_tables.py    # after make bench, bench-accuracy, bench-detection, bench-segmentation
 
 Each table sits between `<!-- table: NAME -->` and `<!-- end table: NAME -->`; `tests/test_benchmarks.py` checks that
 README.md holds exactly what this script would write.
@@ -37,9 +37,9 @@ def tables() -> dict[str, str]:
         rendered["accuracy"] = accuracy.markdown_table(study["summary"])
         rendered["accuracy-targets"] = accuracy.targets_table(study["summary"])
         rendered["accuracy-choices"] = accuracy.choices_table(study["choices"])
-    if (RESULTS / "detection.json").exists():
-        detection = json.loads((RESULTS / "detection.json").read_text())
-        rendered["detection"] = _benchmark("detection").markdown_table(detection)
+    for name in ("detection", "segmentation"):
+        if (RESULTS / f"{name}.json").exists():
+            rendered[name] = _benchmark(name).markdown_table(json.loads((RESULTS / f"{name}.json").read_text()))
     return rendered
 
 

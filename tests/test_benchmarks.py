@@ -24,6 +24,7 @@ def test_readme_tables_are_rendered_from_the_benchmark_json():
         "accuracy-targets",
         "accuracy-choices",
         "detection",
+        "segmentation",
     }
     readme = (ROOT / "README.md").read_text()
     for name, table in tables.items():
@@ -40,3 +41,20 @@ def test_detection_benchmark_smoke_run_writes_its_results(tmp_path):
     assert [entry["resolution"] for entry in results["latency"]] == [64, 128]
     assert (tmp_path / "detection.png").stat().st_size > 0
     assert training["held_out_images"] == 8  # a fifth of the 40 generated images
+
+
+def test_segmentation_benchmark_smoke_run_writes_its_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("segmentation", ROOT / "benchmarks" / "segmentation.py")
+    segmentation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(segmentation)
+    results = segmentation.main(["--quick", "--output_dir", str(tmp_path), "--run_dir", str(tmp_path / "run")])
+    training = results["training"]
+    assert training["castling"]["eval_castling_mean_iou"] == training["linear"]["eval_linear_mean_iou"]
+    assert training["held_out_images"] == 8  # a fifth of the 40 generated images
+    latency = results["latency"]
+    assert [entry["resolution"] for entry in latency] == [64, 128]
+    for entry in latency:  # both backbones hold activations, and the head adds to them
+        for name in ("castling_linear", "dinov2_sdpa"):
+            assert 0 < entry["backbone_peak_bytes"][name] < entry["upernet_peak_bytes"][name]
+    assert "| nano | 128 | 1024 | upernet |" in segmentation.markdown_table(results)  # 4×4 patches
+    assert (tmp_path / "segmentation.png").stat().st_size > 0

@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""Semantic segmentation: what UperNet on a Castling-ViT backbone learns in ten minutes on a CPU, and what the
+backbone saves at high resolution.
+
+1. Accuracy: `examples/semantic-segmentation/run_semantic_segmentation.py` with the recipe below on generated shape
+   masks (`--num_generated_images` images, a fifth held out), mean IoU before and after the switch, the wall time of
+   the run, and the loss and mean IoU during it.
+2. Latency and peak memory: `UperNetForSemanticSegmentation` on `CastlingViTBackbone` in the inference form against
+   the same UperNet on `Dinov2Backbone` of the same dimensions with SDPA attention (transformers' plain ViT backbone),
+   the same head configuration on both (UperNet's defaults, four maps on the patch grid), batch 1: the backbone alone
+   and the whole model, run interleaved; the median of the repeats. Peak memory is the largest total of tensors that
+   the forward pass holds at once (`speed.PeakTensorMemory`; the weights are not counted).
+
+    python benchmarks/segmentation.py            # make bench-segmentation
+    python benchmarks/segmentation.py --quick    # a smoke run: a few steps, small images
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Dinov2Config, UperNetConfig, UperNetForSemanticSegmentation
+
+from castling_hf import CASTLING_VIT_SIZES, CastlingViTConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speed import peak_memory_bytes, time_interleaved  # noqa: E402
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "semantic-segmentation" / "run_semantic_segmentation.py"
+RECIPE = (
+    "--do_train --do_eval --learning_rate 1e-3 --weight_decay 0.05 --lr_scheduler_type cosine --warmup_steps 50 "
+    "--per_device_train_batch_size 16 --per_device_eval_batch_size 64 --save_strategy no --logging_steps 25 "
+    "--report_to none --seed 0 --model_name_or_path nano --decode_hidden_size 128"
+)
+CONFIG_OVERRIDES = '{"patch_size": 8}'  # an 8×8 grid at 64 px; the pyramid feeds UperNet 32², 16², 8², 4² maps
+
+
+def segmenters(size: str, resolution: int) -> dict[str, UperNetForSemanticSegmentation]:
+    """UperNet (defaults, 150 classes as ADE20k) on a Castling-ViT backbone in the inference form, and on a Dinov2
+    backbone with the same width, depth, heads, MLP and patch size and SDPA attention; four maps a quarter of the
+    depth apart, on the patch grid, for both."""
+    depth = CASTLING_VIT_SIZES[size]["num_hidden_layers"]
+    out_indices = [depth * quarter // 4 for quarter in (1, 2, 3, 4)]
+    castling = CastlingViTConfig.from_size(
+        size, image_size=resolution, attention_mode="linear", out_indices=out_indices, reshape_hidden_states=True
+    )
+    dinov2 = Dinov2Config(
+        hidden_size=castling.hidden_size,
+        num_hidden_layers=castling.num_hidden_layers,
+        num_attention_heads=castling.num_attention_heads,
+        mlp_ratio=castling.intermediate_size // castling.hidden_size,
+        image_size=resolution,
+        patch_size=castling.patch_size,
+        out_indices=out_indices,
+        reshape_hidden_states=True,
+    )
+    dinov2._attn_implementation = "sdpa"
+    models = {}
+    for name, backbone_config in (("castling_linear", castling), ("dinov2_sdpa", dinov2)):
+        config = UperNetConfig(backbone_config=backbone_config, auxiliary_in_channels=castling.hidden_size)
+        models[name] = UperNetForSemanticSegmentation(config).eval()
+    return models
+
+
+def train(args) -> dict:
+    spec = importlib.util.spec_from_file_location("run_semantic_segmentation", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    command = (
+        f"--output_dir {args.run_dir} --num_generated_images {args.num_generated_images} --image_size "
+        f"{args.image_size} --max_steps {args.max_steps} --eval_strategy steps --eval_steps {args.eval_steps} "
+        f"{RECIPE}"
+    ).split() + ["--config_overrides", CONFIG_OVERRIDES]
+    started = time.perf_counter()
+    results = example.main(command)
+    seconds = time.perf_counter() - started
+    history = json.loads((Path(args.run_dir) / "trainer_state.json").read_text())["log_history"]
+    shown = " ".join(command[:-1]) + f" '{CONFIG_OVERRIDES}'"
+    return {
+        "command": f"python {EXAMPLE.relative_to(EXAMPLE.parents[2])} {shown}",
+        "wall_seconds": seconds,
+        "castling": results["castling"],
+        "linear": results["linear"],
+        "labels": results["labels"],
+        "held_out_images": results["eval_samples"],
+        "history": history,
+    }
+
+
+def latency_and_memory(args) -> list[dict]:
+    entries = []
+    progress = tqdm(total=len(args.resolutions) * 4 * args.repeats, desc="segmentation latency", unit="run")
+    for resolution in args.resolutions:
+        models = segmenters(args.size, resolution)
+        backbones = {name: model.backbone for name, model in models.items()}
+        pixel_values = torch.randn(1, 3, resolution, resolution)
+        entries.append(
+            {
+                "size": args.size,
+                "resolution": resolution,
+                "tokens": (resolution // models["castling_linear"].config.backbone_config.patch_size) ** 2,
+                "backbone_seconds": time_interleaved(backbones, pixel_values, args.repeats, progress),
+                "upernet_seconds": time_interleaved(models, pixel_values, args.repeats, progress),
+                "backbone_peak_bytes": {name: peak_memory_bytes(m, pixel_values) for name, m in backbones.items()},
+                "upernet_peak_bytes": {name: peak_memory_bytes(m, pixel_values) for name, m in models.items()},
+            }
+        )
+    progress.close()
+    return entries
+
+
+def ratio(values: dict) -> float:
+    return values["castling_linear"] / values["dinov2_sdpa"]
+
+
+def markdown_table(results: dict) -> str:
+    training = results["training"]
+    lines = [
+        "| form | mean IoU | " + " | ".join(f"IoU {label}" for label in training["labels"]) + " | overall "
+        "accuracy | held-out images | training run (wall) |",
+        "|---" * (len(training["labels"]) + 5) + "|",
+    ]
+    for form in ("castling", "linear"):
+        metrics = training[form]
+        per_class = " | ".join(f"{metrics[f'eval_{form}_iou_{label}']:.3f}" for label in training["labels"])
+        lines.append(
+            f"| {form} | {metrics[f'eval_{form}_mean_iou']:.3f} | {per_class} "
+            f"| {metrics[f'eval_{form}_overall_accuracy']:.3f} | {training['held_out_images']} "
+            f"| {training['wall_seconds']:.0f} s |"
+        )
+    lines += [
+        "",
+        "| size | resolution | tokens | part | castling (linear) s | Dinov2 (SDPA) s | latency ratio "
+        "| castling peak MiB | Dinov2 peak MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in results["latency"]:
+        for part in ("backbone", "upernet"):
+            seconds, peak = entry[f"{part}_seconds"], entry[f"{part}_peak_bytes"]
+            lines.append(
+                f"| {entry['size']} | {entry['resolution']} | {entry['tokens']} | {part} "
+                f"| {seconds['castling_linear']:.3f} | {seconds['dinov2_sdpa']:.3f} | {ratio(seconds):.2f} "
+                f"| {peak['castling_linear'] / 2**20:.0f} | {peak['dinov2_sdpa'] / 2**20:.0f} | {ratio(peak):.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = results["training"]["history"]
+    figure, (loss_axis, iou_axis, latency_axis, memory_axis) = plt.subplots(1, 4, figsize=(20, 4.5))
+    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+    loss_axis.plot(*zip(*losses, strict=True))
+    loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title="cross-entropy (+ auxiliary head)")
+    ious = [(entry["step"], entry["eval_mean_iou"]) for entry in history if "eval_mean_iou" in entry]
+    iou_axis.plot(*zip(*ious, strict=True), marker="o")
+    iou_axis.set(xlabel="step", ylabel="held-out mean IoU", ylim=(0, 1), title="mean IoU during training (castling)")
+    entries = results["latency"]
+    resolutions = [entry["resolution"] for entry in entries]
+    for axis, key, scale, unit in ((latency_axis, "seconds", 1, "s"), (memory_axis, "peak_bytes", 2**20, "MiB")):
+        for part, style in (("upernet", "-"), ("backbone", "--")):
+            for name in ("castling_linear", "dinov2_sdpa"):
+                values = [entry[f"{part}_{key}"][name] / scale for entry in entries]
+                axis.plot(resolutions, values, style, marker="o", label=f"{part}: {name}")
+        axis.set(xlabel="resolution (px)", ylabel=unit, xscale="log", yscale="log", xticks=resolutions)
+        axis.set_xticklabels([str(r) for r in resolutions])
+        axis.legend(fontsize=8)
+    latency_axis.set_title("latency, batch 1")
+    memory_axis.set_title("peak activation memory, batch 1")
+    for axis in (loss_axis, iou_axis, latency_axis, memory_axis):
+        axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num_generated_images", type=int, default=1500)
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--max_steps", type=int, default=700)
+    parser.add_argument("--eval_steps", type=int, default=175)
+    parser.add_argument("--size", default="small", help="the backbone size timed for latency and memory")
+    parser.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--run_dir", default="outputs/segmentation_benchmark")
+    parser.add_argument("--output_dir", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help="40 images, 4 steps, 64/128 pixels: a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_generated_images, args.max_steps, args.eval_steps = 40, 4, 2
+        args.size, args.resolutions, args.repeats = "nano", [64, 128], 2
+
+    results = {"training": train(args), "latency": latency_and_memory(args)}
+    directory = Path(args.output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "segmentation.json").write_text(json.dumps(results, indent=2))
+    (directory / "segmentation.md").write_text(markdown_table(results) + "\n")
+    plot(results, directory / "segmentation.png")
+    print(markdown_table(results))
+    print(f"wrote {directory / 'segmentation.json'}, {directory / 'segmentation.md'}, {directory / 'segmentation.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
