@@ -168,11 +168,12 @@ def plot(results: dict, path: Path) -> None:
     resolutions = [entry["resolution"] for entry in entries]
     for axis, key, scale, unit in ((latency_axis, "seconds", 1, "s"), (memory_axis, "peak_bytes", 2**20, "MiB")):
         for part, style in (("upernet", "-"), ("backbone", "--")):
-            for name in ("castling_linear", "dinov2_sdpa"):
+            for name, color in (("castling_linear", "tab:blue"), ("dinov2_sdpa", "tab:orange")):
                 values = [entry[f"{part}_{key}"][name] / scale for entry in entries]
-                axis.plot(resolutions, values, style, marker="o", label=f"{part}: {name}")
-        axis.set(xlabel="resolution (px)", ylabel=unit, xscale="log", yscale="log", xticks=resolutions)
-        axis.set_xticklabels([str(r) for r in resolutions])
+                axis.plot(resolutions, values, style, color=color, marker="o", label=f"{part}: {name}")
+        axis.set(xlabel="resolution (px)", ylabel=unit, xscale="log", yscale="log")
+        axis.set_xticks(resolutions, [str(r) for r in resolutions], minor=False)
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.legend(fontsize=8)
     latency_axis.set_title("latency, batch 1")
     memory_axis.set_title("peak activation memory, batch 1")
