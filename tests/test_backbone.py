@@ -198,6 +198,27 @@ def test_transformers_task_heads_train_on_it(make_config, build):
     assert backbone.encoder.layers[0].attention.qkv_proj.weight.grad.abs().sum() > 0
 
 
+def test_mask2former_fits_a_batch_while_alpha_decays_to_zero(make_config):
+    # The paper's segmentation head: a few optimiser steps with the mask decay lower its loss on a fixed batch.
+    model, _ = mask2former(make_config)
+    model.train()
+    left = torch.zeros(64, 64)
+    left[:, :32] = 1
+    targets = dict(mask_labels=[torch.stack([left, 1 - left])] * 2, class_labels=[torch.tensor([0, 1])] * 2)
+    pixels = torch.randn(2, 3, 64, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    callback, losses = CastlingMaskDecayCallback(start=0, end=8), []
+    for step in range(10):
+        callback.on_step_begin(None, TrainerState(global_step=step), None, model=model)
+        loss = model(pixel_values=pixels, **targets).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert set(softmax_mask_scales(model).values()) == {0.0}
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 def test_dpt_estimates_depth_from_its_token_sequences(make_config):
     # DPT reassembles the token sequences itself: feature maps without the reshape, [CLS] included.
     config = DPTConfig(
