@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from datasets import Features, List, Value, load_dataset
 from huggingface_hub import ModelCard
@@ -275,7 +276,6 @@ def test_segmentation_example_reports_mean_iou_before_and_after_the_switch(segme
 
 
 def test_segmentation_inference_checkpoint_reloads_and_segments_a_real_photo(segmentation_run):
-    import numpy as np
     import skimage
     import torch
     from PIL import Image
@@ -306,26 +306,38 @@ def test_segmentation_inference_checkpoint_reloads_and_segments_a_real_photo(seg
     assert {segment["label"] for segment in segments} == expected
 
 
-def scene_parse_folder(folder: Path, id2label: dict | None) -> Path:
+def as_palette_image(example):
+    """The label map as a palette ("P") image, as many data sets store them: pixel values are the class ids."""
+    from PIL import Image
+
+    palette = Image.fromarray(np.asarray(example["annotation"]), mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    return {"annotation": palette}
+
+
+def scene_parse_folder(folder: Path, id2label: dict | None, palette: bool = False) -> Path:
     from castling_hf.data import shape_masks
 
     folder.mkdir()
     for split, data in shape_masks(num_images=20, image_size=32, seed=5).items():
-        data.to_parquet(folder / f"{split}.parquet")
+        (data.map(as_palette_image) if palette else data).to_parquet(folder / f"{split}.parquet")
     if id2label is not None:
         (folder / "id2label.json").write_text(json.dumps(id2label))
     return folder
 
 
 @pytest.mark.parametrize(
-    "id2label, expected",
+    "id2label, palette, expected",
     [
-        ({"0": "sky", "1": "ball", "2": "box", "3": "roof"}, ["sky", "ball", "box", "roof"]),
-        (None, ["0", "1", "2", "3"]),  # no id2label.json: the ids in the training annotations name the classes
+        ({"0": "sky", "1": "ball", "2": "box", "3": "roof"}, False, ["sky", "ball", "box", "roof"]),
+        (None, False, ["0", "1", "2", "3"]),  # no id2label.json: the ids in the training annotations name the classes
+        (None, True, ["0", "1", "2", "3"]),  # palette label maps: their indices, not their colours, are the ids
     ],
 )
-def test_segmentation_example_trains_on_a_local_folder_in_the_scene_parse_150_layout(tmp_path, id2label, expected):
-    folder = scene_parse_folder(tmp_path / "my_masks", id2label)
+def test_segmentation_example_trains_on_a_local_folder_in_the_scene_parse_150_layout(
+    tmp_path, id2label, palette, expected
+):
+    folder = scene_parse_folder(tmp_path / "my_masks", id2label, palette)
     example = load_module(SEGMENTATION)
     results = example.main(
         f"--dataset_name {folder} --output_dir {tmp_path / 'out'} --image_size 32 --do_train --max_steps 1 "

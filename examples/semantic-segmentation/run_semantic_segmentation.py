@@ -184,8 +184,8 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataTraining
 def make_transform(image_processor, num_labels: int):
     def transform(batch):
         images = [image.convert("RGB") for image in batch["image"]]
-        maps = [annotation.convert("L") if annotation.mode != "L" else annotation for annotation in batch["annotation"]]
-        encoded = image_processor(images=images, segmentation_maps=maps, return_tensors="pt")
+        # Label maps as they are: converting a palette ("P") map to "L" would turn class ids into luminances.
+        encoded = image_processor(images=images, segmentation_maps=batch["annotation"], return_tensors="pt")
         labels = encoded["labels"]
         unknown = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_labels))].unique()
         if len(unknown):  # the loss would fail deep inside torch, or train the wrong thing
