@@ -44,8 +44,7 @@ def segmenters(size: str, resolution: int) -> dict[str, UperNetForSemanticSegmen
     """UperNet (defaults, 150 classes as ADE20k) on a Castling-ViT backbone in the inference form, and on a Dinov2
     backbone with the same width, depth, heads, MLP and patch size and SDPA attention; four maps a quarter of the
     depth apart, on the patch grid, for both."""
-    depth = CASTLING_VIT_SIZES[size]["num_hidden_layers"]
-    out_indices = [depth * quarter // 4 for quarter in (1, 2, 3, 4)]
+    out_indices = example_module().stage_indices(CASTLING_VIT_SIZES[size]["num_hidden_layers"])
     castling = CastlingViTConfig.from_size(
         size, image_size=resolution, attention_mode="linear", out_indices=out_indices, reshape_hidden_states=True
     )
@@ -62,15 +61,20 @@ def segmenters(size: str, resolution: int) -> dict[str, UperNetForSemanticSegmen
     dinov2._attn_implementation = "sdpa"
     models = {}
     for name, backbone_config in (("castling_linear", castling), ("dinov2_sdpa", dinov2)):
-        config = UperNetConfig(backbone_config=backbone_config, auxiliary_in_channels=castling.hidden_size)
+        config = UperNetConfig(backbone_config=backbone_config)
         models[name] = UperNetForSemanticSegmentation(config).eval()
     return models
 
 
-def train(args) -> dict:
+def example_module():
     spec = importlib.util.spec_from_file_location("run_semantic_segmentation", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def train(args) -> dict:
+    example = example_module()
     command = (
         f"--output_dir {args.run_dir} --num_generated_images {args.num_generated_images} --image_size "
         f"{args.image_size} --max_steps {args.max_steps} --eval_strategy steps --eval_steps {args.eval_steps} "

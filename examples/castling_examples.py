@@ -8,6 +8,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from datasets import DatasetDict
+
 from castling_hf import (
     CASTLING_VIT_SIZES,
     CastlingMaskDecayCallback,
@@ -40,6 +42,23 @@ class CastlingModelArguments:
     mask_decay_start: float = field(default=0.0, metadata={"help": "Where α starts to fall: fraction of the run."})
     mask_decay_end: float = field(default=0.75, metadata={"help": "Where α reaches 0: fraction of the run."})
     mask_decay_schedule: str = field(default="cosine", metadata={"help": "'cosine' or 'linear'."})
+
+
+def held_out_split(dataset: DatasetDict, data_args, seed: int) -> DatasetDict:
+    """`DatasetDict(train=..., test=...)`: the data set's `train` split, and its `validation` split if it has one (a
+    Hub set's `test` split often has no labels), else its `test` split, else `data_args.eval_split_fraction` of
+    `train`; each cut to a random `data_args.max_train_samples` / `max_eval_samples` when given."""
+    if "train" not in dataset:
+        raise ValueError(f"The data set has splits {sorted(dataset)}; a 'train' split is needed.")
+    held_out = next((name for name in ("validation", "test") if name in dataset), None)
+    if held_out is None:
+        dataset = dataset["train"].train_test_split(test_size=data_args.eval_split_fraction, seed=seed)
+        held_out = "test"
+    dataset = DatasetDict(train=dataset["train"], test=dataset[held_out])
+    for split, limit in (("train", data_args.max_train_samples), ("test", data_args.max_eval_samples)):
+        if limit is not None:
+            dataset[split] = dataset[split].shuffle(seed=seed).select(range(min(limit, len(dataset[split]))))
+    return dataset
 
 
 def mask_decay_callbacks(model, model_args: CastlingModelArguments) -> list:
@@ -167,7 +186,8 @@ def run_castling(trainer, image_processor, dataset_name: str) -> dict:
         return results
 
     name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    card = training_run_card(model, name, results.get("linear", {}), "eval_linear_", dataset_name)
+    split = str(getattr(trainer.eval_dataset, "split", None) or "test")  # as `datasets` named it, when it did
+    card = training_run_card(model, name, results.get("linear", {}), "eval_linear_", dataset_name, split)
     results["inference_dir"] = os.path.join(args.output_dir, "inference")
     if trainer.is_world_process_zero():
         write_inference_checkpoint(model, results["inference_dir"], image_processor, card)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datasets import Features, List, Value, load_dataset
 from huggingface_hub import ModelCard
 from safetensors import safe_open
@@ -349,15 +350,86 @@ def test_segmentation_example_trains_on_a_local_folder_in_the_scene_parse_150_la
     assert list(reloaded["id2label"].values()) == expected
 
 
+def test_segmentation_example_reads_transformers_layout_prefers_validation_and_reduces_labels(tmp_path):
+    from PIL import Image
+
+    from castling_hf.data import shape_masks
+
+    def ignored_strip(example):  # an annotated border of ignored pixels, as ADE20k-style data sets have
+        label_map = np.asarray(example["annotation"]).copy()
+        label_map[:, :2] = 255
+        return {"annotation": Image.fromarray(label_map)}
+
+    folder = tmp_path / "ade_like"
+    folder.mkdir()
+    generated = shape_masks(num_images=30, image_size=32, seed=6)
+    splits = {"train": generated["train"], "validation": generated["test"].select(range(4)), "test": generated["test"]}
+    for split, data in splits.items():  # transformers' layout: `label` for the label map
+        data.map(ignored_strip).rename_column("annotation", "label").to_parquet(folder / f"{split}.parquet")
+    example = load_module(SEGMENTATION)
+    results = example.main(
+        f"--dataset_name {folder} --do_reduce_labels --output_dir {tmp_path / 'out'} --image_size 32 --do_train "
+        f"--max_steps 1 {SEGMENTATION_ARGS}".split()
+        + TINY_BACKBONE
+    )
+    # The background (0) is ignored and the shapes 1, 2, 3 become classes 0, 1, 2; 255 is not a class.
+    assert results["labels"] == ["1", "2", "3"] and results["eval_samples"] == 4  # the validation split
+    card = ModelCard.load(tmp_path / "out" / "inference" / "README.md")
+    assert card.data.eval_results[0].dataset_split == "validation"
+
+
 def test_segmentation_example_refuses_annotations_outside_the_labels_and_other_layouts(tmp_path):
     folder = scene_parse_folder(tmp_path / "masks", {"0": "background", "1": "circle"})  # squares, triangles unnamed
     example = load_module(SEGMENTATION)
     common = f"--output_dir {tmp_path / 'out'} --image_size 32 {SEGMENTATION_ARGS}".split() + TINY_BACKBONE
-    with pytest.raises(ValueError, match=r"class ids \[.*3\], but the model has 2 classes"):
-        example.main(["--dataset_name", str(folder), *common])
+    with pytest.raises(ValueError, match=r"'train' annotations .* hold class ids \[2, 3\] .* but there are 2 classes"):
+        example.main(["--dataset_name", str(folder), "--do_train", *common])  # refused before any training step
+    assert not (tmp_path / "out").exists()
 
     for split in ("train", "test"):
         data = load_dataset("parquet", data_files=str(folder / f"{split}.parquet"), split="train")
-        data.rename_column("annotation", "label").to_parquet(folder / f"{split}.parquet")
+        data.rename_column("annotation", "mask").to_parquet(folder / f"{split}.parquet")
     with pytest.raises(ValueError, match=r"needs an 'image' and an 'annotation'"):
         example.main(["--dataset_name", str(folder), *common])
+
+
+def test_segmentation_example_evaluates_its_checkpoint_batch_by_batch_to_the_same_mean_iou(segmentation_run, tmp_path):
+    output_dir, results = segmentation_run
+    example = load_module(SEGMENTATION)
+    evaluated = example.main(
+        f"--model_name_or_path {output_dir / 'inference'} --output_dir {tmp_path} --num_generated_images 20 "
+        f"--batch_eval_metrics --per_device_eval_batch_size 3 {SEGMENTATION_ARGS}".split()
+    )
+    assert "castling" not in evaluated  # the checkpoint is in the inference form already
+    assert evaluated["linear"]["eval_linear_mean_iou"] == pytest.approx(results["linear"]["eval_linear_mean_iou"])
+
+
+def test_segmentation_example_puts_a_new_upernet_on_a_castling_encoder_checkpoint_and_refuses_others(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from castling_hf import CastlingViTConfig, CastlingViTForImageClassification, image_processor_for
+
+    example = load_module(SEGMENTATION)
+    encoder = CastlingViTForImageClassification(CastlingViTConfig.from_size("nano", patch_size=8, num_labels=10))
+    encoder.save_pretrained(tmp_path / "classifier")
+    arguments = example.ModelArguments(model_name_or_path=str(tmp_path / "classifier"), decode_hidden_size=16)
+    model, processor = example.load_model_and_processor(arguments, example.DataTrainingArguments(), ["a", "b"])
+    assert model.config.num_labels == 2 and model.backbone.out_indices == [1, 2, 3, 4]
+    torch.testing.assert_close(
+        model.backbone.encoder.layers[3].attention.qkv_proj.weight,
+        encoder.castling_vit.encoder.layers[3].attention.qkv_proj.weight,
+        rtol=0,
+        atol=0,
+    )
+    assert (processor.size.height, processor.size.width) == (64, 64)
+    assert list(processor.image_mean) == [0.485, 0.456, 0.406]  # no processor saved with it: ImageNet's
+    image_processor_for(encoder.config).save_pretrained(tmp_path / "classifier")  # the encoder's own normalisation
+    _, processor = example.load_model_and_processor(arguments, example.DataTrainingArguments(), ["a", "b"])
+    assert list(processor.image_mean) == list(image_processor_for(encoder.config).image_mean) == [0.5] * 3
+
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(
+        tmp_path / "vit"
+    )
+    arguments.model_name_or_path = str(tmp_path / "vit")
+    with pytest.raises(ValueError, match="'vit' checkpoint without a Castling-ViT backbone"):
+        example.load_model_and_processor(arguments, example.DataTrainingArguments(), ["a", "b"])

@@ -126,23 +126,28 @@ def test_dry_run_refuses_a_folder_that_is_not_empty(trained_run):
         )
 
 
-def test_a_task_model_around_a_castling_backbone_is_written_once_switched(make_config, tmp_path):
+def test_a_task_model_around_a_castling_backbone_is_written_in_its_inference_form(make_config, tmp_path):
     from transformers import UperNetConfig, UperNetForSemanticSegmentation
 
-    from castling_hf import set_softmax_mask_scale, switch_to_inference
+    from castling_hf import set_softmax_mask_scale, softmax_mask_scales
     from castling_hf.hub import write_inference_checkpoint
 
     backbone_config = make_config(num_hidden_layers=4, out_indices=[1, 2, 3, 4])
-    model = UperNetForSemanticSegmentation(
-        UperNetConfig(backbone_config=backbone_config, hidden_size=16, auxiliary_in_channels=64, num_labels=3)
-    )
-    set_softmax_mask_scale(model, 0.0)
-    with pytest.raises(ValueError, match=r"training form .* call castling_hf.switch_to_inference\(model\)"):
+    model = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone_config, hidden_size=16, num_labels=3))
+    set_softmax_mask_scale(model, 0.5)
+    with pytest.raises(ValueError, match=r"α = 0.5 \(4 of 4 layers"):
         write_inference_checkpoint(model, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()  # nothing half-written
 
-    write_inference_checkpoint(switch_to_inference(model), tmp_path / "written")
-    config = json.loads((tmp_path / "written" / "config.json").read_text())
-    assert config["backbone_config"]["attention_mode"] == "linear"
-    with safe_open(tmp_path / "written" / "model.safetensors", "pt") as weights:
-        assert not [name for name in weights.keys() if "softmax" in name]
+    def written_linear(folder):
+        config = json.loads((folder / "config.json").read_text())
+        with safe_open(folder / "model.safetensors", "pt") as weights:
+            return config["backbone_config"]["attention_mode"] == "linear" and not [
+                name for name in weights.keys() if "softmax" in name
+            ]
+
+    write_inference_checkpoint(model, tmp_path / "forced", force=True)
+    set_softmax_mask_scale(model, 0.0)
+    write_inference_checkpoint(model, tmp_path / "decayed")
+    assert written_linear(tmp_path / "forced") and written_linear(tmp_path / "decayed")
+    assert len(softmax_mask_scales(model)) == 4 and model.config.backbone_config.attention_mode == "castling"

@@ -46,6 +46,7 @@ from castling_hf.metrics import Accuracy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from castling_examples import (  # noqa: E402
     CastlingModelArguments,
+    held_out_split,
     mask_decay_callbacks,
     model_from_size_or_checkpoint,
     run_castling,
@@ -80,14 +81,7 @@ def load_image_dataset(data_args: DataTrainingArguments, seed: int) -> DatasetDi
         dataset = digits()
     else:
         dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-    eval_split = next((name for name in ("test", "validation") if name in dataset), None)
-    if eval_split is None:
-        dataset = dataset["train"].train_test_split(test_size=data_args.eval_split_fraction, seed=seed)
-        eval_split = "test"
-    dataset = DatasetDict(train=dataset["train"], test=dataset[eval_split])
-    for split, limit in (("train", data_args.max_train_samples), ("test", data_args.max_eval_samples)):
-        if limit is not None:
-            dataset[split] = dataset[split].shuffle(seed=seed).select(range(min(limit, len(dataset[split]))))
+    dataset = held_out_split(dataset, data_args, seed)
     for column in (data_args.image_column_name, data_args.label_column_name):
         if column not in dataset["train"].column_names:
             raise ValueError(f"Column {column!r} not in the data set; it has {dataset['train'].column_names}.")

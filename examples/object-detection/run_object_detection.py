@@ -41,6 +41,7 @@ from castling_hf.metrics import CocoDetectionMAP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from castling_examples import (  # noqa: E402
     CastlingModelArguments,
+    held_out_split,
     mask_decay_callbacks,
     model_from_size_or_checkpoint,
     run_castling,
@@ -69,19 +70,7 @@ def load_detection_dataset(data_args: DataTrainingArguments, image_size: int, se
         dataset = shapes(num_images=data_args.num_generated_images, image_size=image_size, seed=seed)
     else:
         dataset = load_dataset(data_args.dataset_name)
-        if "train" not in dataset:
-            raise ValueError(f"{data_args.dataset_name!r} has splits {sorted(dataset)}; a 'train' split is needed.")
-    if "test" not in dataset:
-        held_out = "validation" if "validation" in dataset else None
-        dataset = (
-            DatasetDict(train=dataset["train"], test=dataset[held_out])
-            if held_out
-            else dataset["train"].train_test_split(test_size=data_args.eval_split_fraction, seed=seed)
-        )
-    for split, limit in (("train", data_args.max_train_samples), ("test", data_args.max_eval_samples)):
-        if limit is not None:
-            dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
-    return dataset
+    return held_out_split(dataset, data_args, seed)
 
 
 def category_names(split, dataset_name: str | None) -> list[str]:

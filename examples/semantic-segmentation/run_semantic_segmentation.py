@@ -9,15 +9,18 @@ In the manner of `transformers`' examples/pytorch/semantic-segmentation/run_sema
 
 Without `--dataset_name` the generated shapes with their label maps (`castling_hf.data.shape_masks`) are used, so it
 runs offline. A data set (a Hub name, or a local folder `datasets.load_dataset` reads, e.g. `train.parquet` +
-`test.parquet`) needs the layout of `scene_parse_150`: an `image` and an `annotation` (a label map: one class id per
-pixel) per example. The label names come from an `id2label.json` (`{"0": "wall", ...}`) beside the data: in the local
-folder, or in the Hub data set's repository; without one, the classes are named by their ids, as many as the largest
-id in the training annotations. `--do_reduce_labels` maps 0 (scene_parse_150's "other") to the ignored index 255 and
-shifts the other ids down by one, as SegFormer's image processor does.
+`validation.parquet`) needs the layout of `scene_parse_150`: an `image` and an `annotation` (a label map: one class id
+per pixel; a `label` column is read as the annotation, as transformers' example does) per example. Evaluation uses
+the `validation` split, else `test`, else a fraction of `train`. The label names come from an `id2label.json`
+(`{"0": "wall", ...}`, ids as the model sees them) beside the data: in the local folder, or in the Hub data set's
+repository; without one, the classes are named by the ids in the training annotations. `--do_reduce_labels` maps 0
+(scene_parse_150's "other") to the ignored index 255 and shifts the other ids down by one, as SegFormer's image
+processor does. Annotations are checked against the classes before training starts.
 
-A new model (`--model_name_or_path` a size name) is `UperNetForSemanticSegmentation` whose `backbone_config` is a
-Castling-ViT config with four feature maps (the last four quarters of the encoder), optionally through the simple
-feature pyramid (`--simple_feature_pyramid`, strides 4/8/16/32 of the image for patch 16).
+`--model_name_or_path` is a size name (a new `UperNetForSemanticSegmentation` whose `backbone_config` is a
+Castling-ViT config with four feature maps a quarter of the depth apart, through the simple feature pyramid unless
+`--simple_feature_pyramid false`), a Castling-ViT checkpoint (e.g. a classifier: its encoder under a new UperNet), or
+a segmentation checkpoint whose backbone is Castling-ViT (e.g. this example's output).
 """
 
 import json
@@ -30,8 +33,9 @@ from pathlib import Path
 import numpy as np
 from datasets import DatasetDict, load_dataset
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModelForSemanticSegmentation,
     HfArgumentParser,
@@ -43,13 +47,14 @@ from transformers import (
     set_seed,
 )
 
-from castling_hf import CASTLING_VIT_SIZES
+from castling_hf import CASTLING_VIT_SIZES, CastlingViTBackbone, CastlingViTConfig
 from castling_hf.data import SEGMENTATION_CLASSES, shape_masks
 from castling_hf.metrics import MeanIoU
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from castling_examples import (  # noqa: E402
     CastlingModelArguments,
+    held_out_split,
     label_maps,
     mask_decay_callbacks,
     model_from_checkpoint,
@@ -57,6 +62,7 @@ from castling_examples import (  # noqa: E402
     run_castling,
 )
 
+logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255  # UperNetConfig.loss_ignore_index, and what do_reduce_labels turns class 0 into
 
 
@@ -86,33 +92,33 @@ class DataTrainingArguments:
 
 def load_segmentation_dataset(data_args: DataTrainingArguments, image_size: int, seed: int) -> DatasetDict:
     if data_args.dataset_name is None:
-        dataset = shape_masks(num_images=data_args.num_generated_images, image_size=image_size, seed=seed)
+        dataset = shape_masks(
+            num_images=data_args.num_generated_images,
+            image_size=image_size,
+            seed=seed,
+            test_fraction=data_args.eval_split_fraction,
+        )
     else:
         dataset = load_dataset(data_args.dataset_name)
-        if "train" not in dataset:
-            raise ValueError(f"{data_args.dataset_name!r} has splits {sorted(dataset)}; a 'train' split is needed.")
-        missing = {"image", "annotation"} - set(dataset["train"].column_names)
+        # transformers' own example reads `image` / `label`, or `pixel_values` / `annotation`: all become ours.
+        for split in dataset:
+            renames = {"pixel_values": "image", "label": "annotation"}
+            dataset[split] = dataset[split].rename_columns(
+                {old: new for old, new in renames.items() if old in dataset[split].column_names}
+            )
+        missing = {"image", "annotation"} - set(next(iter(dataset.values())).column_names)
         if missing:
             raise ValueError(
-                f"{data_args.dataset_name!r} has columns {dataset['train'].column_names}; the scene_parse_150 layout "
-                f"needs an 'image' and an 'annotation' (a label map) per example, and {sorted(missing)} is missing."
+                f"{data_args.dataset_name!r} has columns {next(iter(dataset.values())).column_names}; the "
+                "scene_parse_150 layout needs an 'image' and an 'annotation' (a label map; 'label' is read as one) per "
+                f"example, and {sorted(missing)} is missing."
             )
-    if "test" not in dataset:
-        held_out = "validation" if "validation" in dataset else None
-        dataset = (
-            DatasetDict(train=dataset["train"], test=dataset[held_out])
-            if held_out
-            else dataset["train"].train_test_split(test_size=data_args.eval_split_fraction, seed=seed)
-        )
-    for split, limit in (("train", data_args.max_train_samples), ("test", data_args.max_eval_samples)):
-        if limit is not None:
-            dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
-    return dataset
+    return held_out_split(dataset, data_args, seed)
 
 
 def id2label_beside_the_data(dataset_name: str) -> dict[int, str] | None:
-    """The `id2label.json` in the local folder `dataset_name`, or in the Hub data set's repository; None if neither
-    has one."""
+    """The `id2label.json` in the local folder `dataset_name`, or in the Hub data set's repository; None if it has
+    none. (A Hub that cannot be reached is an error, not a missing file: the classes would silently change.)"""
     if os.path.isdir(dataset_name):
         path = os.path.join(dataset_name, "id2label.json")
         if not os.path.exists(path):
@@ -120,81 +126,131 @@ def id2label_beside_the_data(dataset_name: str) -> dict[int, str] | None:
     else:
         try:
             path = hf_hub_download(dataset_name, "id2label.json", repo_type="dataset")
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+        except RemoteEntryNotFoundError:
             return None
     with open(path) as file:
         return {int(key): name for key, name in json.load(file).items()}
 
 
+def class_ids(annotation, do_reduce_labels: bool) -> set[int]:
+    """The model's class ids in one label map: without the ignored index, and after the reduction when asked (0 is
+    ignored, the others move down by one, as SegFormer's image processor does)."""
+    ids = set(np.unique(np.asarray(annotation)).tolist()) - {IGNORE_INDEX}
+    return {i - 1 for i in ids if i != 0} if do_reduce_labels else ids
+
+
 def label_names(dataset: DatasetDict, data_args: DataTrainingArguments) -> list[str]:
-    """The model's labels: the generated set's classes, the data set's `id2label.json`, or the ids seen in training."""
+    """The model's labels: the generated set's classes, the data set's `id2label.json` (ids as the model sees them:
+    after `--do_reduce_labels`), or the ids in the training annotations. Every annotation of both splits is checked
+    against them here, before any training."""
     if data_args.dataset_name is None:
         return list(SEGMENTATION_CLASSES)
+    seen = {
+        split: set().union(*(class_ids(a, data_args.do_reduce_labels) for a in dataset[split]["annotation"]))
+        for split in ("train", "test")
+    }
     id2label = id2label_beside_the_data(data_args.dataset_name)
     if id2label is None:
-        largest = max(int(np.max(np.asarray(annotation))) for annotation in dataset["train"]["annotation"])
-        id2label = {index: str(index) for index in range(largest + 1)}
-        if data_args.do_reduce_labels:  # class 0 is ignored and the rest move down by one
-            id2label = {index: str(index + 1) for index in range(largest)}
+        logger.warning("%s has no id2label.json: the classes are named by their ids.", data_args.dataset_name)
+        id2label = {index: str(index) for index in range(max(seen["train"]) + 1)}
+        if data_args.do_reduce_labels:  # name them by the ids in the data, before the reduction
+            id2label = {index: str(index + 1) for index in id2label}
     if sorted(id2label) != list(range(len(id2label))):
         raise ValueError(
             f"The id2label.json of {data_args.dataset_name!r} has ids {sorted(id2label)}; expected 0 .. "
             f"{len(id2label) - 1}, one per class, as the model's label ids."
         )
+    for split, ids in seen.items():
+        unknown = sorted(i for i in ids if i >= len(id2label))
+        if unknown:
+            raise ValueError(
+                f"The {split!r} annotations of {data_args.dataset_name!r} hold class ids {unknown} (as the model "
+                f"sees them{', after --do_reduce_labels' if data_args.do_reduce_labels else ''}), but there are "
+                f"{len(id2label)} classes (0 .. {len(id2label) - 1}, and {IGNORE_INDEX} for ignored pixels); give an "
+                "id2label.json with every class, or --do_reduce_labels if 0 means 'other'."
+            )
     return [id2label[index] for index in range(len(id2label))]
 
 
-def new_upernet(model_args: ModelArguments, labels: list[str]) -> UperNetForSemanticSegmentation:
-    """UperNet on a new Castling-ViT backbone of the named size: four feature maps, a quarter of the depth apart."""
-    depth = new_castling_config(model_args).num_hidden_layers
+def stage_indices(depth: int) -> list[int]:
+    """Four stages a quarter of the depth apart, the last one the encoder's output: UperNet's four feature maps."""
     if depth < 4:
         raise ValueError(
             f"UperNet takes four feature maps, from layers a quarter of the depth apart; a backbone of {depth} "
             "layers cannot give four different ones. Give num_hidden_layers ≥ 4 (--config_overrides)."
         )
-    backbone_config = new_castling_config(
-        model_args,
-        image_size=model_args.image_size,
-        out_indices=[depth * quarter // 4 for quarter in (1, 2, 3, 4)],
-        simple_feature_pyramid=model_args.simple_feature_pyramid,
-    )
+    return [depth * quarter // 4 for quarter in (1, 2, 3, 4)]
+
+
+def upernet_on(backbone_config, model_args: ModelArguments, labels: list[str]) -> UperNetForSemanticSegmentation:
     config = UperNetConfig(
         backbone_config=backbone_config,
         hidden_size=model_args.decode_hidden_size,
         use_auxiliary_head=model_args.use_auxiliary_head,
-        auxiliary_in_channels=backbone_config.hidden_size,
         loss_ignore_index=IGNORE_INDEX,
         **label_maps(labels),
     )
     return UperNetForSemanticSegmentation(config)
 
 
+def new_processor(model_args: ModelArguments, data_args: DataTrainingArguments, normalisation=None):
+    """SegFormer's image processor (PIL backend: resizes label maps with nearest neighbours) at `image_size`, with the
+    mean and std of `normalisation` (an encoder checkpoint's image processor) when given."""
+    size = {"height": model_args.image_size, "width": model_args.image_size}
+    statistics = {"image_mean": normalisation.image_mean, "image_std": normalisation.image_std} if normalisation else {}
+    return SegformerImageProcessorPil(size=size, do_reduce_labels=data_args.do_reduce_labels, **statistics)
+
+
+def saved_image_processor(name_or_path: str):
+    """The image processor saved with a checkpoint, or None (with a warning) when there is none."""
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError:
+        logger.warning("%s has no image processor: ImageNet's mean and std normalise the images.", name_or_path)
+        return None
+
+
 def load_model_and_processor(model_args: ModelArguments, data_args: DataTrainingArguments, labels: list[str]):
-    if model_args.model_name_or_path in CASTLING_VIT_SIZES:
-        size = {"height": model_args.image_size, "width": model_args.image_size}
-        processor = SegformerImageProcessorPil(size=size, do_reduce_labels=data_args.do_reduce_labels)
-        return new_upernet(model_args, labels), processor
+    """A new UperNet on a new Castling-ViT of a named size; a new UperNet on the encoder of a Castling-ViT checkpoint
+    (e.g. a classifier); or a segmentation checkpoint whose backbone is Castling-ViT (e.g. this example's)."""
+    name_or_path = model_args.model_name_or_path
+    if name_or_path in CASTLING_VIT_SIZES:
+        depth = new_castling_config(model_args).num_hidden_layers
+        backbone_config = new_castling_config(
+            model_args,
+            image_size=model_args.image_size,
+            out_indices=stage_indices(depth),
+            simple_feature_pyramid=model_args.simple_feature_pyramid,
+        )
+        return upernet_on(backbone_config, model_args, labels), new_processor(model_args, data_args)
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    if isinstance(config, CastlingViTConfig):  # an encoder checkpoint: its weights under a new UperNet
+        backbone = CastlingViTBackbone.from_pretrained(
+            name_or_path,
+            out_indices=stage_indices(config.num_hidden_layers),
+            simple_feature_pyramid=model_args.simple_feature_pyramid,
+        )
+        model = upernet_on(backbone.config, model_args, labels)
+        model.backbone = backbone
+        return model, new_processor(model_args, data_args, saved_image_processor(name_or_path))
+    if not isinstance(getattr(config, "backbone_config", None), CastlingViTConfig):
+        raise ValueError(
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint without a Castling-ViT backbone. This example "
+            "trains semantic segmentation on Castling-ViT: give a size name, a Castling-ViT checkpoint (its encoder "
+            "gets a new UperNet), or a segmentation checkpoint whose backbone_config is Castling-ViT."
+        )
     model = model_from_checkpoint(model_args, labels, AutoModelForSemanticSegmentation)
-    processor = AutoImageProcessor.from_pretrained(
-        model_args.model_name_or_path, do_reduce_labels=data_args.do_reduce_labels
-    )
+    processor = AutoImageProcessor.from_pretrained(name_or_path, do_reduce_labels=data_args.do_reduce_labels)
     return model, processor
 
 
-def make_transform(image_processor, num_labels: int):
+def make_transform(image_processor):
     def transform(batch):
         images = [image.convert("RGB") for image in batch["image"]]
         # Label maps as they are: converting a palette ("P") map to "L" would turn class ids into luminances.
         encoded = image_processor(images=images, segmentation_maps=batch["annotation"], return_tensors="pt")
-        labels = encoded["labels"]
-        unknown = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_labels))].unique()
-        if len(unknown):  # the loss would fail deep inside torch, or train the wrong thing
-            raise ValueError(
-                f"Annotations hold class ids {unknown.tolist()}, but the model has {num_labels} classes (0 .. "
-                f"{num_labels - 1}, and {IGNORE_INDEX} for ignored pixels); give an id2label.json with every class, "
-                "or --do_reduce_labels if 0 means 'other'."
-            )
-        return {"pixel_values": encoded["pixel_values"], "labels": labels}
+        return {"pixel_values": encoded["pixel_values"], "labels": encoded["labels"]}
 
     return transform
 
@@ -206,11 +262,16 @@ def predicted_label_maps(logits, labels):
 
 
 def make_compute_metrics(labels: list[str]):
-    def compute_metrics(evaluation):
-        metric = MeanIoU()
+    """Mean IoU, mean and overall pixel accuracy, and IoU per class (`iou_<label>`). With `--batch_eval_metrics` the
+    Trainer hands over one batch at a time (`compute_result=False` until the last), and the counts accumulate."""
+    metric = MeanIoU()
+
+    def compute_metrics(evaluation, compute_result: bool = True):
         metric.add_batch(predictions=list(evaluation.predictions), references=list(evaluation.label_ids))
+        if not compute_result:
+            return {}
         results = metric.compute(num_labels=len(labels), ignore_index=IGNORE_INDEX)
-        per_class = {f"iou_{name}": value for name, value in zip(labels, results.pop("per_category_iou"), strict=True)}
+        per_class = {f"iou_{name}": iou for name, iou in zip(labels, results.pop("per_category_iou"), strict=True)}
         results.pop("per_category_accuracy")
         return {**results, **per_class}
 
@@ -228,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     labels = label_names(dataset, data_args)
     model, image_processor = load_model_and_processor(model_args, data_args, labels)
     for split in ("train", "test"):
-        dataset[split].set_transform(make_transform(image_processor, len(labels)))
+        dataset[split].set_transform(make_transform(image_processor))
 
     trainer = Trainer(
         model=model,

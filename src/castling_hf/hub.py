@@ -3,9 +3,11 @@ inference=True)` is that same push.
 
 A dry run and a real push cannot differ: both write the folder with `write_inference_checkpoint`; the push then
 uploads that folder in one commit with `huggingface_hub`'s own `HfApi.upload_folder`. This file imports nothing of
-the package, so that it travels with the modeling code into every saved checkpoint (see `save_pretrained`).
+the package but the modeling file (inside a function: that file imports this one), so that it travels with the
+modeling code into every saved checkpoint (see `save_pretrained`).
 """
 
+import copy
 import os
 import tempfile
 
@@ -19,30 +21,20 @@ def write_inference_checkpoint(model, folder, image_processor=None, model_card: 
     the modeling code, and, when given, the image processor's config and the card (`README.md`).
 
     Refuses (as `switch_to_inference` does) while any layer's α is not 0, unless `force=True`; `model` itself is not
-    changed. A `transformers` task model around a Castling-ViT backbone (e.g. `UperNetForSemanticSegmentation`) has
-    no `inference=True` to save with: switch it first (`castling_hf.switch_to_inference(model)`), then write it.
+    changed. `model` may also be a `transformers` task model around a Castling-ViT backbone (e.g.
+    `UperNetForSemanticSegmentation`): its folder has no modeling code or `auto_map` (the task model's code is
+    `transformers`'), so it loads where castling_hf is installed.
     """
     if hasattr(model, "inference_copy"):  # a Castling-ViT model class
         model.save_pretrained(folder, inference=True, force=force)
     else:
-        check_switched(model)
-        model.save_pretrained(folder)
+        from .modeling_castling_vit import switch_to_inference  # here: the modeling file imports this one
+
+        switch_to_inference(copy.deepcopy(model), force=force).save_pretrained(folder)
     if image_processor is not None:
         image_processor.save_pretrained(folder)
     if model_card is not None:
         model_card.save(os.path.join(folder, "README.md"))
-
-
-def check_switched(model) -> None:
-    """Refuse a model whose config, or nested `backbone_config`, is still in the training form."""
-    config = model.config
-    for candidate in (config, getattr(config, "backbone_config", None)):
-        if getattr(candidate, "attention_mode", None) == "castling":
-            raise ValueError(
-                f"{type(model).__name__} still holds a Castling-ViT in the training form (attention_mode="
-                '"castling"); call castling_hf.switch_to_inference(model) once the mask decay has ended, then write '
-                "the inference checkpoint."
-            )
 
 
 def push_inference_checkpoint(

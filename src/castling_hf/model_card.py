@@ -110,16 +110,18 @@ def eval_results_from_metrics(metrics: dict, prefix: str, task_type: str, datase
     ]
 
 
-def training_run_card(model, model_name: str, metrics: dict, prefix: str, dataset_name: str) -> ModelCard:
+def training_run_card(
+    model, model_name: str, metrics: dict, prefix: str, dataset_name: str, split: str = "test"
+) -> ModelCard:
     """The card of a model at the end of a training run: its results are the run's last evaluation (`metrics`, keys
-    `prefix + name`, e.g. `eval_linear_accuracy`) on `dataset_name`."""
+    `prefix + name`, e.g. `eval_linear_accuracy`) on the `split` of `dataset_name`."""
     architecture = type(model).__name__
     config = getattr(model.config, "backbone_config", None) or model.config  # the Castling-ViT inside a task model
     return castling_model_card(
         config,
         model_name=model_name,
         architecture=architecture,
-        eval_results=eval_results_from_metrics(metrics, prefix, pipeline_tag_for(architecture), dataset_name),
+        eval_results=eval_results_from_metrics(metrics, prefix, pipeline_tag_for(architecture), dataset_name, split),
         datasets=[dataset_name],
         results_source="the evaluation at the end of this training run, after the switch",
     )
