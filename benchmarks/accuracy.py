@@ -223,9 +223,10 @@ def train_and_evaluate(name, variant, task_name, seed, args) -> dict:
     for step, (pixels, labels) in zip(range(steps), data.batches(args.batch_size, seed), strict=False):
         if castling:
             model.set_softmax_mask_scale(softmax_mask_scale(step, steps, 0.0, args.decay_end, "cosine"))
+            model.measure_softmax_mask_kept_shares(step % KEPT_SHARE_EVERY == 0)
         loss = model(pixel_values=pixels, labels=labels).loss
-        if castling and step % KEPT_SHARE_EVERY == 0:
-            shares = model.softmax_mask_kept_shares()
+        shares = model.softmax_mask_kept_shares() if castling and step % KEPT_SHARE_EVERY == 0 else {}
+        if shares:  # none once α is 0: the branch then does no work
             kept_shares.append((step, statistics.mean(shares.values())))
             if step == 0:
                 kept_share_at_start = list(shares.values())

@@ -88,10 +88,13 @@ def test_masked_softmax_equals_explicit_masked_probabilities(threshold, threshol
     mask = probabilities > cutoff
     assert 0 < mask.float().mean() < 1  # the threshold really masks something
     expected = ((probabilities * mask) @ v).transpose(1, 2)
-    attended, kept_share = masked_softmax_attention(query, key, value, threshold, threshold_type)
+    attended, kept_share = masked_softmax_attention(
+        query, key, value, threshold, threshold_type, measure_kept_share=True
+    )
     assert torch.allclose(attended, expected, atol=1e-5, rtol=0)
     assert kept_share.item() == pytest.approx(mask.float().mean().item())
-    dense, kept_share = masked_softmax_attention(query, key, value, None)
+    assert masked_softmax_attention(query, key, value, threshold, threshold_type)[1] is None  # not measured
+    dense, kept_share = masked_softmax_attention(query, key, value, None, measure_kept_share=True)
     assert torch.allclose(dense, (probabilities @ v).transpose(1, 2), atol=1e-5, rtol=0) and kept_share.item() == 1.0
 
 
@@ -100,8 +103,8 @@ def test_relative_threshold_keeps_a_share_of_a_near_uniform_softmax_at_any_token
         generator = torch.Generator().manual_seed(tokens)
         # Initialisation-like scores: q·kᵀ/√d spread by about 0.1 around a constant.
         query, key, value = (0.2 * torch.randn(1, tokens, 1, 16, generator=generator) for _ in range(3))
-        _, relative = masked_softmax_attention(query, key, value, 1.0, "relative")
-        _, absolute = masked_softmax_attention(query, key, value, 0.02, "absolute")
+        _, relative = masked_softmax_attention(query, key, value, 1.0, "relative", measure_kept_share=True)
+        _, absolute = masked_softmax_attention(query, key, value, 0.02, "absolute", measure_kept_share=True)
         assert 0.2 < relative.item() < 0.8
         assert absolute.item() == 0.0
 
@@ -179,6 +182,51 @@ def test_all_zero_query_or_key_gives_finite_output(make_config, zeroed, mode):
             layer.attention.qkv_proj.bias[zeroed * hidden : (zeroed + 1) * hidden] = 0.0
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 3, 32, 32)).logits).all()
+
+
+@pytest.mark.parametrize("normalization", ["kernel", "l2"])
+def test_float64_input_is_computed_in_float64(normalization):
+    query, key, value = (tensor.double() for tensor in random_qkv(33))
+    fast = linear_angular_attention(query, key, value, normalization)
+    assert fast.dtype == torch.float64
+    # fp32 arithmetic would leave errors near 1e-7; fp64 leaves them near 1e-16.
+    assert (fast - explicit_linear_angular(query, key, value, normalization)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["castling", "linear"])
+def test_attention_module_passes_gradcheck_in_float64(make_config, mode):
+    # The whole module, default configuration (relative τ = 1.3, spatial conv, γ = 1, α = 1): any path computed in
+    # fp32 would leave the numerical and analytical Jacobians ~1e-2 apart.
+    attention = CastlingViTAttention(make_config(attention_mode=mode)).double()
+    hidden_states = torch.randn(1, 1 + 9, attention.qkv_proj.in_features, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: attention(x, 1, (3, 3)), (hidden_states,))
+    if mode == "castling":
+        branch = attention.softmax_branch
+        branch.measure_kept_share = True
+        attention(hidden_states, 1, (3, 3))
+        assert 0 < branch.kept_share.item() < 1  # the mask kept some probabilities and dropped others
+
+
+def test_a_branch_at_alpha_zero_does_no_work_and_changes_nothing(make_config):
+    castling = CastlingViTForImageClassification(make_config())
+    linear = CastlingViTForImageClassification(make_config(attention_mode="linear"))
+    linear.load_state_dict(castling.state_dict(), strict=False)  # the same weights, without the branch's α
+    castling.set_softmax_mask_scale(0.0)
+    castling.measure_softmax_mask_kept_shares()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    outputs = {}
+    for name, model in (("castling", castling), ("linear", linear)):
+        logits = model(pixel_values).logits
+        (logits * torch.arange(logits.numel()).view_as(logits)).sum().backward()
+        outputs[name] = (logits, {n: p.grad for n, p in model.named_parameters()})
+    assert torch.equal(outputs["castling"][0], outputs["linear"][0])
+    assert outputs["castling"][1].keys() == outputs["linear"][1].keys()
+    assert all(torch.equal(outputs["castling"][1][n], outputs["linear"][1][n]) for n in outputs["linear"][1])
+    # No N×N work: not one operation more than the linear form, and nothing measured.
+    assert counted_flops(castling, 64) == counted_flops(linear, 64)
+    assert castling.softmax_mask_kept_shares() == {}
+    castling.set_softmax_mask_scale(0.5)
+    assert counted_flops(castling, 64) > counted_flops(linear, 64)
 
 
 @pytest.mark.parametrize("mode", ["castling", "linear"])

@@ -16,6 +16,7 @@ UPLOADED = {
     "config.json",
     "configuration_castling_vit.py",
     "hub.py",
+    "masked_softmax.py",
     "model.safetensors",
     "modeling_castling_vit.py",
     "preprocessor_config.json",

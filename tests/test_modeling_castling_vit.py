@@ -245,6 +245,7 @@ def branch_outputs(model):
 def test_default_softmax_branch_is_alive_from_the_first_step_in_every_layer(size):
     torch.manual_seed(0)
     model = CastlingViTModel(CastlingViTConfig.from_size(size), add_pooling_layer=False)
+    model.measure_softmax_mask_kept_shares()
     outputs = branch_outputs(model)
     for resolution in (224, 512):
         model(torch.randn(1, 3, resolution, resolution), interpolate_pos_encoding=True)
@@ -264,6 +265,7 @@ def test_the_earlier_defaults_left_the_branch_dead_at_initialisation():
         "tiny", softmax_mask_threshold=0.02, softmax_mask_threshold_type="absolute", weight_init="normal"
     )
     model = CastlingViTModel(config, add_pooling_layer=False)
+    model.measure_softmax_mask_kept_shares()
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
     assert set(model.softmax_mask_kept_shares().values()) == {0.0}

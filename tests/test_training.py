@@ -7,6 +7,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from castling_hf import CastlingMaskDecayCallback, CastlingViTForImageClassification, softmax_mask_scale
+from castling_hf.modeling_castling_vit import softmax_branches
 
 TOTAL_STEPS = 8
 
@@ -117,23 +118,28 @@ class RandomImages(torch.utils.data.Dataset):
 
 
 class RecordAlpha(TrainerCallback):
-    """Records α as the model sees it at the start of every step (runs after the decay callback)."""
+    """Records α as the model sees it at the start of every step (runs after the decay callback), and the steps on
+    which the branches count what their masks keep."""
 
     def __init__(self):
-        self.seen = {}
+        self.seen, self.measured = {}, set()
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self.seen[state.global_step] = set(model.softmax_mask_scales().values())
+        measuring = {branch.measure_kept_share for branch in softmax_branches(model).values()}
+        assert len(measuring) == 1
+        if measuring.pop():
+            self.measured.add(state.global_step)
 
 
-def train(make_config, output_dir, resume_from_checkpoint=None, save_steps=None):
+def train(make_config, output_dir, resume_from_checkpoint=None, save_steps=None, logging_steps=1):
     model = CastlingViTForImageClassification(make_config())
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=TOTAL_STEPS,
         per_device_train_batch_size=8,
         learning_rate=3e-3,
-        logging_steps=1,
+        logging_steps=logging_steps,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or TOTAL_STEPS,
         report_to="none",
@@ -164,11 +170,22 @@ def test_trainer_run_follows_the_schedule_logs_alpha_and_ends_at_zero(make_confi
     assert len(logged) == TOTAL_STEPS
     for entry in logged:
         assert entry["softmax_mask_scale"] == softmax_mask_scale(entry["step"], TOTAL_STEPS)
-        # The relative threshold keeps part of the probabilities, from the first step on: the branch is alive.
-        assert 0 < entry["softmax_mask_kept_share"] < 1
+        if softmax_mask_scale(entry["step"] - 1, TOTAL_STEPS) > 0:  # α of the step's own forward pass
+            # The relative threshold keeps part of the probabilities, from the first step on: the branch is alive.
+            assert 0 < entry["softmax_mask_kept_share"] < 1
+        else:  # a branch at α = 0 does no work, so there is nothing to count
+            assert "softmax_mask_kept_share" not in entry
     assert logged[-1]["loss"] < logged[0]["loss"]
 
     assert set(model.softmax_mask_scales().values()) == {0.0}
+
+
+def test_the_masks_count_what_they_keep_only_on_the_steps_that_are_logged(make_config, tmp_path):
+    _, trainer, recorder = train(make_config, tmp_path / "run", logging_steps=3)
+    assert recorder.measured == {2, 5}  # the steps whose end is logged: global steps 3 and 6
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [3, 6]
+    assert all(0 < entry["softmax_mask_kept_share"] < 1 for entry in logged)
 
 
 def test_resuming_in_the_middle_of_the_decay_matches_an_uninterrupted_run(make_config, tmp_path):

@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_castling_vit import CastlingViTConfig
+from .masked_softmax import BlockwiseMaskedSoftmax, flex_masked_softmax
+
+
+def reduction_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the attention sums over tokens run in: fp32 for half-precision input, else the input's own."""
+    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
 
 
 def linear_angular_attention(
@@ -38,14 +44,16 @@ def linear_angular_attention(
         o_i = normalize(½ v_i + (1/π) q̂_i (K̂ᵀV))
 
     Inputs and output are `(batch, tokens, heads, head_dim)`; `head_scale` (γ, per head) multiplies the output.
-    q and k are L2-normalised with `eps`, so a zero vector gives Sim_lin = 1/2 rather than NaN. The reductions run
-    in fp32 whatever the autocast dtype: sums over N tokens lose too much in half precision.
+    q and k are L2-normalised with `eps`, so a zero vector gives Sim_lin = 1/2 rather than NaN. Half-precision
+    inputs are computed in fp32, also under autocast: sums over N tokens lose too much in half precision; fp32 and
+    fp64 inputs are computed in their own precision.
     """
     if normalization not in ("kernel", "l2"):
         raise ValueError(f"Unknown angular normalization {normalization!r}; expected 'kernel' or 'l2'.")
+    dtype = reduction_dtype(value)
     with torch.autocast(device_type=value.device.type, enabled=False):
         # Head-major views, (B, H, N, d): no copy; the products below read them strided.
-        query, key, values = (x.float().transpose(1, 2) for x in (query, key, value))
+        query, key, values = (x.to(dtype).transpose(1, 2) for x in (query, key, value))
         key = key / torch.linalg.vector_norm(key, dim=-1, keepdim=True).clamp_min(eps)
         context = key.mT @ values  # K̂ᵀV: (B, H, d, d)
         if normalization == "kernel":
@@ -55,7 +63,7 @@ def linear_angular_attention(
             query = F.normalize(query, dim=-1, eps=eps)
             out = F.normalize(query @ context + (math.pi / 2) * values, dim=-1, eps=eps).transpose(1, 2)
             if head_scale is not None:
-                out = out * head_scale.float().view(-1, 1)
+                out = out * head_scale.to(dtype).view(-1, 1)
     return out.to(value.dtype)
 
 
@@ -72,7 +80,7 @@ def _kernel_normalized(query, key, values, context, eps, head_scale):
     totals = F.pad(values.sum(dim=-2), (0, 1), value=float(tokens))  # [Σ_j v_j, N]: (B, H, d+1)
     if head_scale is not None:
         # γ scales the numerator columns of these (d+1)-wide factors: no pass over the tokens.
-        gamma = F.pad(head_scale.float().view(-1, 1).expand(-1, head_dim), (0, 1), value=1.0)  # (H, d+1)
+        gamma = F.pad(head_scale.to(query.dtype).view(-1, 1).expand(-1, head_dim), (0, 1), value=1.0)  # (H, d+1)
         mix, totals = mix * gamma.unsqueeze(-2), totals * gamma
     query_norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True).clamp_min(eps)  # (B, H, N, 1)
     weighted = torch.baddbmm(
@@ -108,26 +116,35 @@ def masked_softmax_attention(
     threshold: float | None,
     threshold_type: str = "relative",
     dropout_p: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    measure_kept_share: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(M⊙S)V with S = softmax(q kᵀ/√d) and M = 1[S > cutoff] (`softmax_mask_cutoff`); kept probabilities are not
-    renormalised. With `threshold=None` the mask keeps everything and this is plain softmax attention, done by SDPA.
+    renormalised, and attention dropout (`dropout_p`) drops kept ones. With `threshold=None` the mask keeps
+    everything and this is plain softmax attention, done by SDPA.
+
+    No N×N tensor is held for the backward pass (docs/design.md §7): on CUDA without dropout the mask runs inside
+    FlexAttention's fused kernels (`masked_softmax.flex_masked_softmax`), elsewhere over tiles of query rows
+    recomputed in the backward pass (`masked_softmax.BlockwiseMaskedSoftmax`); half-precision input is computed in
+    fp32 there, fp32 and fp64 in their own precision.
 
     Inputs and output are `(batch, tokens, heads, head_dim)`. Also returns the share of probabilities M keeps, a
-    0-dim tensor (1 when dense): 0 means the branch adds nothing and passes no gradient.
+    0-dim tensor (1 when dense), or None unless `measure_kept_share`: 0 means the branch adds nothing and passes no
+    gradient.
     """
     query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
     if threshold is None:
         attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
-        return attended.transpose(1, 2), value.new_ones(())
+        return attended.transpose(1, 2), value.new_ones(()) if measure_kept_share else None
     cutoff = softmax_mask_cutoff(threshold, threshold_type, key.shape[-2])
-    # Scaling q costs a pass over N·d values, scaling the scores one over N².
-    probabilities = (query * query.shape[-1] ** -0.5 @ key.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
-    # M⊙S in one fused op, forward and backward: threshold(x, c, 0) is x where x > c, else 0.
-    probabilities = F.threshold(probabilities, cutoff, 0.0)
-    kept_share = probabilities.sign().mean()  # probabilities are >= 0: sign is 1 where kept, 0 where dropped
-    if dropout_p > 0.0:
-        probabilities = F.dropout(probabilities, p=dropout_p)
-    return (probabilities.to(value.dtype) @ value).transpose(1, 2), kept_share
+    if query.device.type == "cuda" and dropout_p == 0.0:
+        attended, kept_share = flex_masked_softmax(query, key, value, cutoff, measure_kept_share)
+        return attended.transpose(1, 2), kept_share
+    dtype = reduction_dtype(value)
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        attended, kept_share = BlockwiseMaskedSoftmax.apply(
+            *(tensor.to(dtype) for tensor in (query, key, value)), cutoff, dropout_p, measure_kept_share
+        )
+    return attended.to(value.dtype).transpose(1, 2), kept_share
 
 
 def spatial_depthwise_conv(
@@ -195,8 +212,11 @@ class CastlingSoftmaxBranch(nn.Module):
     """The auxiliary masked softmax attention of the training form, scaled by the layer's softmax mask scale α.
 
     α is a persistent buffer, so that a checkpoint taken in the middle of the mask decay reloads with the α it had.
-    `kept_share` is the share of softmax probabilities the mask kept in the last forward pass (None before the
-    first): whether the branch is alive.
+    Once α is 0 the branch does no work at all and returns None (adding it would add exactly 0).
+
+    `kept_share` is the share of softmax probabilities the mask kept in the last forward pass: whether the branch is
+    alive. It is measured only while `measure_kept_share` is True (`measure_softmax_mask_kept_shares`;
+    `CastlingMaskDecayCallback` turns it on for the steps it logs), and is None otherwise and while α is 0.
     """
 
     def __init__(self, config: CastlingViTConfig):
@@ -205,12 +225,16 @@ class CastlingSoftmaxBranch(nn.Module):
         self.threshold_type = config.softmax_mask_threshold_type
         self.dropout_p = config.attention_probs_dropout_prob
         self.register_buffer("softmax_mask_scale", torch.tensor(1.0))
+        self.measure_kept_share = False
         self.kept_share: torch.Tensor | None = None
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
+        if self.softmax_mask_scale.item() == 0.0:
+            self.kept_share = None
+            return None
         dropout_p = self.dropout_p if self.training else 0.0
         attended, self.kept_share = masked_softmax_attention(
-            query, key, value, self.threshold, self.threshold_type, dropout_p
+            query, key, value, self.threshold, self.threshold_type, dropout_p, self.measure_kept_share
         )
         return self.softmax_mask_scale.to(attended.dtype) * attended
 
@@ -248,8 +272,9 @@ class CastlingViTAttention(nn.Module):
         if self.residual_conv is not None:
             # In place, also under autograd: no op before this needs `attended` itself for its backward.
             attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, grid_size, scale)
-        if self.softmax_branch is not None:
-            attended = attended + self.softmax_branch(query, key, value)
+        branch = self.softmax_branch(query, key, value) if self.softmax_branch is not None else None
+        if branch is not None:
+            attended = attended + branch
         return self.o_proj(attended.reshape(batch, tokens, hidden_size))
 
 
@@ -259,6 +284,7 @@ __all__ = [
     "CastlingViTAttention",
     "linear_angular_attention",
     "masked_softmax_attention",
+    "reduction_dtype",
     "sequence_depthwise_conv",
     "softmax_mask_cutoff",
     "spatial_depthwise_conv",

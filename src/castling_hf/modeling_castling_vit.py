@@ -195,10 +195,18 @@ def softmax_mask_scales(model: nn.Module) -> dict[str, float]:
     return {name: branch.softmax_mask_scale.item() for name, branch in softmax_branches(model).items()}
 
 
+def measure_softmax_mask_kept_shares(model: nn.Module, enabled: bool = True) -> None:
+    """Turn on (or off) the count of the probabilities each Castling layer's mask keeps, from the next forward pass
+    on; `softmax_mask_kept_shares` reads it. Off by default: the count costs a pass over every tile of scores."""
+    for branch in softmax_branches(model).values():
+        branch.measure_kept_share = enabled
+
+
 def softmax_mask_kept_shares(model: nn.Module) -> dict[str, float]:
     """The share of softmax probabilities each layer's mask kept in the last forward pass, by the name of its
-    softmax branch: whether the branch is alive (0 means it added nothing and passed no gradient). Empty in the
-    inference form and before the first forward pass."""
+    softmax branch: whether the branch is alive (0 means it added nothing and passed no gradient). Measured only
+    while `measure_softmax_mask_kept_shares(model)` is on; empty in the inference form, and without the layers whose
+    α is 0 (they do no work)."""
     return {
         name: branch.kept_share.item()
         for name, branch in softmax_branches(model).items()
@@ -293,6 +301,10 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
     def softmax_mask_kept_shares(self) -> dict[str, float]:
         """The share of softmax probabilities each layer's mask kept in the last forward pass (see the function)."""
         return softmax_mask_kept_shares(self)
+
+    def measure_softmax_mask_kept_shares(self, enabled: bool = True) -> None:
+        """Turn the count behind `softmax_mask_kept_shares` on or off (see the function)."""
+        measure_softmax_mask_kept_shares(self, enabled)
 
     def set_softmax_mask_scale(self, alpha: float) -> None:
         """Set α, the weight of the auxiliary softmax branch, on every layer. α must lie in [0, 1]."""

@@ -10,7 +10,12 @@ from numbers import Integral, Real
 from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
-from .modeling_castling_vit import set_softmax_mask_scale, softmax_branches, softmax_mask_kept_shares
+from .modeling_castling_vit import (
+    measure_softmax_mask_kept_shares,
+    set_softmax_mask_scale,
+    softmax_branches,
+    softmax_mask_kept_shares,
+)
 
 DECAY_SCHEDULES = {
     "linear": lambda progress: 1.0 - progress,
@@ -81,14 +86,27 @@ def softmax_mask_scale(step: int, total_steps: int | None, start=0.0, end=0.75, 
     return DECAY_SCHEDULES[schedule]((step - start_step) / (end_step - start_step))
 
 
+def logs_step(args, state, step: int) -> bool:
+    """Whether the Trainer writes training logs after optimizer step `step`, as its `DefaultFlowCallback` decides;
+    every step under the epoch strategy, since which step ends an epoch is not known in advance, and for a custom
+    loop that passes no `TrainingArguments`."""
+    if args is None or (step == 1 and args.logging_first_step):
+        return True
+    strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
+    if strategy == "steps":
+        return step % state.logging_steps == 0
+    return strategy == "epoch"
+
+
 class CastlingMaskDecayCallback(TrainerCallback):
     """Sets every layer's α from the global step, so a resumed run gets the α of an uninterrupted one.
 
     α decays from 1 to 0 between `start` and `end` (floats: fractions of the run's steps; ints: step numbers) along
     `schedule` ("linear" or "cosine"), and is exactly 0 after the last step when `end` lies within the run. It is
     added to the training logs as `softmax_mask_scale`, beside `softmax_mask_kept_share`: the share of softmax
-    probabilities the layers' masks kept in the last forward pass (mean over layers; per layer from
-    `softmax_mask_kept_shares(model)`), which shows whether the branch is alive. The model may be a Castling-ViT model
+    probabilities the layers' masks kept in the last forward pass (mean over the layers whose α is not 0; per layer
+    from `softmax_mask_kept_shares(model)`), which shows whether the branch is alive. The layers count what they keep
+    only on the steps that are logged, so that the other steps pay nothing for it. The model may be a Castling-ViT model
     or any model holding Castling layers (e.g. `UperNetForSemanticSegmentation` on a `CastlingViTBackbone`).
     """
 
@@ -116,6 +134,9 @@ class CastlingMaskDecayCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._apply(state, model)
+        measure_softmax_mask_kept_shares(
+            extract_model_from_parallel(model), logs_step(args, state, state.global_step + 1)
+        )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # α for the next step; after the last one this is the final α (0 when `end` lies within the run).

@@ -1,0 +1,238 @@
+"""The auxiliary masked softmax attention of the training form without an N×N tensor (docs/design.md §7).
+
+    O = (M⊙P) V,    P = softmax(q kᵀ/√d),    M = 1[P > c]    (c from `attention.softmax_mask_cutoff`)
+
+Two implementations of the same formula, chosen by device in `attention.masked_softmax_attention`:
+
+- `BlockwiseMaskedSoftmax`: tiles of query rows, each tile's probabilities recomputed in the backward pass, so that
+  memory grows as N·tile rather than N²; any device, any dtype, attention dropout;
+- `flex_masked_softmax`: FlexAttention's fused kernels (CUDA), the mask written as a `score_mod` against each row's
+  log-sum-exp.
+
+Head-major tensors throughout, `(batch, heads, tokens, head_dim)`.
+"""
+
+import functools
+import math
+
+import torch
+
+aten = torch.ops.aten
+
+# Scores per tile: 2^20 (4 MiB in fp32), where a 2-core CPU ran the branch fastest, 2^19 as fast
+# (`python benchmarks/training.py --tile_sweep`): large enough for few, large products, small enough for the caches.
+SCORE_TILE = 2**20
+
+
+def tile_rows(heads: int, tokens: int, tile: int | None = None) -> tuple[int, int]:
+    """(heads, query rows) per tile of `heads × tokens` query rows over `tokens` keys: at most `tile` scores
+    (`SCORE_TILE` by default) but at least one row; whole heads at a time where a head's scores fit, else
+    blocks of rows of one head."""
+    tile = tile or SCORE_TILE
+    if tokens * tokens <= tile:
+        return min(heads, tile // (tokens * tokens)), tokens
+    blocks = math.ceil(tokens / max(1, tile // tokens))
+    return 1, math.ceil(tokens / blocks)  # blocks of equal size: no sliver of a few rows at the end
+
+
+def score_tiles(heads: int, tokens: int):
+    """`(heads, rows)` slices of every tile (`tile_rows`), in the order both passes visit them."""
+    heads_per_tile, rows = tile_rows(heads, tokens)
+    for head in range(0, heads, heads_per_tile):
+        for row in range(0, tokens, rows):
+            yield slice(head, min(head + heads_per_tile, heads)), slice(row, min(row + rows, tokens))
+
+
+def flat_heads(tensor: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`(batch, heads, tokens, head_dim)` → a contiguous `(batch · heads, tokens, head_dim)` copy, times `scale`:
+    one pass, so that a tile may span heads of several images."""
+    batch, heads, tokens, head_dim = tensor.shape
+    flat = tensor.new_empty(batch, heads, tokens, head_dim)
+    torch.mul(tensor, scale, out=flat) if scale != 1.0 else flat.copy_(tensor)
+    return flat.view(batch * heads, tokens, head_dim)
+
+
+class _TileBuffer:
+    """A flat buffer that holds the largest tile's scores, viewed as each tile's `(heads, rows, keys)`."""
+
+    def __init__(self, like: torch.Tensor, heads: int, tokens: int):
+        heads_per_tile, rows = tile_rows(heads, tokens)
+        self.flat = like.new_empty(heads_per_tile * rows * tokens)
+
+    def view(self, heads: slice, rows: slice, tokens: int) -> torch.Tensor:
+        shape = (heads.stop - heads.start, rows.stop - rows.start, tokens)
+        return self.flat[: math.prod(shape)].view(shape)
+
+
+class _TileDropout:
+    """The dropout keep-mask Z/(1 − p) of each tile, drawn from a generator seeded once per forward pass (from torch's
+    global generator, so that `torch.manual_seed` fixes it): the backward pass redraws the same masks by visiting the
+    tiles in the same order."""
+
+    def __init__(self, p: float, buffer: _TileBuffer, seed: int | None = None):
+        self.p, self.seed, self.buffer = p, None, buffer
+        if p > 0.0:
+            self.seed = int(torch.randint(2**62, ())) if seed is None else seed
+            self.generator = torch.Generator(buffer.flat.device).manual_seed(self.seed)
+
+    def keep_mask(self, heads: slice, rows: slice, tokens: int) -> torch.Tensor | None:
+        """The next tile's Z/(1 − p); None without dropout."""
+        if self.p == 0.0:
+            return None
+        keep = self.buffer.view(heads, rows, tokens).bernoulli_(1.0 - self.p, generator=self.generator)
+        return keep.mul_(1.0 / (1.0 - self.p) if self.p < 1.0 else 0.0)
+
+
+class BlockwiseMaskedSoftmax(torch.autograd.Function):
+    r"""(M⊙P)V over tiles of query rows, with attention dropout Z on the kept probabilities, in O(N·tile) memory.
+
+    Forward, for the query rows i of a tile and every key j (`score_tiles`):
+
+        S = q_i Kᵀ/√d,   P = softmax(S),   A = M⊙P,   M = 1[P > c],   O_i = (Z⊙A/(1 − p)) V
+
+    Z ~ Bernoulli(1 − p) per entry (p = `dropout_p`; Z = 1 without dropout). Only q, K, V (the caller's tensors, not
+    copies) and the seed of Z are saved. With `measure_kept_share`, Σ M / (batch · heads · N²) is counted in the tiles.
+
+    Backward. With dO the gradient of O, the gradient reaching P is
+
+        G = Z⊙M⊙(dO Vᵀ)/(1 − p)                       (M and Z are constant almost everywhere: no term of their own)
+
+    and through the softmax's Jacobian, ∂P_ij/∂S_ik = P_ij(δ_jk − P_ik),
+
+        dS = P⊙(G − D),   D_i = Σ_j P_ij G_ij = dO_i · O_i
+
+    (D_i is dO_i·O_i because Σ_j P_ij G_ij = Σ_j (Z⊙A)_ij (dO_i·v_j)/(1 − p)). So each tile recomputes S, P, M
+    and Z, and
+
+        dV += (Z⊙A/(1 − p))ᵀ dO_i,   dq_i = dS K/√d,   dK += dSᵀ q_i/√d.
+
+    The kernels: `_softmax_backward_data(G, P)` is exactly P⊙(G − Σ_j P_ij G_ij) and `threshold_backward(x, P, c)`
+    is M⊙x, so a tile's backward is five products and four elementwise passes, in tile buffers allocated once per
+    pass. Tensors are `(batch, heads, tokens, head_dim)`; each pass copies q, K, V (and dO) to a contiguous
+    `(batch · heads, tokens, head_dim)` layout for the products, O(N·d).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, cutoff: float, dropout_p: float, measure_kept_share: bool):
+        batch, heads, tokens, head_dim = query.shape
+        scaled_query, key_flat, value_flat = flat_heads(query, head_dim**-0.5), flat_heads(key), flat_heads(value)
+        out = torch.empty_like(scaled_query)
+        tiles = list(score_tiles(batch * heads, tokens))
+        # A layer whose scores fit in one tile keeps them (and the copies of q, K, V) for the backward pass, which
+        # then recomputes nothing: memory stays within one tile per layer.
+        kept_probabilities = scaled_query.new_empty(batch * heads, tokens, tokens) if len(tiles) == 1 else None
+        scores, kept = (_TileBuffer(query, batch * heads, tokens) for _ in range(2))
+        dropout = _TileDropout(dropout_p, _TileBuffer(query, batch * heads, tokens) if dropout_p > 0.0 else scores)
+        kept_count = query.new_zeros((), dtype=torch.float64) if measure_kept_share else None
+        for head_slice, row_slice in tiles:
+            p = kept_probabilities if kept_probabilities is not None else scores.view(head_slice, row_slice, tokens)
+            a = kept.view(head_slice, row_slice, tokens)
+            torch.bmm(scaled_query[head_slice, row_slice], key_flat[head_slice].mT, out=p)
+            aten._softmax.out(p, -1, False, out=p)  # P
+            aten.threshold.out(p, cutoff, 0.0, out=a)  # A = M⊙P
+            if kept_count is not None:
+                kept_count += a.sign().sum(dtype=torch.float64)  # A ≥ 0: sign is M
+            keep = dropout.keep_mask(head_slice, row_slice, tokens)
+            if keep is not None:
+                a.mul_(keep)
+            torch.bmm(a, value_flat[head_slice], out=out[head_slice, row_slice])
+        if kept_probabilities is not None:  # and the contiguous copies, as large as the scores
+            ctx.save_for_backward(scaled_query, key_flat, value_flat, kept_probabilities)
+        else:
+            ctx.save_for_backward(query, key, value, None)
+        ctx.cutoff, ctx.dropout_p, ctx.dropout_seed = cutoff, dropout_p, dropout.seed
+        kept_share = kept_count / (batch * heads * tokens * tokens) if kept_count is not None else None
+        if kept_share is not None:
+            ctx.mark_non_differentiable(kept_share)
+        return out.view(query.shape), kept_share
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_kept_share):
+        query, key, value, kept_probabilities = ctx.saved_tensors
+        batch, heads, tokens, head_dim = shape = grad_out.shape
+        scale = head_dim**-0.5
+        if kept_probabilities is not None:
+            scaled_query, key_flat, value_flat = query, key, value
+        else:
+            scaled_query, key_flat, value_flat = flat_heads(query, scale), flat_heads(key), flat_heads(value)
+        grad_out = flat_heads(grad_out)
+        grad_query, grad_key, grad_value = (torch.empty_like(scaled_query) for _ in range(3))
+        probabilities, kept, grad_kept, grad_scores = (_TileBuffer(query, batch * heads, tokens) for _ in range(4))
+        dropout = _TileDropout(ctx.dropout_p, _TileBuffer(query, batch * heads, tokens), seed=ctx.dropout_seed)
+        for head_slice, row_slice in score_tiles(batch * heads, tokens):
+            a, g, ds = (buffer.view(head_slice, row_slice, tokens) for buffer in (kept, grad_kept, grad_scores))
+            query_tile, grad_out_tile = scaled_query[head_slice, row_slice], grad_out[head_slice, row_slice]
+            keys, values = key_flat[head_slice], value_flat[head_slice]
+            grad_keys, grad_values = grad_key[head_slice], grad_value[head_slice]
+            if kept_probabilities is not None:
+                p = kept_probabilities
+            else:
+                p = probabilities.view(head_slice, row_slice, tokens)
+                torch.bmm(query_tile, keys.mT, out=p)
+                aten._softmax.out(p, -1, False, out=p)  # P
+            aten.threshold.out(p, ctx.cutoff, 0.0, out=a)  # A = M⊙P
+            keep = dropout.keep_mask(head_slice, row_slice, tokens)  # the forward pass's Z/(1 − p) for this tile
+            if keep is not None:
+                a.mul_(keep)
+            torch.bmm(grad_out_tile, values.mT, out=g)  # dO Vᵀ
+            aten.threshold_backward.grad_input(g, p, ctx.cutoff, grad_input=g)  # M⊙(dO Vᵀ)
+            if keep is not None:
+                g.mul_(keep)  # G
+            aten._softmax_backward_data.out(g, p, -1, p.dtype, grad_input=ds)  # dS = P⊙(G − D)
+            torch.bmm(ds, keys, out=grad_query[head_slice, row_slice])  # times 1/√d below
+            if row_slice.start == 0:  # a head's first tile writes its key and value gradients, the others add
+                torch.bmm(a.mT, grad_out_tile, out=grad_values)
+                torch.bmm(ds.mT, query_tile, out=grad_keys)
+            else:
+                grad_values.baddbmm_(a.mT, grad_out_tile)
+                grad_keys.baddbmm_(ds.mT, query_tile)
+        grad_query.mul_(scale)
+        return grad_query.view(shape), grad_key.view(shape), grad_value.view(shape), None, None, None
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once per process: its fused kernels exist only under `torch.compile`."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_masked_softmax(query, key, value, cutoff: float, measure_kept_share: bool, flex=None):
+    """(M⊙P)V through FlexAttention, whose kernels never hold the N×N scores (forward and backward, on CUDA).
+
+    With L_i = log Σ_j exp(s_ij), the log-sum-exp of row i's scores s_ij = q_i·k_j/√d, P_ij = exp(s_ij − L_i), so
+
+        M_ij = 1[P_ij > c] = 1[s_ij > L_i + log c]
+
+    is a `score_mod` that sends the dropped scores to −∞. FlexAttention then returns the softmax over the kept keys,
+    O'_i = Σ_kept exp(s_ij) v_j / exp(L'_i), and its log-sum-exp L'_i, hence
+
+        (M⊙P)V_i = O'_i · exp(L'_i − L_i)      (exp(L'_i − L_i) = Σ_j M_ij P_ij, the kept probability mass)
+
+    Gradients flow through both passes (O', L' and L); L enters the mask only as a constant, since M is constant
+    almost everywhere. A row that keeps nothing has L' = −∞ and gives 0. With `measure_kept_share`, one more pass
+    without gradients counts the kept entries: its `score_mod` gives 0 for kept and −∞ for dropped scores, so that
+    its log-sum-exp is log Σ_j M_ij. `flex` is the FlexAttention function (by default `compiled_flex_attention()`).
+    """
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    flex = flex or compiled_flex_attention()
+    _, dense = flex(query, key, value, return_aux=AuxRequest(lse=True))
+    keep_above = dense.lse.detach() + math.log(cutoff) if cutoff > 0 else torch.full_like(dense.lse, -math.inf)
+
+    def drop_masked_scores(score, batch, head, query_index, key_index):
+        return torch.where(score > keep_above[batch, head, query_index], score, -math.inf)
+
+    attended, kept = flex(query, key, value, score_mod=drop_masked_scores, return_aux=AuxRequest(lse=True))
+    attended = attended * torch.exp(kept.lse - dense.lse).unsqueeze(-1).to(attended.dtype)
+    kept_share = None
+    if measure_kept_share:
+
+        def kept_indicator(score, batch, head, query_index, key_index):
+            return torch.where(score > keep_above[batch, head, query_index], 0.0, -math.inf)
+
+        with torch.no_grad():
+            _, counted = flex(query, key, value, score_mod=kept_indicator, return_aux=AuxRequest(lse=True))
+        kept_share = counted.lse.exp().sum() / (counted.lse.numel() * key.shape[-2])
+    return attended, kept_share
