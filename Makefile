@@ -1,9 +1,10 @@
 # Each target installs what it needs first, so both work on a fresh machine.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run
+BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run (speed benchmark)
+TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training benchmark takes --quick too
 
-.PHONY: install test lint demo bench bench-accuracy bench-detection bench-segmentation
+.PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -23,6 +24,11 @@ demo: install
 bench: install
 	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/speed.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
+
+bench-training: install
+	$(PIP) install --quiet -e ".[dev,bench]"
+	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
 
 bench-accuracy: install
 	$(PIP) install --quiet -e ".[dev,bench]"

@@ -30,6 +30,11 @@ def tables() -> dict[str, str]:
         speed = json.loads((RESULTS / "speed.json").read_text())
         rendered["speed"] = _benchmark("speed").markdown_table(speed)
         rendered["speed-targets"] = _benchmark("speed").targets_table(speed)
+    if (RESULTS / "training.json").exists():
+        training, study = _benchmark("training"), json.loads((RESULTS / "training.json").read_text())
+        rendered["training"] = training.markdown_table(study)
+        rendered["training-targets"] = training.targets_table(study)
+        rendered["training-tiles"] = training.tile_table(study)
     for path in sorted(RESULTS.glob("*/speed.json")):  # further runs, e.g. benchmarks/results/base
         rendered[f"speed-{path.parent.name}"] = _benchmark("speed").markdown_table(json.loads(path.read_text()))
     if (RESULTS / "accuracy.json").exists():

@@ -1,19 +1,18 @@
 #!/usr/bin/env python
 """Inference speed of Castling-ViT against `transformers`' ViT and the attention-free floor, side by side.
 
-For each size and resolution, four networks of the same dimensions run interleaved (A B C D, A B C D, ...) on the
-CPU in fp32, and each one's latency is the median of its repeats, so that drifts of a noisy machine hit all four:
+For each size and resolution, three networks of the same dimensions run interleaved (A B C, A B C, ...) on the
+CPU in fp32, and each one's latency is the median of its repeats, so that drifts of a noisy machine hit all three:
 
 - `castling_linear`:   Castling-ViT in the inference form (`attention_mode="linear"`);
 - `vit_sdpa`:          `transformers`' `ViTForImageClassification` with SDPA attention;
-- `castling_training`: Castling-ViT in the training form (`attention_mode="castling"`, α = 1, the default mask);
 - `floor`:             the Castling-ViT network with its whole attention (linear-angular attention and residual
                        conv) replaced by identity on V: the q/k/v and output projections still run, so this is the
                        least that any attention could cost.
 
 MACs are counted with `torch.utils.flop_counter` (FLOPs / 2; ViT with its eager attention, since the counter does
 not see the CPU SDPA kernel); peak memory is the largest total size of the tensors alive during one forward pass.
-A training step (forward, backward, AdamW) in the training form is timed against a ViT training step.
+What the training form costs is `benchmarks/training.py`'s study.
 
     python benchmarks/speed.py                      # the full study (make bench)
     python benchmarks/speed.py --quick              # a smoke run: nano size, two small resolutions
@@ -38,7 +37,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from castling_hf import CastlingViTConfig, CastlingViTForImageClassification
 from castling_hf.attention import CastlingViTAttention
 
-VARIANTS = ("castling_linear", "vit_sdpa", "castling_training", "floor")
+VARIANTS = ("castling_linear", "vit_sdpa", "floor")
 
 
 def identity_attention_forward(self, hidden_states, num_prefix_tokens, grid_size):
@@ -64,20 +63,17 @@ def vit_for(castling: CastlingViTConfig, attention: str) -> ViTForImageClassific
 
 
 def build_models(size: str, resolution: int, num_labels: int = 1000) -> dict[str, torch.nn.Module]:
-    def castling(mode):
-        config = CastlingViTConfig.from_size(size, image_size=resolution, num_labels=num_labels, attention_mode=mode)
+    def castling():
+        config = CastlingViTConfig.from_size(
+            size, image_size=resolution, num_labels=num_labels, attention_mode="linear"
+        )
         return CastlingViTForImageClassification(config)
 
-    floor = castling("linear")
+    floor = castling()
     for module in floor.modules():
         if isinstance(module, CastlingViTAttention):
             module.forward = types.MethodType(identity_attention_forward, module)
-    models = {
-        "castling_linear": castling("linear"),
-        "vit_sdpa": vit_for(floor.config, "sdpa"),
-        "castling_training": castling("castling"),
-        "floor": floor,
-    }
+    models = {"castling_linear": castling(), "vit_sdpa": vit_for(floor.config, "sdpa"), "floor": floor}
     return {name: model.eval() for name, model in models.items()}
 
 
@@ -113,12 +109,6 @@ def peak_memory_bytes(model: torch.nn.Module, pixel_values: torch.Tensor) -> int
     return tracker.peak
 
 
-def scores_bytes(config: CastlingViTConfig, batch: int, resolution: int) -> int:
-    """Bytes of one layer's N×N attention probabilities in the training form."""
-    tokens = (resolution // config.patch_size) ** 2 + 1
-    return batch * config.num_attention_heads * tokens * tokens * 4
-
-
 def time_interleaved(models: dict, pixel_values: torch.Tensor, repeats: int, progress) -> dict[str, float]:
     seconds = {name: [] for name in models}
     with torch.inference_mode():
@@ -133,22 +123,6 @@ def time_interleaved(models: dict, pixel_values: torch.Tensor, repeats: int, pro
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def training_step_seconds(model, pixel_values, labels, repeats: int, progress) -> float:
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    seconds = []
-    for step in range(repeats + 1):
-        start = time.perf_counter()
-        model(pixel_values=pixel_values, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step:  # the first step warms up
-            seconds.append(time.perf_counter() - start)
-        progress.update(1)
-    model.eval()
-    return statistics.median(seconds)
-
-
 def run(args) -> dict:
     torch.manual_seed(0)
     plan = [
@@ -157,7 +131,7 @@ def run(args) -> dict:
         for resolution in args.resolutions
         for batch in args.batch_sizes
     ]
-    total = sum(len(VARIANTS) * args.repeats for _ in plan) + len(args.sizes) * 2 * (args.train_repeats + 1)
+    total = len(plan) * len(VARIANTS) * args.repeats
     results = {
         "command": "python benchmarks/speed.py " + " ".join(args.argv),
         "machine": {
@@ -166,13 +140,12 @@ def run(args) -> dict:
             "torch": torch.__version__,
         },
         "inference": [],
-        "training_step": [],
     }
     progress = tqdm(total=total, desc="benchmark", unit="run")
     for size in args.sizes:
         for resolution in args.resolutions:
             models = build_models(size, resolution)
-            config = models["castling_training"].config
+            config = models["castling_linear"].config
             eager_vit = vit_for(config, "eager").eval()  # FlopCounterMode does not see the CPU SDPA kernel
             one_image = torch.randn(1, 3, resolution, resolution)
             macs = {
@@ -181,19 +154,9 @@ def run(args) -> dict:
             }
             for batch in args.batch_sizes:
                 progress.set_postfix(size=size, resolution=resolution, batch=batch)
-                runnable = dict(models)
-                skipped = {}
-                if scores_bytes(config, batch, resolution) > args.max_scores_bytes:
-                    # The training form's masked softmax materialises N×N probabilities per layer.
-                    skipped["castling_training"] = (
-                        f"N×N probabilities would take "
-                        f"{scores_bytes(config, batch, resolution) / 2**30:.1f} GiB per layer"
-                    )
-                    del runnable["castling_training"]
-                    progress.update(args.repeats)
                 pixel_values = torch.randn(batch, 3, resolution, resolution)
-                latency = time_interleaved(runnable, pixel_values, args.repeats, progress)
-                memory = {name: peak_memory_bytes(model, pixel_values) for name, model in runnable.items()}
+                latency = time_interleaved(models, pixel_values, args.repeats, progress)
+                memory = {name: peak_memory_bytes(model, pixel_values) for name, model in models.items()}
                 results["inference"].append(
                     {
                         "size": size,
@@ -203,20 +166,9 @@ def run(args) -> dict:
                         "latency_s": latency,
                         "macs_per_image": macs,
                         "peak_memory_bytes": memory,
-                        "skipped": skipped,
                     }
                 )
             del models, eager_vit
-        models = build_models(size, args.train_resolution, num_labels=10)
-        pixel_values = torch.randn(args.train_batch, 3, args.train_resolution, args.train_resolution)
-        labels = torch.randint(0, 10, (args.train_batch,))
-        step = {
-            name: training_step_seconds(models[name], pixel_values, labels, args.train_repeats, progress)
-            for name in ("castling_training", "vit_sdpa")
-        }
-        results["training_step"].append(
-            {"size": size, "resolution": args.train_resolution, "batch": args.train_batch, "step_s": step}
-        )
     progress.close()
     return results
 
@@ -229,8 +181,6 @@ def ratios(entry: dict) -> dict[str, float]:
         "vit_over_floor": latency["vit_sdpa"] / latency["floor"],
         "linear_macs_over_vit": macs["castling_linear"] / macs["vit_sdpa"],
     }
-    if "castling_training" in latency:
-        out["training_form_over_linear"] = latency["castling_training"] / latency["castling_linear"]
     return out
 
 
@@ -282,25 +232,17 @@ def plot(results: dict, directory: Path) -> list[Path]:
 
 def markdown_table(results: dict) -> str:
     lines = [
-        "| size | res | tokens | batch | linear (ms) | ViT-SDPA (ms) | training form (ms) | floor (ms) "
+        "| size | res | tokens | batch | linear (ms) | ViT-SDPA (ms) | floor (ms) "
         "| linear / floor | linear / ViT | ViT / floor | MACs linear / ViT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in results["inference"]:
         latency, r = entry["latency_s"], ratios(entry)
-        training = f"{latency['castling_training'] * 1000:.1f}" if "castling_training" in latency else "skipped"
         lines.append(
             f"| {entry['size']} | {entry['resolution']} | {entry['tokens']} | {entry['batch']} "
-            f"| {latency['castling_linear'] * 1000:.1f} | {latency['vit_sdpa'] * 1000:.1f} | {training} "
+            f"| {latency['castling_linear'] * 1000:.1f} | {latency['vit_sdpa'] * 1000:.1f} "
             f"| {latency['floor'] * 1000:.1f} | {r['linear_over_floor']:.3f} | {r['linear_over_vit']:.3f} "
             f"| {r['vit_over_floor']:.3f} | {r['linear_macs_over_vit']:.3f} |"
-        )
-    lines += ["", "| size | res | batch | training form step (s) | ViT step (s) | ratio |", "|---|---|---|---|---|---|"]
-    for entry in results["training_step"]:
-        step = entry["step_s"]
-        lines.append(
-            f"| {entry['size']} | {entry['resolution']} | {entry['batch']} | {step['castling_training']:.3f} "
-            f"| {step['vit_sdpa']:.3f} | {step['castling_training'] / step['vit_sdpa']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -324,7 +266,6 @@ TARGETS = [
         False,
     ),
 ]
-TRAINING_STEP_TARGET = 1.2
 
 
 def targets_table(results: dict) -> str:
@@ -339,13 +280,6 @@ def targets_table(results: dict) -> str:
             worst = max(measured)
             met = worst < bound if strict else worst <= bound
             lines.append(f"| {size} | {text} | {worst:.3f} | {'yes' if met else 'no'} |")
-        for entry in results["training_step"]:
-            if entry["size"] == size:
-                ratio = entry["step_s"]["castling_training"] / entry["step_s"]["vit_sdpa"]
-                lines.append(
-                    f"| {size} | training step / ViT step ≤ {TRAINING_STEP_TARGET} at {entry['resolution']}, batch "
-                    f"{entry['batch']} | {ratio:.3f} | {'yes' if ratio <= TRAINING_STEP_TARGET else 'no'} |"
-                )
     return "\n".join(lines)
 
 
@@ -355,17 +289,12 @@ def main(argv=None):
     parser.add_argument("--resolutions", nargs="+", type=int, default=[224, 384, 512, 768, 1024])
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--train_resolution", type=int, default=224)
-    parser.add_argument("--train_batch", type=int, default=8)
-    parser.add_argument("--train_repeats", type=int, default=5)
-    parser.add_argument("--max_scores_bytes", type=float, default=2**29, help="Skip the training form above this.")
     parser.add_argument("--output_dir", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="nano size, 32 and 64 pixels, 2 repeats: a smoke run")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     if args.quick:
         args.sizes, args.resolutions, args.repeats = ["nano"], [32, 64], 2
-        args.train_resolution, args.train_repeats = 32, 2
 
     results = run(args)
     for entry in results["inference"]:

@@ -20,6 +20,9 @@ def test_readme_tables_are_rendered_from_the_benchmark_json():
         "speed",
         "speed-targets",
         "speed-base",
+        "training",
+        "training-targets",
+        "training-tiles",
         "accuracy",
         "accuracy-targets",
         "accuracy-choices",
@@ -29,6 +32,22 @@ def test_readme_tables_are_rendered_from_the_benchmark_json():
     readme = (ROOT / "README.md").read_text()
     for name, table in tables.items():
         assert readme_tables.readme_table(readme, name) == table, f"README's {name} table is stale or edited by hand"
+
+
+def test_training_benchmark_smoke_run_writes_its_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("training", ROOT / "benchmarks" / "training.py")
+    training = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(training)
+    results = training.main(["--quick", "--output_dir", str(tmp_path)])
+    assert [(entry["resolution"], entry["batch"]) for entry in results["steps"]] == [(32, 4), (64, 2)]
+    for entry in results["steps"]:
+        assert set(entry["step_s"]) == set(entry["peak_activation_bytes"]) == set(training.VARIANTS)
+        memory = entry["peak_activation_bytes"]
+        # The training form holds the linear form's activations and more; ViT's are of the same order.
+        assert 0 < memory["castling_linear"] <= memory["castling_training"] < 10 * memory["vit_sdpa"]
+    assert results["largest"]["resolution"] == 96 and results["largest"]["peak_activation_bytes"] > 0
+    assert "| nano | 64 | 257 | 2 |" in training.markdown_table(results)
+    assert (tmp_path / "training.png").stat().st_size > 0
 
 
 def test_detection_benchmark_smoke_run_writes_its_results(tmp_path):

@@ -36,7 +36,7 @@ def relative_error(actual, expected):
 
 @pytest.fixture(params=["default tiles", "small tiles"])
 def tiles(request, monkeypatch):
-    """The default tile (one tile per layer at these sizes but N = 1,025) and 4,096-score tiles (blocks of rows)."""
+    """The default tile (the whole layer in one tile at these sizes) and 4,096-score tiles (blocks of rows)."""
     if request.param == "small tiles":
         monkeypatch.setattr(masked_softmax, "SCORE_TILE", 2**12)
     return request.param
@@ -101,12 +101,12 @@ def test_tiles_cover_every_query_row_once_within_the_score_budget():
         for head_slice, row_slice in score_tiles(heads, tokens):
             covered[head_slice, row_slice] += 1
         assert (covered == 1).all()
-    assert tile_rows(6, 4097) == (1, 241)  # 17 blocks of equal size (17 × 241 = 4,097), at most 255 rows
-    assert tile_rows(48, 197) == (27, 197)  # whole heads
+    assert tile_rows(6, 4097) == (1, 456)  # 9 blocks of nearly equal size (8 × 456 + 449), at most 511 rows
+    assert tile_rows(64, 197) == (54, 197)  # whole heads
 
 
 def test_the_branch_holds_one_tile_of_scores_not_n_squared():
-    # N = 2,049: one layer's N×N probabilities would be 16 MiB per head in fp32; the tiles keep 4 MiB at a time.
+    # N = 2,049: one layer's N×N probabilities would be 48 MiB in fp32 (3 heads); the tiles hold 8 MiB at a time.
     tokens = 2049
     qkv, (query, key, value) = random_qkv(tokens, batch=1)
     saved = []

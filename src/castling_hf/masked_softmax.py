@@ -14,14 +14,15 @@ Head-major tensors throughout, `(batch, heads, tokens, head_dim)`.
 
 import functools
 import math
+import threading
 
 import torch
 
 aten = torch.ops.aten
 
-# Scores per tile: 2^20 (4 MiB in fp32), where a 2-core CPU ran the branch fastest, 2^19 as fast
-# (`python benchmarks/training.py --tile_sweep`): large enough for few, large products, small enough for the caches.
-SCORE_TILE = 2**20
+# Scores per tile: 2^21 (8 MiB in fp32). On a 2-core CPU the branch ran fastest with the largest tiles measured
+# (`python benchmarks/training.py`'s tile sweep), and at 224 px a layer's scores then fit in one tile (§7).
+SCORE_TILE = 2**21
 
 
 def tile_rows(heads: int, tokens: int, tile: int | None = None) -> tuple[int, int]:
@@ -52,12 +53,25 @@ def flat_heads(tensor: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return flat.view(batch * heads, tokens, head_dim)
 
 
-class _TileBuffer:
-    """A flat buffer that holds the largest tile's scores, viewed as each tile's `(heads, rows, keys)`."""
+_workspaces = threading.local()
 
-    def __init__(self, like: torch.Tensor, heads: int, tokens: int):
+
+class _TileBuffer:
+    """A flat buffer that holds the largest tile's scores, viewed as each tile's `(heads, rows, keys)`.
+
+    Buffer `slot` (0–4: a pass uses at most five) is kept per thread, device and dtype and reused by every layer and
+    step: allocating and freeing a few MiB per pass made the C allocator hand the memory back to the system and fault
+    it in again, a cost of 20,000 page faults per training step of `small` at 224 px (20 % of the step).
+    """
+
+    def __init__(self, like: torch.Tensor, heads: int, tokens: int, slot: int):
         heads_per_tile, rows = tile_rows(heads, tokens)
-        self.flat = like.new_empty(heads_per_tile * rows * tokens)
+        size = heads_per_tile * rows * tokens
+        buffers = _workspaces.__dict__.setdefault("buffers", {})
+        key = (like.device, like.dtype, slot)
+        if key not in buffers or buffers[key].numel() < size:
+            buffers[key] = like.new_empty(size)
+        self.flat = buffers[key]
 
     def view(self, heads: slice, rows: slice, tokens: int) -> torch.Tensor:
         shape = (heads.stop - heads.start, rows.stop - rows.start, tokens)
@@ -91,7 +105,8 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
         S = q_i Kᵀ/√d,   P = softmax(S),   A = M⊙P,   M = 1[P > c],   O_i = (Z⊙A/(1 − p)) V
 
     Z ~ Bernoulli(1 − p) per entry (p = `dropout_p`; Z = 1 without dropout). Only q, K, V (the caller's tensors, not
-    copies) and the seed of Z are saved. With `measure_kept_share`, Σ M / (batch · heads · N²) is counted in the tiles.
+    copies) and the seed of Z are saved, O(N·d). With `measure_kept_share`, Σ M / (batch · heads · N²) is counted
+    in the tiles.
 
     Backward. With dO the gradient of O, the gradient reaching P is
 
@@ -107,9 +122,10 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
         dV += (Z⊙A/(1 − p))ᵀ dO_i,   dq_i = dS K/√d,   dK += dSᵀ q_i/√d.
 
     The kernels: `_softmax_backward_data(G, P)` is exactly P⊙(G − Σ_j P_ij G_ij) and `threshold_backward(x, P, c)`
-    is M⊙x, so a tile's backward is five products and four elementwise passes, in tile buffers allocated once per
-    pass. Tensors are `(batch, heads, tokens, head_dim)`; each pass copies q, K, V (and dO) to a contiguous
-    `(batch · heads, tokens, head_dim)` layout for the products, O(N·d).
+    is M⊙x, so a tile's backward is five products and four elementwise passes, in reused tile buffers
+    (`_TileBuffer`). Where one tile holds the whole layer (small N) the forward pass keeps its P, and the backward
+    pass skips the first product and the softmax. Tensors are `(batch, heads, tokens, head_dim)`; each pass copies q,
+    K, V (and dO) to a contiguous `(batch · heads, tokens, head_dim)` layout for the products, O(N·d).
     """
 
     @staticmethod
@@ -120,9 +136,10 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
         tiles = list(score_tiles(batch * heads, tokens))
         # A layer whose scores fit in one tile keeps them (and the copies of q, K, V) for the backward pass, which
         # then recomputes nothing: memory stays within one tile per layer.
-        kept_probabilities = scaled_query.new_empty(batch * heads, tokens, tokens) if len(tiles) == 1 else None
-        scores, kept = (_TileBuffer(query, batch * heads, tokens) for _ in range(2))
-        dropout = _TileDropout(dropout_p, _TileBuffer(query, batch * heads, tokens) if dropout_p > 0.0 else scores)
+        keep_scores = len(tiles) == 1 and any(ctx.needs_input_grad[:3])
+        kept_probabilities = scaled_query.new_empty(batch * heads, tokens, tokens) if keep_scores else None
+        scores, kept = (_TileBuffer(query, batch * heads, tokens, slot) for slot in range(2))
+        dropout = _TileDropout(dropout_p, _TileBuffer(query, batch * heads, tokens, 4) if dropout_p > 0.0 else scores)
         kept_count = query.new_zeros((), dtype=torch.float64) if measure_kept_share else None
         for head_slice, row_slice in tiles:
             p = kept_probabilities if kept_probabilities is not None else scores.view(head_slice, row_slice, tokens)
@@ -157,8 +174,8 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
             scaled_query, key_flat, value_flat = flat_heads(query, scale), flat_heads(key), flat_heads(value)
         grad_out = flat_heads(grad_out)
         grad_query, grad_key, grad_value = (torch.empty_like(scaled_query) for _ in range(3))
-        probabilities, kept, grad_kept, grad_scores = (_TileBuffer(query, batch * heads, tokens) for _ in range(4))
-        dropout = _TileDropout(ctx.dropout_p, _TileBuffer(query, batch * heads, tokens), seed=ctx.dropout_seed)
+        probabilities, kept, grad_kept, grad_scores = (_TileBuffer(query, batch * heads, tokens, s) for s in range(4))
+        dropout = _TileDropout(ctx.dropout_p, _TileBuffer(query, batch * heads, tokens, 4), seed=ctx.dropout_seed)
         for head_slice, row_slice in score_tiles(batch * heads, tokens):
             a, g, ds = (buffer.view(head_slice, row_slice, tokens) for buffer in (kept, grad_kept, grad_scores))
             query_tile, grad_out_tile = scaled_query[head_slice, row_slice], grad_out[head_slice, row_slice]
@@ -195,7 +212,7 @@ def compiled_flex_attention():
     """FlexAttention compiled once per process: its fused kernels exist only under `torch.compile`."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def flex_masked_softmax(query, key, value, cutoff: float, measure_kept_share: bool, flex=None):
