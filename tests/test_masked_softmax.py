@@ -65,6 +65,19 @@ def test_blockwise_branch_and_its_gradients_equal_the_materialised_formula(tiles
         assert not attended.any() and not gradient.any()
 
 
+@pytest.mark.parametrize("tiles_kind", ["one tile", "many tiles"])
+def test_the_scale_multiplies_the_output_and_its_gradients(monkeypatch, tiles_kind):
+    if tiles_kind == "many tiles":
+        monkeypatch.setattr(masked_softmax, "SCORE_TILE", 2**10)
+    qkv, (query, key, value) = random_qkv(40, torch.float64)
+    grad = torch.randn(2, HEADS, 40, HEAD_DIM, dtype=torch.float64)
+    scaled, _ = BlockwiseMaskedSoftmax.apply(query, key, value, 1.3 / 40, 0.0, False, 0.3)
+    (gradient,) = torch.autograd.grad(scaled, qkv, grad)
+    expected = 0.3 * materialised(query, key, value, 1.3 / 40)[0]
+    (expected_gradient,) = torch.autograd.grad(expected, qkv, grad)
+    assert relative_error(scaled, expected) <= 1e-12 and relative_error(gradient, expected_gradient) <= 1e-12
+
+
 def test_blockwise_branch_passes_gradcheck_with_dropout_across_tiles(monkeypatch):
     monkeypatch.setattr(masked_softmax, "SCORE_TILE", 2**7)  # 4 tiles per head: each redraws its dropout mask
     _, (query, key, value) = random_qkv(20, torch.float64, batch=1)

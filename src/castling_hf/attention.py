@@ -117,10 +117,12 @@ def masked_softmax_attention(
     threshold_type: str = "relative",
     dropout_p: float = 0.0,
     measure_kept_share: bool = False,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(M⊙S)V with S = softmax(q kᵀ/√d) and M = 1[S > cutoff] (`softmax_mask_cutoff`); kept probabilities are not
-    renormalised, and attention dropout (`dropout_p`) drops kept ones. With `threshold=None` the mask keeps
-    everything and this is plain softmax attention, done by SDPA.
+    """`scale`·(M⊙S)V with S = softmax(q kᵀ/√d) and M = 1[S > cutoff] (`softmax_mask_cutoff`); kept probabilities are
+    not renormalised, and attention dropout (`dropout_p`) drops kept ones. With `threshold=None` the mask keeps
+    everything and this is plain softmax attention, done by SDPA. `scale` is the branch's α, applied where it costs
+    nothing extra.
 
     No N×N tensor is held for the backward pass (docs/design.md §7): on CUDA without dropout the mask runs inside
     FlexAttention's fused kernels (`masked_softmax.flex_masked_softmax`), elsewhere over tiles of query rows
@@ -134,15 +136,15 @@ def masked_softmax_attention(
     query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
     if threshold is None:
         attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
-        return attended.transpose(1, 2), value.new_ones(()) if measure_kept_share else None
+        return scale * attended.transpose(1, 2), value.new_ones(()) if measure_kept_share else None
     cutoff = softmax_mask_cutoff(threshold, threshold_type, key.shape[-2])
     if query.device.type == "cuda" and dropout_p == 0.0:
-        attended, kept_share = flex_masked_softmax(query, key, value, cutoff, measure_kept_share)
+        attended, kept_share = flex_masked_softmax(query, key, value, cutoff, measure_kept_share, scale)
         return attended.transpose(1, 2), kept_share
     dtype = reduction_dtype(value)
     with torch.autocast(device_type=value.device.type, enabled=False):
         attended, kept_share = BlockwiseMaskedSoftmax.apply(
-            *(tensor.to(dtype) for tensor in (query, key, value)), cutoff, dropout_p, measure_kept_share
+            *(tensor.to(dtype) for tensor in (query, key, value)), cutoff, dropout_p, measure_kept_share, scale
         )
     return attended.to(value.dtype).transpose(1, 2), kept_share
 
@@ -229,14 +231,15 @@ class CastlingSoftmaxBranch(nn.Module):
         self.kept_share: torch.Tensor | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
-        if self.softmax_mask_scale.item() == 0.0:
+        alpha = self.softmax_mask_scale.item()
+        if alpha == 0.0:
             self.kept_share = None
             return None
         dropout_p = self.dropout_p if self.training else 0.0
         attended, self.kept_share = masked_softmax_attention(
-            query, key, value, self.threshold, self.threshold_type, dropout_p, self.measure_kept_share
+            query, key, value, self.threshold, self.threshold_type, dropout_p, self.measure_kept_share, alpha
         )
-        return self.softmax_mask_scale.to(attended.dtype) * attended
+        return attended
 
     def extra_repr(self) -> str:
         return (
@@ -274,7 +277,7 @@ class CastlingViTAttention(nn.Module):
             attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, grid_size, scale)
         branch = self.softmax_branch(query, key, value) if self.softmax_branch is not None else None
         if branch is not None:
-            attended = attended + branch
+            attended += branch
         return self.o_proj(attended.reshape(batch, tokens, hidden_size))
 
 

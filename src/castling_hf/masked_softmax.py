@@ -98,7 +98,8 @@ class _TileDropout:
 
 
 class BlockwiseMaskedSoftmax(torch.autograd.Function):
-    r"""(M⊙P)V over tiles of query rows, with attention dropout Z on the kept probabilities, in O(N·tile) memory.
+    r"""`scale`·(M⊙P)V over tiles of query rows, with attention dropout Z on the kept probabilities, in O(N·tile)
+    memory. (`scale` is the branch's α: applied to the output in place, and to dO in the backward pass's copy of it.)
 
     Forward, for the query rows i of a tile and every key j (`score_tiles`):
 
@@ -129,7 +130,7 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, cutoff: float, dropout_p: float, measure_kept_share: bool):
+    def forward(ctx, query, key, value, cutoff: float, dropout_p: float, measure_kept_share: bool, scale: float = 1.0):
         batch, heads, tokens, head_dim = query.shape
         scaled_query, key_flat, value_flat = flat_heads(query, head_dim**-0.5), flat_heads(key), flat_heads(value)
         out = torch.empty_like(scaled_query)
@@ -157,10 +158,12 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
             ctx.save_for_backward(scaled_query, key_flat, value_flat, kept_probabilities)
         else:
             ctx.save_for_backward(query, key, value, None)
-        ctx.cutoff, ctx.dropout_p, ctx.dropout_seed = cutoff, dropout_p, dropout.seed
+        ctx.cutoff, ctx.dropout_p, ctx.dropout_seed, ctx.scale = cutoff, dropout_p, dropout.seed, scale
         kept_share = kept_count / (batch * heads * tokens * tokens) if kept_count is not None else None
         if kept_share is not None:
             ctx.mark_non_differentiable(kept_share)
+        if scale != 1.0:
+            out.mul_(scale)
         return out.view(query.shape), kept_share
 
     @staticmethod
@@ -172,7 +175,7 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
             scaled_query, key_flat, value_flat = query, key, value
         else:
             scaled_query, key_flat, value_flat = flat_heads(query, scale), flat_heads(key), flat_heads(value)
-        grad_out = flat_heads(grad_out)
+        grad_out = flat_heads(grad_out, ctx.scale)  # the output's scale, applied to its gradient in the copy
         grad_query, grad_key, grad_value = (torch.empty_like(scaled_query) for _ in range(3))
         probabilities, kept, grad_kept, grad_scores = (_TileBuffer(query, batch * heads, tokens, s) for s in range(4))
         dropout = _TileDropout(ctx.dropout_p, _TileBuffer(query, batch * heads, tokens, 4), seed=ctx.dropout_seed)
@@ -204,7 +207,7 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
                 grad_values.baddbmm_(a.mT, grad_out_tile)
                 grad_keys.baddbmm_(ds.mT, query_tile)
         grad_query.mul_(scale)
-        return grad_query.view(shape), grad_key.view(shape), grad_value.view(shape), None, None, None
+        return grad_query.view(shape), grad_key.view(shape), grad_value.view(shape), None, None, None, None
 
 
 @functools.cache
@@ -215,8 +218,8 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def flex_masked_softmax(query, key, value, cutoff: float, measure_kept_share: bool, flex=None):
-    """(M⊙P)V through FlexAttention, whose kernels never hold the N×N scores (forward and backward, on CUDA).
+def flex_masked_softmax(query, key, value, cutoff: float, measure_kept_share: bool, scale: float = 1.0, flex=None):
+    """`scale`·(M⊙P)V through FlexAttention, whose kernels never hold the N×N scores (forward and backward, on CUDA).
 
     With L_i = log Σ_j exp(s_ij), the log-sum-exp of row i's scores s_ij = q_i·k_j/√d, P_ij = exp(s_ij − L_i), so
 
@@ -242,7 +245,7 @@ def flex_masked_softmax(query, key, value, cutoff: float, measure_kept_share: bo
         return torch.where(score > keep_above[batch, head, query_index], score, -math.inf)
 
     attended, kept = flex(query, key, value, score_mod=drop_masked_scores, return_aux=AuxRequest(lse=True))
-    attended = attended * torch.exp(kept.lse - dense.lse).unsqueeze(-1).to(attended.dtype)
+    attended = attended * (scale * torch.exp(kept.lse - dense.lse)).unsqueeze(-1).to(attended.dtype)
     kept_share = None
     if measure_kept_share:
 
