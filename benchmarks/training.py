@@ -4,7 +4,7 @@
 For each size and (resolution, batch), three classifiers of the same dimensions take training steps (forward and
 backward; the optimizer's step is the same for every form and left out) interleaved on the CPU in fp32, after a
 warm-up step each, the order rotated from one round to the next (A B C, B C A, C A B, ...); a step's time is the
-median of its rounds (11 at 224 px, 7 at 512, 5 at 1024), so that drifts of a noisy machine hit all three:
+median of its rounds (25 at 224 px, 9 at 512, 5 at 1024), so that drifts of a noisy machine hit all three:
 
 - `vit_sdpa`:          `transformers`' `ViTForImageClassification` with SDPA attention;
 - `castling_training`: Castling-ViT in the training form (`attention_mode="castling"`, α = 1, the default mask), the
@@ -43,7 +43,7 @@ from speed import vit_for  # noqa: E402
 VARIANTS = ("vit_sdpa", "castling_training", "castling_linear")
 PLAN = ((224, 8), (512, 2), (1024, 1))
 # Rounds per resolution: more where steps are short, so that each median rests on more than a few seconds.
-REPEATS = {224: 11, 512: 7, 1024: 5}
+REPEATS = {224: 25, 512: 9, 1024: 5}
 
 
 def castling(size: str, resolution: int, mode: str) -> CastlingViTForImageClassification:
@@ -200,7 +200,7 @@ def tile_sweep(tiles: list[int], heads: int = 6, head_dim: int = 64, repeats: in
 
         runs = {"sdpa": sdpa, **{tile: (lambda tile=tile: branch(tile)) for tile in tiles}}
         seconds = {name: [] for name in runs}
-        for repeat in range(repeats + 1):
+        for repeat in tqdm(range(repeats + 1), desc=f"tile sweep, {tokens} tokens", unit="round"):
             for name, forward in runs.items():
                 start = time.perf_counter()
                 torch.autograd.grad(forward(), qkv, grad)
