@@ -13,8 +13,8 @@ median of its rounds (25 at 224 px, 9 at 512, 5 at 1024), so that drifts of a no
 
 Peak activation memory is the largest total size of the tensors a training step's forward and backward passes hold
 at once, the parameters' gradients left out (they are the same for every form), measured in one more step.
-A tile sweep, run first, times the masked softmax branch alone (forward + backward) for several tile sizes beside
-SDPA; one training-form step at 1536 px, batch 1, shows that it runs.
+A tile sweep, run after the steps, times the masked softmax branch alone (forward + backward) for several tile sizes
+beside SDPA; one training-form step at 1536 px, batch 1, shows that it runs.
 
     python benchmarks/training.py                   # the full study (make bench)
     python benchmarks/training.py --quick           # a smoke run: nano size, small images
@@ -140,8 +140,6 @@ def run(args) -> dict:
         },
         "steps": [],
     }
-    if args.tile_sweep:  # first, while the process's memory is as a user's training run would find it
-        results["tile_sweep"] = tile_sweep(args.tile_sweep_tiles)
     progress = tqdm(total=total, desc="training steps", unit="step")
     for size, resolution, batch in plan:
         progress.set_postfix(size=size, resolution=resolution, batch=batch)
@@ -162,6 +160,8 @@ def run(args) -> dict:
         )
         del models
     progress.close()
+    if args.tile_sweep:  # after the steps, so that they find the process's memory as a user's training run would
+        results["tile_sweep"] = tile_sweep(args.tile_sweep_tiles)
     if args.largest:
         results["largest"] = largest_castling_step(args.sizes[0], args.largest)
     return results
