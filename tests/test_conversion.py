@@ -1,15 +1,51 @@
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTModel
+from transformers import (
+    AutoBackbone,
+    AutoModel,
+    AutoModelForDepthEstimation,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+    AutoModelForUniversalSegmentation,
+    BeitConfig,
+    BeitModel,
+    ConvNextConfig,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    DeiTForMaskedImageModeling,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
+    Dinov2Backbone,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    DPTConfig,
+    DPTForDepthEstimation,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
 
 from castling_hf import (
     CastlingViTConfig,
     CastlingViTForImageClassification,
     CastlingViTModel,
+    castle,
+    set_softmax_mask_scale,
     softmax_mask_scale,
+    softmax_mask_scales,
 )
-from castling_hf.conversion import castling_key, from_vit
+from castling_hf.conversion import FAMILIES, castling_key, from_vit
+from castling_hf.hub import write_inference_checkpoint
 
 SOURCES = {
     "base": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
@@ -151,7 +187,7 @@ def test_a_source_that_is_not_a_vit_is_refused(tmp_path):
     with pytest.raises(TypeError, match="ViTModel or ViTForImageClassification.*got CastlingViTForImageClassification"):
         from_vit(castling)
     castling.save_pretrained(tmp_path)
-    with pytest.raises(TypeError, match="model_type 'vit'.*'castling_vit'"):
+    with pytest.raises(TypeError, match="a Castling-ViT model already"):
         from_vit(tmp_path)
 
 
@@ -186,15 +222,236 @@ def test_shape_fields_cannot_be_overridden_but_castling_fields_can():
 
 
 @pytest.mark.parametrize(
-    "vit_key, expected",
+    "family, source_key, expected",
     [
-        ("embeddings.cls_token", "embeddings.cls_token"),
-        ("embeddings.mask_token", None),
-        ("layers.3.attention.k_proj.bias", "encoder.layers.3.attention.qkv_proj.bias"),
-        ("layers.0.attention.o_proj.weight", "encoder.layers.0.attention.o_proj.weight"),
-        ("layers.11.mlp.fc2.weight", "encoder.layers.11.mlp.fc2.weight"),
-        ("pooler.dense.bias", "pooler.dense.bias"),
+        ("vit", "embeddings.cls_token", ("embeddings.cls_token", None)),
+        ("vit", "embeddings.mask_token", (None, None)),
+        ("vit", "layers.3.attention.k_proj.bias", ("encoder.layers.3.attention.qkv_proj.bias", "k")),
+        ("vit", "layers.0.attention.o_proj.weight", ("encoder.layers.0.attention.o_proj.weight", None)),
+        ("vit", "layers.11.mlp.fc2.weight", ("encoder.layers.11.mlp.fc2.weight", None)),
+        ("vit", "pooler.dense.bias", ("pooler.dense.bias", None)),
+        ("deit", "embeddings.distillation_token", ("embeddings.distillation_token", None)),
+        ("dinov2", "encoder.layer.2.norm1.weight", ("encoder.layers.2.layernorm_before.weight", None)),
+        ("dinov2", "encoder.layer.2.layer_scale2.lambda1", ("encoder.layers.2.layer_scale2.lambda1", None)),
+        ("dinov2_with_registers", "embeddings.register_tokens", ("embeddings.register_tokens", None)),
+        ("dinov3_vit", "model.layer.1.attention.q_proj.weight", ("encoder.layers.1.attention.qkv_proj.weight", "q")),
+        ("dinov3_vit", "model.layer.1.mlp.up_proj.bias", ("encoder.layers.1.mlp.fc1.bias", None)),
+        ("dinov3_vit", "embeddings.patch_embeddings.weight", ("embeddings.patch_embeddings.projection.weight", None)),
+        ("dinov3_vit", "norm.bias", ("layernorm.bias", None)),
     ],
 )
-def test_castling_key(vit_key, expected):
-    assert castling_key(vit_key) == expected
+def test_castling_key(family, source_key, expected):
+    assert castling_key(FAMILIES[family], source_key) == expected
+
+
+def test_a_tensor_the_family_table_lacks_is_refused_by_name():
+    with pytest.raises(ValueError, match="dinov2 source has a tensor 'encoder.layer.0.extra.weight'"):
+        castling_key(FAMILIES["dinov2"], "encoder.layer.0.extra.weight")
+
+
+# Every source family and task model, built tiny and saved as a Hub checkpoint would be: `castle` from the folder.
+TINY = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+)
+
+
+def dinov2_backbone(**fields) -> Dinov2Config:
+    return Dinov2Config(**{**TINY, "num_hidden_layers": 4}, out_indices=[1, 2, 3, 4], layerscale_value=0.7, **fields)
+
+
+def depth_head(**fields) -> dict:
+    return dict(neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], **fields)
+
+
+# name: (source builder, Auto class that reloads the castled model, second resolution, does the source need
+# `interpolate_pos_encoding=True` at it)
+FAMILY_SOURCES = {
+    "vit": (
+        lambda: ViTForImageClassification(ViTConfig(**TINY, num_labels=3)),
+        AutoModelForImageClassification,
+        48,
+        True,
+    ),
+    "deit_with_teacher": (
+        lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY, num_labels=3)),
+        AutoModelForImageClassification,
+        48,
+        True,
+    ),
+    "dinov2": (lambda: Dinov2Model(Dinov2Config(**TINY, layerscale_value=0.5)), AutoModel, 48, False),
+    "dinov2_classifier": (
+        lambda: Dinov2ForImageClassification(Dinov2Config(**TINY, layerscale_value=0.5, num_labels=3)),
+        AutoModelForImageClassification,
+        48,
+        False,
+    ),
+    "dinov2_with_registers_classifier": (
+        lambda: Dinov2WithRegistersForImageClassification(
+            Dinov2WithRegistersConfig(**TINY, num_register_tokens=2, layerscale_value=0.5, num_labels=3)
+        ),
+        AutoModelForImageClassification,
+        48,
+        False,
+    ),
+    "dinov3_vit": (lambda: DINOv3ViTModel(DINOv3ViTConfig(**TINY, num_register_tokens=2)), AutoModel, 48, False),
+    "dinov2_backbone": (lambda: Dinov2Backbone(dinov2_backbone()), AutoBackbone, 64, False),
+    "upernet_dinov2": (
+        lambda: UperNetForSemanticSegmentation(
+            UperNetConfig(backbone_config=dinov2_backbone(), hidden_size=16, num_labels=3, auxiliary_in_channels=32)
+        ),
+        AutoModelForSemanticSegmentation,
+        64,
+        False,
+    ),
+    "depth_anything_dinov2": (
+        lambda: DepthAnythingForDepthEstimation(
+            DepthAnythingConfig(
+                backbone_config=dinov2_backbone(reshape_hidden_states=False),
+                **depth_head(head_hidden_size=8, patch_size=8, reassemble_hidden_size=32),
+            )
+        ),
+        AutoModelForDepthEstimation,
+        64,
+        False,
+    ),
+    "dpt_dinov2": (
+        lambda: DPTForDepthEstimation(
+            DPTConfig(
+                backbone_config=dinov2_backbone(reshape_hidden_states=False),
+                hidden_size=32,
+                patch_size=8,
+                image_size=32,
+                **depth_head(),
+            )
+        ),
+        AutoModelForDepthEstimation,
+        64,
+        False,
+    ),
+    "mask2former_dinov2": (
+        lambda: Mask2FormerForUniversalSegmentation(
+            Mask2FormerConfig(
+                backbone_config=dinov2_backbone(),
+                feature_size=32,
+                mask_feature_size=32,
+                hidden_dim=32,
+                encoder_feedforward_dim=64,
+                dim_feedforward=64,
+                num_queries=5,
+                decoder_layers=2,
+                encoder_layers=1,
+                num_attention_heads=4,
+                num_labels=3,
+            )
+        ),
+        AutoModelForUniversalSegmentation,
+        64,
+        False,
+    ),
+}
+
+
+def pretrained(build) -> torch.nn.Module:
+    """A source whose transformer (a task model's Dinov2 backbone) has weights far from their init: attention
+    sharply non-uniform, LayerScale, tokens and biases non-trivial; norms and task heads as built."""
+    torch.manual_seed(0)
+    model = build()
+    transformer = next((module for module in model.modules() if isinstance(module, Dinov2Backbone)), model)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "norm" not in name:
+                parameter.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def every_tensor(output, name: str = "output"):
+    """(path, tensor) for every tensor in a model output, however nested (feature maps, auxiliary logits)."""
+    if isinstance(output, torch.Tensor):
+        yield name, output
+    elif isinstance(output, dict):
+        for key, value in output.items():
+            yield from every_tensor(value, f"{name}.{key}")
+    elif isinstance(output, (list, tuple)):
+        for index, value in enumerate(output):
+            yield from every_tensor(value, f"{name}[{index}]")
+
+
+def assert_same_outputs(got, expected, atol: float = 1e-5) -> None:
+    got, expected = dict(every_tensor(got)), dict(every_tensor(expected))
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        difference = (got[name] - value).abs().max().item()
+        assert difference <= atol, f"{name} differs by {difference:.2e}"
+
+
+def run(model, resolution: int, resize: bool):
+    pixels = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(resolution))
+    with torch.no_grad():
+        return model(pixel_values=pixels, **({"interpolate_pos_encoding": True} if resize else {}))
+
+
+@pytest.mark.parametrize("name", FAMILY_SOURCES, ids=FAMILY_SOURCES)
+def test_castled_checkpoint_computes_the_source_at_two_resolutions_and_reloads(name, tmp_path):
+    build, auto_class, second_resolution, source_needs_resize = FAMILY_SOURCES[name]
+    source = pretrained(build)
+    source.save_pretrained(tmp_path / "source")
+    source_state = {key: value.clone() for key, value in source.state_dict().items()}
+
+    castled = castle(tmp_path / "source")
+    for resolution in (32, second_resolution):
+        resize = source_needs_resize and resolution != 32
+        assert_same_outputs(run(castled, resolution, resize), run(source, resolution, resize))
+    assert all(torch.equal(value, source_state[key]) for key, value in source.state_dict().items())
+
+    castled.save_pretrained(tmp_path / "castled")
+    # AutoBackbone.from_pretrained asks the Hub whether a local folder is a repository (transformers 5.24): a
+    # backbone folder loads with its class.
+    auto_class = type(castled) if auto_class is AutoBackbone else auto_class
+    reloaded = auto_class.from_pretrained(str(tmp_path / "castled")).eval()
+    assert type(reloaded) is type(castled)
+    assert_same_outputs(run(reloaded, 32, False), run(source, 32, False))
+
+    set_softmax_mask_scale(castled, 0.0)  # the decay's end: the softmax branches are spent
+    write_inference_checkpoint(castled, tmp_path / "inference")
+    saved = set().union(*(load_file(path).keys() for path in (tmp_path / "inference").glob("*.safetensors")))
+    assert saved and not [key for key in saved if "softmax" in key]
+    deployed = auto_class.from_pretrained(str(tmp_path / "inference")).eval()
+    assert not softmax_mask_scales(deployed)  # linear mode: no softmax branch at all
+    assert_same_outputs(run(deployed, 32, False), run(castled, 32, False))
+
+
+def test_castle_takes_a_model_object_and_leaves_it_as_it_was():
+    source = pretrained(FAMILY_SOURCES["deit_with_teacher"][0]).train()
+    castled = castle(source)
+    assert source.training and not castled.training
+    assert castled.config.classifier_pooling == "cls_and_distillation" and castled.config.use_distillation_token
+    source.eval()
+    assert_same_outputs(run(castled, 32, False), run(source, 32, False))
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (lambda: Dinov2Model(Dinov2Config(**TINY, use_swiglu_ffn=True)), r"`use_swiglu_ffn=True` \(a SwiGLU MLP"),
+        (lambda: DINOv3ViTModel(DINOv3ViTConfig(**TINY, use_gated_mlp=True)), r"`use_gated_mlp=True` \(a gated MLP"),
+    ],
+    ids=["dinov2_swiglu", "dinov3_gated_mlp"],
+)
+def test_a_source_feature_castling_cannot_express_is_named(source, message):
+    with pytest.raises(ValueError, match=message + r".*nothing was converted"):
+        castle(source())
+
+
+def test_an_unsupported_family_or_backbone_is_refused_with_what_castle_takes():
+    with pytest.raises(TypeError, match=r"castle converts ViT, DeiT.*; BeitModel holds none of these"):
+        castle(BeitModel(BeitConfig(**TINY)))
+    convnext = ConvNextConfig(
+        hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
+    upernet = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=convnext, hidden_size=16, num_labels=3))
+    with pytest.raises(TypeError, match="UperNetForSemanticSegmentation holds none of these"):
+        castle(upernet)
+    with pytest.raises(
+        TypeError, match="castle converts DeiTModel, .* of the deit family, not DeiTForMaskedImageModeling"
+    ):
+        castle(DeiTForMaskedImageModeling(DeiTConfig(**TINY)))

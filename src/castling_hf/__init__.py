@@ -6,7 +6,7 @@ Importing this package registers Castling-ViT with the `transformers` Auto class
 from . import data, metrics
 from .attention import CastlingViTAttention, linear_angular_attention, masked_softmax_attention
 from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
-from .conversion import from_vit
+from .conversion import castle, from_vit
 from .modeling_castling_vit import (
     CastlingViTBackbone,
     CastlingViTForImageClassification,
@@ -32,6 +32,7 @@ __all__ = [
     "data",
     "metrics",
     "CastlingMaskDecayCallback",
+    "castle",
     "measure_softmax_mask_kept_shares",
     "set_softmax_mask_scale",
     "softmax_mask_kept_shares",

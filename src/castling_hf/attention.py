@@ -149,6 +149,18 @@ def masked_softmax_attention(
     return attended.to(value.dtype).transpose(1, 2), kept_share
 
 
+def rotary_position_embedding(
+    tensor: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix_tokens: int
+) -> torch.Tensor:
+    """x·cos θ + rotate_half(x)·sin θ on the patch tokens of `tensor` `(B, N, H, d)`, where rotate_half(x) =
+    [−x₂, x₁] for the halves x = [x₁, x₂] of the head dimension; the prefix tokens pass unchanged (DINOv3's RoPE,
+    applied to q and k). `cos` and `sin` are `(N - num_prefix_tokens, d)`."""
+    prefix, patches = tensor[:, :num_prefix_tokens], tensor[:, num_prefix_tokens:]
+    first, second = patches.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return torch.cat([prefix, patches * cos[:, None] + rotated * sin[:, None]], dim=1)
+
+
 def spatial_depthwise_conv(
     value: torch.Tensor, weight: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]
 ) -> torch.Tensor:
@@ -267,9 +279,19 @@ class CastlingViTAttention(nn.Module):
         self.linear_branch_scale = nn.Parameter(torch.full((self.num_heads,), float(config.linear_branch_scale_init)))
         self.softmax_branch = CastlingSoftmaxBranch(config) if config.attention_mode == "castling" else None
 
-    def forward(self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        num_prefix_tokens: int,
+        grid_size: tuple[int, int],
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`rotary`, the (cos, sin) of `rotary_position_embedding`, rotates the patch tokens' q and k before both the
+        linear-angular path and the softmax branch (a model with `position_embedding_type="rope"`)."""
         batch, tokens, hidden_size = hidden_states.shape
         query, key, value = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
+        if rotary is not None:
+            query, key = (rotary_position_embedding(x, *rotary, num_prefix_tokens) for x in (query, key))
         scale = self.linear_branch_scale
         attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, scale)
         if self.residual_conv is not None:
@@ -288,6 +310,7 @@ __all__ = [
     "linear_angular_attention",
     "masked_softmax_attention",
     "reduction_dtype",
+    "rotary_position_embedding",
     "sequence_depthwise_conv",
     "softmax_mask_cutoff",
     "spatial_depthwise_conv",

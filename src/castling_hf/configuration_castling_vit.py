@@ -39,7 +39,40 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a Castling-ViT model (`CastlingViTModel`, `CastlingViTForImageClassification`).
 
-    The ViT fields (`hidden_size` ... `pooler_act`) mean what they mean in `ViTConfig`. Castling-ViT adds:
+    The ViT fields (`hidden_size` ... `pooler_act`) mean what they mean in `ViTConfig`. The next ones describe the
+    architecture of a pretrained source that `castling_hf.castle` converts (DeiT, Dinov2, Dinov2 with registers,
+    DINOv3), named as `transformers` names them where the meaning is the same; their defaults are ViT's:
+
+    layerscale_value (`float` or `None`, defaults to `None`):
+        Initial value of a learned per-channel scale on each residual branch (attention and MLP), as Dinov2's and
+        DINOv3's LayerScale (`layer_scale1`, `layer_scale2`); `None`: no LayerScale (ViT, DeiT).
+    num_register_tokens (`int`, defaults to 0):
+        Register tokens after [CLS] (and the distillation token): learned, without position embedding, dropped from
+        the feature maps, as Dinov2 with registers and DINOv3.
+    use_distillation_token (`bool`, defaults to `False`):
+        A distillation token after [CLS] with its own position embedding, as DeiT.
+    position_embedding_type (`"learned"` or `"rope"`, defaults to `"learned"`):
+        `"learned"`: position embeddings added to [CLS], the distillation token and the patches (ViT, DeiT, Dinov2).
+        `"rope"`: no learned position embeddings; 2D rotary embeddings on the patch tokens' q and k in every layer,
+        before both the linear-angular path and the softmax branch (DINOv3).
+    interpolate_pos_encoding (`bool`, defaults to `False`):
+        Resize the learned position embeddings for any input size, as Dinov2 does; with `False` only when the forward
+        pass is given `interpolate_pos_encoding=True`, as ViT (the backbone and the detector always resize).
+    position_embedding_antialias (`bool`, defaults to `False`):
+        Resize learned position embeddings bicubically with antialiasing (Dinov2 with registers) rather than without
+        (ViT, DeiT, Dinov2).
+    rope_theta (`float`, defaults to 100.0), pos_embed_shift, pos_embed_jitter, pos_embed_rescale (`float` or `None`):
+        DINOv3's rotary embedding: the base of its frequencies, and the random shift, jitter and rescaling of the
+        patch coordinates it applies in training.
+    pooler_type (`"dense"` or `"cls"`, defaults to `"dense"`):
+        `CastlingViTModel`'s `pooler_output`: `"dense"`, a dense layer and `pooler_act` on [CLS] (ViT); `"cls"`, the
+        final-norm [CLS] token itself (Dinov2, DINOv3).
+    classifier_pooling (`"cls"`, `"cls_and_patch_mean"` or `"cls_and_distillation"`, defaults to `"cls"`):
+        What `CastlingViTForImageClassification` classifies: the final [CLS] token (ViT, DeiT); [CLS] concatenated
+        with the mean of the patch tokens (Dinov2); or [CLS] and the distillation token, each by its own classifier,
+        their logits averaged (`DeiTForImageClassificationWithTeacher`; needs `use_distillation_token`).
+
+    Castling-ViT adds:
 
     attention_mode (`"castling"` or `"linear"`, defaults to `"castling"`):
         `"castling"` is the training form: linear-angular attention, the residual conv and the auxiliary masked
@@ -140,6 +173,19 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
     pooler_output_size: int | None = None
     pooler_act: str = "tanh"
 
+    layerscale_value: float | None = None
+    num_register_tokens: int = 0
+    use_distillation_token: bool = False
+    position_embedding_type: Literal["learned", "rope"] = "learned"
+    interpolate_pos_encoding: bool = False
+    position_embedding_antialias: bool = False
+    rope_theta: float | int = 100.0
+    pos_embed_shift: float | None = None
+    pos_embed_jitter: float | None = None
+    pos_embed_rescale: float | None = None
+    pooler_type: Literal["dense", "cls"] = "dense"
+    classifier_pooling: Literal["cls", "cls_and_patch_mean", "cls_and_distillation"] = "cls"
+
     attention_mode: Literal["castling", "linear"] = "castling"
     angular_normalization: Literal["kernel", "l2"] = "kernel"
     angular_eps: float = 1e-6
@@ -186,6 +232,12 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: [CLS], the distillation token, the registers. They get no residual conv term
+        and no rotary embedding, and are dropped from feature maps."""
+        return 1 + int(self.use_distillation_token) + self.num_register_tokens
+
+    @property
     def decoder_layers(self) -> int:
         """The layers the auxiliary detection loss reads: `transformers`' detection loss names them `decoder_layers`;
         in this encoder-only detector they are the encoder layers."""
@@ -216,6 +268,20 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"`image_size` {self.image_size} must be a multiple of `patch_size` {self.patch_size}, "
                 "so that the patches tile the image."
+            )
+
+    def validate_source_architecture(self):
+        if self.num_register_tokens < 0:
+            raise ValueError(f"`num_register_tokens` must be >= 0, got {self.num_register_tokens}.")
+        if self.classifier_pooling == "cls_and_distillation" and not self.use_distillation_token:
+            raise ValueError(
+                "`classifier_pooling='cls_and_distillation'` classifies the distillation token as well as [CLS]: it "
+                "needs `use_distillation_token=True`."
+            )
+        if self.position_embedding_type == "rope" and self.head_dim % 4:
+            raise ValueError(
+                f"2D rotary embeddings split each head's channels into four equal parts (sine and cosine of rows and "
+                f"columns): head_dim = hidden_size / num_attention_heads must be a multiple of 4, got {self.head_dim}."
             )
 
     def validate_castling_attention(self):

@@ -1,147 +1,345 @@
-"""Castling a pretrained ViT: its weights in a Castling-ViT whose first forward pass is the source's.
+"""Castling a pretrained model: its weights in a Castling-ViT whose first forward pass is the source's.
 
 With γ (the linear branch scale) at 0, α at 1 and no softmax mask threshold, a Castling layer computes
-`proj(softmax(q kᵀ/√d) v)`: exactly ViT's attention, with ViT's own q/k/v/o weights (docs/design.md §1).
-Fine-tuning with the mask decay then grows γ while α falls to 0, and the model ends in the linear-angular form.
+`proj(softmax(q kᵀ/√d) v)`: exactly the source's attention, with the source's own q/k/v/o weights (docs/design.md
+§1, §8). Fine-tuning with the mask decay then grows γ while α falls to 0, and the model ends in the linear-angular
+form.
 
-Sources are `transformers`' `ViTModel` and `ViTForImageClassification` (DeiT checkpoints without a distillation token
-use these classes too), as objects or as a local directory / Hub name. Every source tensor is mapped, checked and
-stacked before the new model is touched, so a source that does not fit raises and nothing is half-converted.
+Each source family is a `SourceFamily`: a mapping table from its config to `CastlingViTConfig` fields and one from
+its weight names to Castling-ViT's, plus the places its task heads keep their weights. `castle` reads the table of
+the family it meets; no family has code of its own. Every source tensor is mapped, checked and stacked before the
+new model is touched, so a source that does not fit raises and nothing is half-converted.
 """
 
+import copy
+import inspect
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, PreTrainedModel, ViTConfig, ViTForImageClassification, ViTModel
+import transformers
+from torch import nn
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from .configuration_castling_vit import SIZE_FIELDS, CastlingViTConfig
-from .modeling_castling_vit import CastlingViTForImageClassification, CastlingViTModel
+from .modeling_castling_vit import CastlingViTBackbone, CastlingViTForImageClassification, CastlingViTModel
 
-# The fields a Castling-ViT takes from the source config, all with ViTConfig's meaning.
-INHERITED_CONFIG_FIELDS = (
+# With these, a castled layer is the source's softmax attention (γ = 0, dense softmax branch).
+EXACT_START = dict(linear_branch_scale_init=0.0, softmax_mask_threshold=None)
+# Fields the source's weight shapes and token layout fix, so that castling cannot override them.
+SHAPE_FIELDS = (
+    *SIZE_FIELDS,
+    "num_channels",
+    "qkv_bias",
+    "pooler_output_size",
+    "layerscale_value",
+    "num_register_tokens",
+    "use_distillation_token",
+    "position_embedding_type",
+    "classifier_pooling",
+)
+# The ViT fields every family shares under the same names.
+COMMON_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
     "num_attention_heads",
-    "intermediate_size",
     "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
     "initializer_range",
     "layer_norm_eps",
     "image_size",
     "patch_size",
     "num_channels",
-    "qkv_bias",
-    "pooler_output_size",
-    "pooler_act",
     "id2label",
     "label2id",
     "problem_type",
 )
-# Fixed by the shapes of the source weights, so a conversion cannot override them.
-SHAPE_FIELDS = (*SIZE_FIELDS, "num_channels", "qkv_bias", "pooler_output_size")
-# With these, a converted layer is the source's softmax attention (γ = 0, dense softmax branch).
-EXACT_START = dict(linear_branch_scale_init=0.0, softmax_mask_threshold=None)
-# Castling-ViT's own tensors: no ViT counterpart, so they keep their initial values.
+BACKBONE_FIELDS = ("out_features", "apply_layernorm", "reshape_hidden_states")
+# Castling-ViT's own tensors: no counterpart in any source, so they keep their initial values.
 CASTLING_ONLY = re.compile(
     r"attention\.(linear_branch_scale|residual_conv\.weight|softmax_branch\.softmax_mask_scale)$"
 )
-# ViT's mask token serves masked-image-modelling only; no Castling-ViT model uses one.
-IGNORED_SOURCE = re.compile(r"^embeddings\.mask_token$")
-POOLER_KEYS = {"pooler.dense.weight", "pooler.dense.bias"}
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_QKV = re.compile(r"^attention\.([qkv])_proj\.(weight|bias)$")
+_LAYER = r"(\d+)"
+_WB = r"(weight|bias)"
 
 
-def load_vit(model_or_path) -> ViTModel | ViTForImageClassification:
-    """The source as a `ViTModel` or `ViTForImageClassification`; a directory or Hub name is loaded strictly."""
-    if isinstance(model_or_path, PreTrainedModel):
-        if not isinstance(model_or_path, (ViTModel, ViTForImageClassification)):
-            raise TypeError(
-                f"from_vit converts a transformers ViTModel or ViTForImageClassification (model_type 'vit'; DeiT "
-                f"checkpoints without a distillation token use these classes), got {type(model_or_path).__name__}."
-            )
-        return model_or_path
-    config = AutoConfig.from_pretrained(model_or_path)
-    if config.model_type != "vit":
-        raise TypeError(
-            f"from_vit converts ViT checkpoints (model_type 'vit'), but {model_or_path!r} holds a "
-            f"{config.model_type!r} model ({', '.join(config.architectures or [type(config).__name__])})."
-        )
-    unsupported = sorted(set(config.architectures or []) - {"ViTModel", "ViTForImageClassification"})
-    if unsupported:
-        raise TypeError(
-            f"{model_or_path!r} holds a {', '.join(unsupported)}; from_vit converts ViTModel and "
-            "ViTForImageClassification checkpoints (load the encoder alone with ViTModel.from_pretrained and pass it)."
-        )
-    source_class = (
-        ViTForImageClassification if "ViTForImageClassification" in (config.architectures or []) else ViTModel
-    )
-    model, info = source_class.from_pretrained(model_or_path, output_loading_info=True)
-    if source_class is ViTModel and info["missing_keys"] and set(info["missing_keys"]) <= POOLER_KEYS:
-        # A ViTModel saved without its pooler: load it as it was saved rather than with a random pooler.
-        model, info = ViTModel.from_pretrained(model_or_path, add_pooling_layer=False, output_loading_info=True)
-    problems = {kind: keys for kind, keys in info.items() if keys and kind != "error_msgs"}
-    if problems:
-        raise ValueError(
-            f"The checkpoint {model_or_path!r} does not match its own config ({source_class.__name__}): "
-            + "; ".join(f"{kind.replace('_', ' ')}: {sorted(map(str, keys))}" for kind, keys in problems.items())
-            + ". Converting it would leave those weights random, so nothing was converted."
-        )
-    return model
+@dataclass(frozen=True)
+class SourceFamily:
+    """How one `transformers` model family maps onto Castling-ViT.
 
-
-def castling_config_from_vit(vit_config: ViTConfig, **overrides) -> CastlingViTConfig:
-    """A Castling-ViT config with the source's dimensions and labels, set for an exact start; `overrides` apply last.
-
-    The fields that the source's weight shapes fix (`SHAPE_FIELDS`) cannot be overridden.
+    - `model_type`: the source config's `model_type`;
+    - `config`: Castling-ViT config fields from the source config (besides `COMMON_FIELDS`, which every family has);
+    - `weights`: (source name, Castling-ViT name) regular expressions, names relative to the base model; a q, k or v
+      projection maps to `qkv_proj` with `{q}`, `{k}` or `{v}` marking its third of the fused weight; `None` drops a
+      source tensor no Castling-ViT model uses (a masked-image-modelling mask token);
+    - `absent_biases`: biases the family can leave out (by source-name template and the config flag that says so):
+      they enter as zeros, which is exactly the source's function;
+    - `unsupported`: config flags Castling-ViT cannot express, with what they mean;
+    - `heads`: per model class, a `Head`: the attribute holding its base model, the (source, Castling-ViT) names of
+      its classifier weights, and the config fields its head implies; `backbone`: the family's `AutoBackbone` class.
     """
+
+    model_type: str
+    config: Callable[[PreTrainedConfig], dict]
+    weights: tuple[tuple[str, str | None], ...]
+    heads: dict[str, "Head"]
+    backbone: str | None = None
+    absent_biases: tuple[tuple[str, str], ...] = ()
+    unsupported: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Head:
+    """Where a source class keeps its base model (`base`, an attribute name; "" for a base model itself), how its
+    classifier weights are named in Castling-ViT (`weights`, (source, Castling-ViT) regular expressions; empty for a
+    base model), and the config fields its head implies (`config`)."""
+
+    base: str = ""
+    weights: dict[str, str] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+
+def _vit_config(config) -> dict:
+    return dict(
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        intermediate_size=config.intermediate_size,
+        qkv_bias=config.qkv_bias,
+        pooler_output_size=config.pooler_output_size,
+        pooler_act=config.pooler_act,
+    )
+
+
+def _dinov2_config(config) -> dict:
+    return dict(
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        intermediate_size=int(config.hidden_size * config.mlp_ratio),
+        qkv_bias=config.qkv_bias,
+        layerscale_value=config.layerscale_value,
+        interpolate_pos_encoding=True,
+        pooler_type="cls",
+        classifier_pooling="cls_and_patch_mean",
+    )
+
+
+def _dinov2_with_registers_config(config) -> dict:
+    return {
+        **_dinov2_config(config),
+        "num_register_tokens": config.num_register_tokens,
+        "position_embedding_antialias": True,
+    }
+
+
+def _dinov3_config(config) -> dict:
+    return dict(
+        attention_probs_dropout_prob=config.attention_dropout,
+        intermediate_size=config.intermediate_size,
+        qkv_bias=config.query_bias or config.key_bias or config.value_bias,
+        layerscale_value=config.layerscale_value,
+        num_register_tokens=config.num_register_tokens,
+        position_embedding_type="rope",
+        rope_theta=config.rope_theta,
+        pos_embed_shift=config.pos_embed_shift,
+        pos_embed_jitter=config.pos_embed_jitter,
+        pos_embed_rescale=config.pos_embed_rescale,
+        pooler_type="cls",
+    )
+
+
+def _layer_weights(layers: str, norms: tuple[str, str], mlp: tuple[str, str], layer_scale: bool):
+    """The weight table of one family's transformer blocks, whose module names differ from family to family."""
+    before, after = norms
+    fc1, fc2 = mlp
+    rows = [
+        (rf"{layers}\.{_LAYER}\.attention\.([qkv])_proj\.{_WB}", r"encoder.layers.\1.attention.qkv_proj.\3{\2}"),
+        (rf"{layers}\.{_LAYER}\.attention\.o_proj\.{_WB}", r"encoder.layers.\1.attention.o_proj.\2"),
+        (rf"{layers}\.{_LAYER}\.{before}\.{_WB}", r"encoder.layers.\1.layernorm_before.\2"),
+        (rf"{layers}\.{_LAYER}\.{after}\.{_WB}", r"encoder.layers.\1.layernorm_after.\2"),
+        (rf"{layers}\.{_LAYER}\.mlp\.{fc1}\.{_WB}", r"encoder.layers.\1.mlp.fc1.\2"),
+        (rf"{layers}\.{_LAYER}\.mlp\.{fc2}\.{_WB}", r"encoder.layers.\1.mlp.fc2.\2"),
+    ]
+    if layer_scale:
+        rows.append((rf"{layers}\.{_LAYER}\.(layer_scale[12])\.lambda1", r"encoder.layers.\1.\2.lambda1"))
+    return tuple(rows)
+
+
+_EMBEDDINGS = (
+    (r"embeddings\.(cls_token|distillation_token|register_tokens|position_embeddings)", r"embeddings.\1"),
+    (rf"embeddings\.patch_embeddings\.projection\.{_WB}", r"embeddings.patch_embeddings.projection.\1"),
+    (r"embeddings\.mask_token", None),
+)
+_VIT_WEIGHTS = (
+    *_EMBEDDINGS,
+    *_layer_weights("layers", ("layernorm_before", "layernorm_after"), ("fc1", "fc2"), layer_scale=False),
+    (rf"layernorm\.{_WB}", r"layernorm.\1"),
+    (rf"pooler\.dense\.{_WB}", r"pooler.dense.\1"),
+)
+_DINOV2_WEIGHTS = (
+    *_EMBEDDINGS,
+    *_layer_weights("encoder.layer", ("norm1", "norm2"), ("fc1", "fc2"), layer_scale=True),
+    (rf"layernorm\.{_WB}", r"layernorm.\1"),
+)
+_CLASSIFIER = {rf"classifier\.{_WB}": r"classifier.\1"}
+
+FAMILIES = {
+    family.model_type: family
+    for family in (
+        SourceFamily(
+            "vit",
+            _vit_config,
+            _VIT_WEIGHTS,
+            heads={"ViTModel": Head(), "ViTForImageClassification": Head("vit", _CLASSIFIER)},
+        ),
+        SourceFamily(
+            "deit",
+            lambda config: {**_vit_config(config), "use_distillation_token": True},
+            _VIT_WEIGHTS,
+            heads={
+                "DeiTModel": Head(),
+                "DeiTForImageClassification": Head("deit", _CLASSIFIER),
+                "DeiTForImageClassificationWithTeacher": Head(
+                    "deit",
+                    {
+                        rf"cls_classifier\.{_WB}": r"classifier.\1",
+                        rf"distillation_classifier\.{_WB}": r"distillation_classifier.\1",
+                    },
+                    {"classifier_pooling": "cls_and_distillation"},
+                ),
+            },
+        ),
+        SourceFamily(
+            "dinov2",
+            _dinov2_config,
+            _DINOV2_WEIGHTS,
+            heads={"Dinov2Model": Head(), "Dinov2ForImageClassification": Head("dinov2", _CLASSIFIER)},
+            backbone="Dinov2Backbone",
+            unsupported=(("use_swiglu_ffn", "a SwiGLU MLP (the giant size)"),),
+        ),
+        SourceFamily(
+            "dinov2_with_registers",
+            _dinov2_with_registers_config,
+            _DINOV2_WEIGHTS,
+            heads={
+                "Dinov2WithRegistersModel": Head(),
+                "Dinov2WithRegistersForImageClassification": Head("dinov2_with_registers", _CLASSIFIER),
+            },
+            backbone="Dinov2WithRegistersBackbone",
+            unsupported=(("use_swiglu_ffn", "a SwiGLU MLP (the giant size)"),),
+        ),
+        SourceFamily(
+            "dinov3_vit",
+            _dinov3_config,
+            (
+                (r"embeddings\.(cls_token|register_tokens)", r"embeddings.\1"),
+                (rf"embeddings\.patch_embeddings\.{_WB}", r"embeddings.patch_embeddings.projection.\1"),
+                (r"embeddings\.mask_token", None),
+                *_layer_weights("model.layer", ("norm1", "norm2"), ("up_proj", "down_proj"), layer_scale=True),
+                (rf"norm\.{_WB}", r"layernorm.\1"),
+            ),
+            heads={"DINOv3ViTModel": Head()},
+            absent_biases=(
+                ("model.layer.{i}.attention.q_proj.bias", "query_bias"),
+                ("model.layer.{i}.attention.k_proj.bias", "key_bias"),
+                ("model.layer.{i}.attention.v_proj.bias", "value_bias"),
+                ("model.layer.{i}.attention.o_proj.bias", "proj_bias"),
+                ("model.layer.{i}.mlp.up_proj.bias", "mlp_bias"),
+                ("model.layer.{i}.mlp.down_proj.bias", "mlp_bias"),
+            ),
+            unsupported=(("use_gated_mlp", "a gated MLP (the largest sizes)"),),
+        ),
+    )
+}
+SUPPORTED = (
+    "ViT, DeiT (with or without its distillation head), Dinov2, Dinov2 with registers and DINOv3 ViT models, their "
+    "image classifiers, Dinov2 backbones, and transformers task models whose backbone is a Dinov2 backbone (e.g. "
+    "UperNetForSemanticSegmentation, DPTForDepthEstimation, DepthAnythingForDepthEstimation, "
+    "Mask2FormerForUniversalSegmentation)"
+)
+
+
+def refuse_castled(config: PreTrainedConfig) -> None:
+    if config.model_type == CastlingViTConfig.model_type:
+        raise TypeError(
+            "This is a Castling-ViT model already: castle converts a pretrained softmax-attention source "
+            f"({SUPPORTED}). Fine-tune it with CastlingMaskDecayCallback instead."
+        )
+
+
+def family_of(config: PreTrainedConfig) -> SourceFamily:
+    refuse_castled(config)
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise TypeError(f"castle converts {SUPPORTED}; got a {config.model_type!r} model ({type(config).__name__}).")
+    used = [f"`{flag}=True` ({meaning})" for flag, meaning in family.unsupported if getattr(config, flag, False)]
+    if used:
+        raise ValueError(
+            f"This {config.model_type} model uses {', '.join(used)}, which Castling-ViT does not support; nothing "
+            "was converted."
+        )
+    return family
+
+
+def castling_config(
+    source_config: PreTrainedConfig, head: Head | None = None, backbone: bool = False, **overrides
+) -> CastlingViTConfig:
+    """A Castling-ViT config with the source's architecture, dimensions and labels (and its head's fields, or for a
+    backbone its feature stages), set for an exact start; `overrides` apply last, except to the fields the weights
+    fix (`SHAPE_FIELDS`)."""
     fixed = sorted(set(overrides) & set(SHAPE_FIELDS))
     if fixed:
         raise ValueError(
             f"Cannot override {fixed} when converting: they are fixed by the shapes of the source's weights. "
             f"Override Castling-ViT's own fields instead (e.g. residual_conv, angular_normalization)."
         )
-    inherited = {name: getattr(vit_config, name) for name in INHERITED_CONFIG_FIELDS}
+    family = family_of(source_config)
+    fields = {name: getattr(source_config, name) for name in COMMON_FIELDS}
+    fields.update(family.config(source_config))
+    fields.update(head.config if head is not None else {})
+    if backbone:
+        fields.update({name: getattr(source_config, name) for name in BACKBONE_FIELDS})
     if labels_overridden(overrides):  # a new label set replaces the source's whole, never half of it
-        del inherited["id2label"], inherited["label2id"]
+        del fields["id2label"], fields["label2id"]
         if "id2label" in overrides and "label2id" not in overrides:
             overrides = {**overrides, "label2id": {label: int(i) for i, label in overrides["id2label"].items()}}
-    return CastlingViTConfig(**{**inherited, **EXACT_START, **overrides})
+    return CastlingViTConfig(**{**fields, **EXACT_START, **overrides})
 
 
 def labels_overridden(overrides: dict) -> bool:
     return bool({"num_labels", "id2label", "label2id"} & set(overrides))
 
 
-def castling_key(vit_key: str) -> str | None:
-    """Where a tensor of a ViT backbone (keys relative to `ViTModel`) lives in a `CastlingViTModel`.
-
-    q/k/v projections all map to the fused `qkv_proj`; None for a tensor Castling-ViT does not use.
-    """
-    if IGNORED_SOURCE.match(vit_key):
-        return None
-    layer = _LAYER.match(vit_key)
-    if layer is None:
-        return vit_key  # embeddings.*, layernorm.*, pooler.dense.*: same names
-    index, rest = layer.groups()
-    qkv = _QKV.match(rest)
-    if qkv is not None:
-        rest = f"attention.qkv_proj.{qkv.group(2)}"
-    return f"encoder.layers.{index}.{rest}"
+def castling_key(family: SourceFamily, source_key: str) -> tuple[str | None, str | None]:
+    """Where a source tensor (named relative to its base model) lives in a Castling-ViT base model, and which third
+    of the fused q/k/v projection it is (None for other tensors). Raises for a name the family's table lacks."""
+    for pattern, target in family.weights:
+        match = re.fullmatch(pattern, source_key)
+        if match:
+            if target is None:
+                return None, None
+            key = match.expand(target)
+            part = re.search(r"\{([qkv])\}$", key)
+            return (key[: part.start()], part.group(1)) if part else (key, None)
+    raise ValueError(f"The {family.model_type} source has a tensor {source_key!r} that castling does not know.")
 
 
-def castling_backbone_state_dict(vit_backbone_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A `ViTModel` state dict renamed for `CastlingViTModel`, with each layer's q, k and v stacked (in that order,
-    the order the fused projection splits them) into `qkv_proj`."""
+def castling_backbone_state_dict(family: SourceFamily, source_state: dict, source_config) -> dict:
+    """A base model's state dict renamed for Castling-ViT, each layer's q, k and v stacked (in the order the fused
+    projection splits them) into `qkv_proj`, and the biases the family leaves out entered as zeros."""
+    source_state = dict(source_state)
+    for template, flag in family.absent_biases:
+        if not getattr(source_config, flag, True):
+            for index in range(source_config.num_hidden_layers):
+                key = template.format(i=index)
+                weight = source_state[key.removesuffix("bias") + "weight"]
+                source_state.setdefault(key, weight.new_zeros(weight.shape[0]))
     renamed, fused_parts = {}, {}
-    for key, tensor in vit_backbone_state.items():
-        target = castling_key(key)
+    for key, tensor in source_state.items():
+        target, part = castling_key(family, key)
         if target is None:
             continue
-        if ".qkv_proj." in target:
-            projection = _QKV.match(_LAYER.match(key).group(2)).group(1)
-            fused_parts.setdefault(target, {})[projection] = tensor
+        if part is not None:
+            fused_parts.setdefault(target, {})[part] = tensor
         else:
             renamed[target] = tensor
     for target, parts in fused_parts.items():
@@ -153,35 +351,16 @@ def castling_backbone_state_dict(vit_backbone_state: dict[str, torch.Tensor]) ->
     return renamed
 
 
-def castling_state_dict(
-    source: ViTModel | ViTForImageClassification, target, keep_classifier: bool = True
-) -> dict[str, torch.Tensor]:
-    """The full state dict for `target` (a Castling-ViT model built for the source), checked against it; the
-    source's classifier is carried over when `keep_classifier` and the source has one."""
-    source_state = source.state_dict()
-    if isinstance(source, ViTForImageClassification):
-        backbone = {key.removeprefix("vit."): value for key, value in source_state.items() if key.startswith("vit.")}
-        head = {key: value for key, value in source_state.items() if not key.startswith("vit.")}
-    else:
-        backbone, head = source_state, {}
-    mapped = castling_backbone_state_dict(backbone)
+def _check_and_load(target: nn.Module, mapped: dict, source_name: str) -> None:
+    """Load `mapped` into `target` after checking it against every tensor `target` expects: names both ways (but the
+    tensors that start fresh), then shapes. Raises, touching nothing, when anything does not fit."""
     target_state = target.state_dict()
-    prefix = (
-        f"{target.base_model_prefix}." if target.base_model_prefix + ".embeddings.cls_token" in target_state else ""
-    )
-    mapped = {prefix + key: value for key, value in mapped.items()}
-    if not any(".pooler." in f".{key}" for key in target_state):  # e.g. a classifier built from a ViTModel
-        mapped = {key: value for key, value in mapped.items() if ".pooler." not in f".{key}"}
-    if "classifier.weight" in target_state and keep_classifier:
-        mapped.update({key: value for key, value in head.items() if key.startswith("classifier.")})
-
     unexpected = sorted(set(mapped) - set(target_state))
     missing = sorted(key for key in set(target_state) - set(mapped) if not _starts_fresh(key))
     if unexpected or missing:
         raise ValueError(
-            f"The {type(source).__name__} does not fit a {type(target).__name__} with its config: "
-            f"unexpected in the source: {unexpected or 'none'}; missing from the source: {missing or 'none'}. "
-            "Nothing was converted."
+            f"The {source_name} does not fit a {type(target).__name__} with its config: unexpected in the source: "
+            f"{unexpected or 'none'}; missing from the source: {missing or 'none'}. Nothing was converted."
         )
     mismatched = [
         f"{key}: source {tuple(value.shape)}, expected {tuple(target_state[key].shape)}"
@@ -194,40 +373,73 @@ def castling_state_dict(
             + "; ".join(mismatched)
             + ". Nothing was converted."
         )
-    return mapped
+    target.load_state_dict(mapped, strict=False)
 
 
 def _starts_fresh(key: str) -> bool:
-    """Target tensors with no source counterpart, which keep their initial values: Castling-ViT's own, and a
-    classifier when the source has none or the target was given a different label set."""
-    return bool(CASTLING_ONLY.search(key)) or key.startswith("classifier.")
+    """Target tensors with no source counterpart, which keep their initial values: Castling-ViT's own, and
+    classifiers when the source has none or the target was given a different label set."""
+    return bool(CASTLING_ONLY.search(key)) or key.startswith(("classifier.", "distillation_classifier."))
 
 
-def from_vit(
-    model_or_path,
-    model_class: type = CastlingViTForImageClassification,
-    add_pooling_layer: bool | None = None,
-    **config_overrides,
-):
-    """A `model_class` (`CastlingViTForImageClassification` or `CastlingViTModel`) with a pretrained ViT's weights,
-    whose first forward pass is the source's.
+def _head_weights(state: dict, table: dict[str, str]) -> dict:
+    renamed = {}
+    for key, tensor in state.items():
+        for pattern, target in table.items():
+            match = re.fullmatch(pattern, key)
+            if match:
+                renamed[match.expand(target)] = tensor
+    return renamed
 
-    `model_or_path` is a `transformers` `ViTModel` or `ViTForImageClassification` (DeiT checkpoints without a
-    distillation token use these classes), or a local directory or Hub name holding one. The config takes the
-    source's dimensions and labels with `linear_branch_scale_init=0.0` and `softmax_mask_threshold=None`, so that with
-    α = 1 every layer computes exactly the source's softmax attention; `config_overrides` apply on top (Castling-ViT's
-    own fields, or a new label set, which starts the classifier fresh). A `CastlingViTModel` keeps the source's
-    pooler unless `add_pooling_layer` says otherwise. Fine-tune with `CastlingMaskDecayCallback`, then
-    `switch_to_inference()`.
-    """
-    source = load_vit(model_or_path)
-    config = castling_config_from_vit(source.config, **config_overrides)
-    backbone = source.vit if isinstance(source, ViTForImageClassification) else source
-    source_has_pooler = getattr(backbone, "pooler", None) is not None
+
+def load_source(model_or_path) -> PreTrainedModel:
+    """The source as a model; a directory or Hub name is loaded with the class its config records, strictly."""
+    if isinstance(model_or_path, PreTrainedModel):
+        return model_or_path
+    if isinstance(model_or_path, nn.Module):
+        raise TypeError(f"castle converts {SUPPORTED}; got a {type(model_or_path).__name__}.")
+    config = AutoConfig.from_pretrained(model_or_path)
+    refuse_castled(config)
+    architectures = config.architectures or []
+    source_class = getattr(transformers, architectures[0], None) if len(architectures) == 1 else None
+    if source_class is None:
+        raise TypeError(
+            f"{model_or_path!r} names its model class {architectures or 'nowhere'} in its config; castle needs one "
+            "transformers class there to load it with."
+        )
+    model, info = source_class.from_pretrained(model_or_path, output_loading_info=True)
+    pooler_only = info["missing_keys"] and all(".pooler." in f".{key}" for key in info["missing_keys"])
+    if pooler_only and "add_pooling_layer" in inspect.signature(source_class.__init__).parameters:
+        # A base model saved without its pooler: load it as it was saved rather than with a random pooler.
+        model, info = source_class.from_pretrained(model_or_path, add_pooling_layer=False, output_loading_info=True)
+    problems = {kind: keys for kind, keys in info.items() if keys and kind != "error_msgs"}
+    if problems:
+        raise ValueError(
+            f"The checkpoint {model_or_path!r} does not match its own config ({source_class.__name__}): "
+            + "; ".join(f"{kind.replace('_', ' ')}: {sorted(map(str, keys))}" for kind, keys in problems.items())
+            + ". Converting it would leave those weights random, so nothing was converted."
+        )
+    return model
+
+
+def castle_base_or_classifier(source: PreTrainedModel, model_class=None, add_pooling_layer=None, **overrides):
+    """A Castling-ViT encoder or classifier from a base model or an image classifier of a supported family."""
+    family = family_of(source.config)
+    class_name = type(source).__name__
+    if class_name not in family.heads:
+        raise TypeError(
+            f"castle converts {', '.join(family.heads)} of the {family.model_type} family, not {class_name}."
+        )
+    head = family.heads[class_name]
+    base = getattr(source, head.base) if head.base else source
+    model_class = model_class or (CastlingViTForImageClassification if head.weights else CastlingViTModel)
+    config = castling_config(source.config, head, **overrides)
+    source_has_pooler = getattr(base, "pooler", None) is not None
     kwargs = {}
     if issubclass(model_class, CastlingViTModel):
-        kwargs["add_pooling_layer"] = source_has_pooler if add_pooling_layer is None else add_pooling_layer
-        if kwargs["add_pooling_layer"] and not source_has_pooler:
+        mirrored = source_has_pooler or config.pooler_type == "cls"
+        kwargs["add_pooling_layer"] = mirrored if add_pooling_layer is None else add_pooling_layer
+        if kwargs["add_pooling_layer"] and not mirrored:
             raise ValueError(
                 "add_pooling_layer=True, but the source has no pooler to convert; leave add_pooling_layer unset to "
                 "mirror the source."
@@ -235,6 +447,86 @@ def from_vit(
     elif add_pooling_layer is not None:
         raise ValueError(f"{model_class.__name__} has no pooler; add_pooling_layer applies to CastlingViTModel only.")
     target = model_class(config, **kwargs)
-    target.load_state_dict(castling_state_dict(source, target, not labels_overridden(config_overrides)), strict=False)
+    mapped = castling_backbone_state_dict(family, base.state_dict(), source.config)
+    target_state = target.state_dict()
+    prefix = (
+        f"{target.base_model_prefix}." if f"{target.base_model_prefix}.embeddings.cls_token" in target_state else ""
+    )
+    mapped = {prefix + key: value for key, value in mapped.items()}
+    if not any(".pooler." in f".{key}" for key in target_state):  # e.g. a classifier built from a base model
+        mapped = {key: value for key, value in mapped.items() if ".pooler." not in f".{key}"}
+    if head.weights and "classifier.weight" in target_state and not labels_overridden(overrides):
+        head_state = {key: value for key, value in source.state_dict().items() if not key.startswith(f"{head.base}.")}
+        mapped.update(_head_weights(head_state, head.weights))
+    _check_and_load(target, mapped, class_name)
+    return target
+
+
+def castle_backbone(source: PreTrainedModel, **overrides) -> CastlingViTBackbone:
+    """A `CastlingViTBackbone` from a Dinov2(-with-registers) backbone: same stages, layer norm and layout."""
+    family = family_of(source.config)
+    target = CastlingViTBackbone(castling_config(source.config, backbone=True, **overrides))
+    _check_and_load(
+        target, castling_backbone_state_dict(family, source.state_dict(), source.config), type(source).__name__
+    )
+    return target
+
+
+def castle_task_model(source: PreTrainedModel, **overrides) -> PreTrainedModel:
+    """A copy of a task model whose backbone (a supported `AutoBackbone`) is castled, its heads untouched, and its
+    config's `backbone_config` the Castling-ViT one, so that its Auto class reloads it where castling_hf is imported."""
+    backbone_classes = tuple(getattr(transformers, family.backbone) for family in FAMILIES.values() if family.backbone)
+    backbones = [name for name, module in source.named_modules() if isinstance(module, backbone_classes)]
+    if len(backbones) != 1:
+        raise TypeError(
+            f"castle converts {SUPPORTED}; {type(source).__name__} holds "
+            f"{'none of these' if not backbones else f'{len(backbones)} backbones ({backbones})'}."
+        )
+    castled = castle_backbone(source.get_submodule(backbones[0]), **overrides)
+    target = copy.deepcopy(source)
+    parent, _, attribute = backbones[0].rpartition(".")
+    setattr(target.get_submodule(parent), attribute, castled)
+    if getattr(target.config, "backbone_config", None) is not None:
+        target.config.backbone_config = castled.config
+    # A source loaded with from_pretrained records how it renamed the Hub's weight names, and save_pretrained would
+    # rename the castled backbone's tensors back with it; without the record, saving finds the castled model's own.
+    target.__dict__.pop("_weight_conversions", None)
+    return target
+
+
+def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bool | None = None, **overrides):
+    """The Castling form of a pretrained model, whose first forward pass is the source's (docs/design.md §8).
+
+    `model_or_path` is a model object, or a local directory or Hub name holding one: a ViT, DeiT (`DeiTModel`,
+    `DeiTForImageClassification`, `DeiTForImageClassificationWithTeacher`), Dinov2, Dinov2 with registers or DINOv3
+    ViT base model or image classifier (→ `CastlingViTModel` / `CastlingViTForImageClassification`; `model_class`
+    picks the other), a Dinov2 backbone (→ `CastlingViTBackbone`), or any `transformers` task model whose backbone
+    is a Dinov2 backbone (UperNet, DPT, Depth Anything, Mask2Former, ...; → a copy with a `CastlingViTBackbone` and
+    the source's own heads). The config takes the source's architecture, dimensions and labels with
+    `linear_branch_scale_init=0.0` and `softmax_mask_threshold=None`, so that with α = 1 every layer computes
+    exactly the source's softmax attention; `overrides` apply on top (Castling-ViT's own fields, or a new label set,
+    which starts the classifier fresh). Fine-tune with `CastlingMaskDecayCallback`, then `switch_to_inference()`.
+    The source is left as it was; the castled model is on its device, in its dtype, in eval mode.
+    """
+    source = load_source(model_or_path)
+    if type(source).__name__ in {family.backbone for family in FAMILIES.values()}:
+        target = castle_backbone(source, **overrides)
+    elif source.config.model_type in FAMILIES:
+        target = castle_base_or_classifier(source, model_class, add_pooling_layer, **overrides)
+    else:
+        target = castle_task_model(source, **overrides)
     reference = next(source.parameters())
     return target.to(device=reference.device, dtype=reference.dtype).eval()
+
+
+def from_vit(model_or_path, model_class: type | None = None, add_pooling_layer: bool | None = None, **overrides):
+    """`castle` for a `ViTModel` or `ViTForImageClassification` source (DeiT checkpoints without a distillation token
+    use these classes), kept for the code that called it by this name; it makes a classifier unless `model_class`
+    says otherwise, and refuses every other source."""
+    source = load_source(model_or_path)
+    if type(source).__name__ not in FAMILIES["vit"].heads:
+        raise TypeError(
+            f"from_vit converts a transformers ViTModel or ViTForImageClassification (model_type 'vit'); got "
+            f"{type(source).__name__} (model_type {source.config.model_type!r}). castle converts more families."
+        )
+    return castle(source, model_class or CastlingViTForImageClassification, add_pooling_layer, **overrides)

@@ -83,49 +83,133 @@ class CastlingViTPatchEmbeddings(nn.Module):
 
 
 class CastlingViTEmbeddings(nn.Module):
-    """[CLS], then patch embeddings; learned position embeddings on both (bicubically resized for other input
-    sizes). [CLS] is the one prefix token: it gets no residual conv term."""
+    """[CLS], the distillation token (`use_distillation_token`), the register tokens (`num_register_tokens`), then
+    the patch embeddings: the prefix tokens, which get no residual conv term and no rotary embedding.
 
-    num_prefix_tokens = 1
+    Learned position embeddings (`position_embedding_type="learned"`) are added to [CLS], the distillation token and
+    the patches, bicubically resized for other input sizes (antialiased with `position_embedding_antialias`), never
+    to the registers; with `"rope"` there are none, and `rotary` gives the layers their rotary embeddings instead.
+    """
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__()
+        hidden = config.hidden_size
         self.grid_size = config.patch_grid_size
-        num_patches = self.grid_size[0] * self.grid_size[1]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.always_resize = config.interpolate_pos_encoding
+        self.antialias = config.position_embedding_antialias
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.distillation_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.use_distillation_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden)) if config.num_register_tokens else None
+        )
         self.patch_embeddings = CastlingViTPatchEmbeddings(config)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + num_patches, config.hidden_size))
+        self.num_positioned_prefix_tokens = 1 + int(config.use_distillation_token)
+        self.position_embeddings = self.rotary = None
+        if config.position_embedding_type == "learned":
+            num_patches = self.grid_size[0] * self.grid_size[1]
+            self.position_embeddings = nn.Parameter(
+                torch.zeros(1, self.num_positioned_prefix_tokens + num_patches, hidden)
+            )
+        else:
+            self.rotary = CastlingViTRotaryEmbedding(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def resized_position_embeddings(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Position embeddings for a (rows, columns) patch grid other than the one they were learned on."""
         if grid_size == self.grid_size:
             return self.position_embeddings
-        cls_position, patch_positions = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        lead = self.num_positioned_prefix_tokens
+        prefix_positions, patch_positions = self.position_embeddings[:, :lead], self.position_embeddings[:, lead:]
         hidden_size = patch_positions.shape[-1]
         patch_positions = patch_positions.reshape(1, *self.grid_size, hidden_size).permute(0, 3, 1, 2)
+        # In fp32, as the sources do: bicubic resampling in half precision shifts the embeddings.
         patch_positions = nn.functional.interpolate(
-            patch_positions.float(), size=grid_size, mode="bicubic", align_corners=False
-        ).to(cls_position.dtype)
+            patch_positions.float(), size=grid_size, mode="bicubic", align_corners=False, antialias=self.antialias
+        ).to(prefix_positions.dtype)
         patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, -1, hidden_size)
-        return torch.cat([cls_position, patch_positions], dim=1)
+        return torch.cat([prefix_positions, patch_positions], dim=1)
 
     def forward(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         patches, grid_size = self.patch_embeddings(pixel_values)
-        if grid_size != self.grid_size and not interpolate_pos_encoding:
-            patch_height, patch_width = self.patch_embeddings.projection.stride
-            expected = (self.grid_size[0] * patch_height, self.grid_size[1] * patch_width)
-            raise ValueError(
-                f"Input image size {pixel_values.shape[-2]}×{pixel_values.shape[-1]} does not match the model's "
-                f"{expected[0]}×{expected[1]}. Resize the images, or pass `interpolate_pos_encoding=True` to "
-                "resize the position embeddings to this input."
-            )
         batch = patches.shape[0]
-        positions = self.resized_position_embeddings(grid_size)
-        tokens = [self.cls_token.expand(batch, -1, -1) + positions[:, :1], patches + positions[:, 1:]]
-        return self.dropout(torch.cat(tokens, dim=1)), grid_size
+        lead = [self.cls_token] + ([self.distillation_token] if self.distillation_token is not None else [])
+        lead = torch.cat([token.expand(batch, -1, -1) for token in lead], dim=1)
+        if self.position_embeddings is not None:
+            if grid_size != self.grid_size and not (interpolate_pos_encoding or self.always_resize):
+                patch_height, patch_width = self.patch_embeddings.projection.stride
+                expected = (self.grid_size[0] * patch_height, self.grid_size[1] * patch_width)
+                raise ValueError(
+                    f"Input image size {pixel_values.shape[-2]}×{pixel_values.shape[-1]} does not match the model's "
+                    f"{expected[0]}×{expected[1]}. Resize the images, or pass `interpolate_pos_encoding=True` to "
+                    "resize the position embeddings to this input."
+                )
+            positions = self.resized_position_embeddings(grid_size)
+            lead = lead + positions[:, : lead.shape[1]]
+            patches = patches + positions[:, lead.shape[1] :]
+        registers = [self.register_tokens.expand(batch, -1, -1)] if self.register_tokens is not None else []
+        return self.dropout(torch.cat([lead, *registers, patches], dim=1)), grid_size
+
+
+class CastlingViTRotaryEmbedding(nn.Module):
+    """DINOv3's 2D rotary embedding of the patch tokens (`position_embedding_type="rope"`): each patch's centre on
+    the grid, normalised to [-1, 1] in rows and columns (randomly shifted, jittered and rescaled in training, as the
+    config says), turned into the angles of `rotary_angles`; returns their (cos, sin), `(patches, head_dim)`."""
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        self.shift, self.jitter, self.rescale = (
+            config.pos_embed_shift,
+            config.pos_embed_jitter,
+            config.pos_embed_rescale,
+        )
+        frequencies = rotary_inverse_frequencies(config.rope_theta, config.head_dim)
+        self.register_buffer("inverse_frequencies", frequencies, persistent=False)
+
+    def forward(self, grid_size: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        coordinates = patch_center_coordinates(grid_size, self.inverse_frequencies.device)
+        if self.training:
+            coordinates = augmented_coordinates(coordinates, self.shift, self.jitter, self.rescale)
+        angles = rotary_angles(coordinates, self.inverse_frequencies)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary_inverse_frequencies(theta: float, head_dim: int) -> torch.Tensor:
+    """head_dim/4 frequencies θ^(-4j/head_dim), j = 0 .. head_dim/4 - 1: one set for rows, one for columns."""
+    return 1 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32)
+
+
+def patch_center_coordinates(grid_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(row, column) of every patch centre, row-major, each axis scaled to [-1, 1]: `(patches, 2)`."""
+    rows, columns = (torch.arange(0.5, n, device=device, dtype=torch.float32) / n for n in grid_size)
+    return 2.0 * torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1).flatten(0, 1) - 1.0
+
+
+def augmented_coordinates(coordinates, shift: float | None, jitter: float | None, rescale: float | None):
+    """Training-time augmentation of the patch coordinates: a shift uniform in ±shift per axis, a per-axis factor
+    log-uniform in [1/jitter, jitter], and one log-uniform in [1/rescale, rescale] for both axes."""
+    if shift is not None:
+        coordinates = coordinates + torch.empty(1, 2, device=coordinates.device).uniform_(-shift, shift)
+    if jitter is not None:
+        coordinates = (
+            coordinates
+            * torch.empty(1, 2, device=coordinates.device).uniform_(-math.log(jitter), math.log(jitter)).exp()
+        )
+    if rescale is not None:
+        coordinates = (
+            coordinates
+            * torch.empty(1, device=coordinates.device).uniform_(-math.log(rescale), math.log(rescale)).exp()
+        )
+    return coordinates
+
+
+def rotary_angles(coordinates: torch.Tensor, inverse_frequencies: torch.Tensor) -> torch.Tensor:
+    """θ = 2π · coordinate · frequency for the row and the column at head_dim/4 frequencies each, laid out
+    [rows, columns, rows, columns] along the head dimension (the two halves `rotate_half` pairs): `(patches, d)`."""
+    angles = 2 * math.pi * coordinates[:, :, None] * inverse_frequencies[None, None, :]
+    return angles.flatten(1, 2).tile(2)
 
 
 class CastlingViTMLP(nn.Module):
@@ -139,23 +223,46 @@ class CastlingViTMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
-class CastlingViTLayer(GradientCheckpointingLayer):
-    """A pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+class CastlingViTLayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (Dinov2's and DINOv3's LayerScale), from `layerscale_value`."""
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layerscale_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
+class CastlingViTLayer(GradientCheckpointingLayer):
+    """A pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x)), each branch scaled by a LayerScale
+    where the config has one (`layerscale_value`)."""
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        scaled = config.layerscale_value is not None
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = CastlingViTAttention(config)
+        self.layer_scale1 = CastlingViTLayerScale(config) if scaled else nn.Identity()
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CastlingViTMLP(config)
+        self.layer_scale2 = CastlingViTLayerScale(config) if scaled else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        num_prefix_tokens: int,
+        grid_size: tuple[int, int],
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         # One expression, so that the attention's output is freed before the MLP runs (peak memory at high resolution).
         hidden_states = hidden_states + self.dropout(
-            self.attention(self.layernorm_before(hidden_states), num_prefix_tokens, grid_size)
+            self.layer_scale1(
+                self.attention(self.layernorm_before(hidden_states), num_prefix_tokens, grid_size, rotary)
+            )
         )
-        return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return hidden_states + self.dropout(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states))))
 
 
 class CastlingViTEncoder(nn.Module):
@@ -166,9 +273,15 @@ class CastlingViTEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([CastlingViTLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        num_prefix_tokens: int,
+        grid_size: tuple[int, int],
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         for layer in self.layers:
-            hidden_states = layer(hidden_states, num_prefix_tokens, grid_size)
+            hidden_states = layer(hidden_states, num_prefix_tokens, grid_size, rotary)
         return hidden_states
 
 
@@ -285,8 +398,18 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
             prior = self.config.detection_prior_probability
             init.constant_(module.bias, -math.log((1 - prior) / prior))
         if isinstance(module, CastlingViTEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            for tokens in (module.position_embeddings, module.cls_token, module.distillation_token):
+                if tokens is not None:
+                    init.trunc_normal_(tokens, mean=0.0, std=std)
+            if module.register_tokens is not None:
+                init.zeros_(module.register_tokens)  # as Dinov2 with registers
+        elif isinstance(module, CastlingViTRotaryEmbedding):  # not saved: from_pretrained must recompute it
+            init.copy_(
+                module.inverse_frequencies,
+                rotary_inverse_frequencies(self.config.rope_theta, self.config.head_dim),
+            )
+        elif isinstance(module, CastlingViTLayerScale):
+            init.constant_(module.lambda1, float(self.config.layerscale_value))
         elif isinstance(module, CastlingViTAttention):
             init.constant_(module.linear_branch_scale, float(self.config.linear_branch_scale_init))
         elif isinstance(module, CastlingSoftmaxBranch):
@@ -348,14 +471,16 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
 
 
 class CastlingViTModel(CastlingViTPreTrainedModel):
-    """The bare Castling-ViT encoder: embeddings, Castling layers, final norm and (optionally) a pooler."""
+    """The bare Castling-ViT encoder: embeddings, Castling layers, final norm and (optionally) a pooler, whose output
+    is ViT's (`pooler_type="dense"`: dense + `pooler_act` on [CLS]) or Dinov2's (`"cls"`: the final [CLS] token)."""
 
     def __init__(self, config: CastlingViTConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = CastlingViTEmbeddings(config)
         self.encoder = CastlingViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.pooler = CastlingViTPooler(config) if add_pooling_layer else None
+        self.add_pooling_layer = add_pooling_layer
+        self.pooler = CastlingViTPooler(config) if add_pooling_layer and config.pooler_type == "dense" else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -370,28 +495,58 @@ class CastlingViTModel(CastlingViTPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         r"""
         interpolate_pos_encoding (`bool`, *optional*):
-            Resize the position embeddings (bicubically) to an input size other than `config.image_size`.
+            Resize the position embeddings (bicubically) to an input size other than `config.image_size` (always
+            done when `config.interpolate_pos_encoding`).
         """
         check_pixel_values(pixel_values, self.config)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         embeddings, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
-        hidden_states = self.encoder(embeddings, self.embeddings.num_prefix_tokens, grid_size)
+        rotary = self.embeddings.rotary(grid_size, embeddings.dtype) if self.embeddings.rotary is not None else None
+        hidden_states = self.encoder(embeddings, self.embeddings.num_prefix_tokens, grid_size, rotary)
         sequence_output = self.layernorm(hidden_states)
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        if self.pooler is not None:
+            pooled_output = self.pooler(sequence_output)
+        else:
+            pooled_output = sequence_output[:, 0] if self.add_pooling_layer else None
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
 
 
-class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
-    """Castling-ViT with a linear classifier on the final [CLS] token, as `ViTForImageClassification`.
+@dataclass
+class CastlingViTImageClassifierOutput(ImageClassifierOutput):
+    r"""`ImageClassifierOutput`, and with two heads (`classifier_pooling="cls_and_distillation"`, a castled
+    `DeiTForImageClassificationWithTeacher`) the logits of each, which `logits` averages.
 
-    The loss follows `config.problem_type` (single-label, multi-label or regression) exactly as ViT's does.
+    cls_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+        The [CLS] classifier's logits.
+    distillation_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+        The distillation classifier's logits.
+    """
+
+    cls_logits: torch.Tensor | None = None
+    distillation_logits: torch.Tensor | None = None
+
+
+class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
+    """Castling-ViT with a linear classifier on the final [CLS] token, as `ViTForImageClassification`; on [CLS] and
+    the mean patch token with `classifier_pooling="cls_and_patch_mean"`, as `Dinov2ForImageClassification`; and with
+    a second classifier on the distillation token whose logits are averaged with the first's
+    (`"cls_and_distillation"`), as `DeiTForImageClassificationWithTeacher`.
+
+    The loss follows `config.problem_type` (single-label, multi-label or regression) exactly as ViT's does, on the
+    returned `logits`.
     """
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.castling_vit = CastlingViTModel(config, add_pooling_layer=False)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        features = config.hidden_size * (2 if config.classifier_pooling == "cls_and_patch_mean" else 1)
+
+        def head():
+            return nn.Linear(features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+
+        self.classifier = head()
+        self.distillation_classifier = head() if config.classifier_pooling == "cls_and_distillation" else None
         self.post_init()
 
     @can_return_tuple
@@ -401,7 +556,7 @@ class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> ImageClassifierOutput:
+    ) -> CastlingViTImageClassifierOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class ids for the loss (float targets for regression, multi-hot for multi-label; see `problem_type`).
@@ -409,9 +564,24 @@ class CastlingViTForImageClassification(CastlingViTPreTrainedModel):
         outputs = self.castling_vit(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
         )
-        logits = self.classifier(outputs.last_hidden_state[:, 0])
+        sequence = outputs.last_hidden_state
+        features = sequence[:, 0]
+        if self.config.classifier_pooling == "cls_and_patch_mean":
+            patches = sequence[:, self.castling_vit.embeddings.num_prefix_tokens :]
+            features = torch.cat([features, patches.mean(dim=1)], dim=1)
+        logits = cls_logits = self.classifier(features)
+        distillation_logits = None
+        if self.distillation_classifier is not None:
+            distillation_logits = self.distillation_classifier(sequence[:, 1])
+            logits = (cls_logits + distillation_logits) / 2
         loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return CastlingViTImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            cls_logits=cls_logits if distillation_logits is not None else None,
+            distillation_logits=distillation_logits,
+        )
 
 
 def patch_grid(hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -481,12 +651,13 @@ class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         hidden_state, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=True)
         num_prefix_tokens = self.embeddings.num_prefix_tokens
+        rotary = self.embeddings.rotary(grid_size, hidden_state.dtype) if self.embeddings.rotary is not None else None
         # Only the chosen stages are kept (all of them only when asked for): at high resolution every stage held is
         # a (tokens × hidden_size) tensor of peak memory.
         hidden_states, feature_maps = [], []
         for index, name in enumerate(self.stage_names):
             if index > 0:
-                hidden_state = self.encoder.layers[index - 1](hidden_state, num_prefix_tokens, grid_size)
+                hidden_state = self.encoder.layers[index - 1](hidden_state, num_prefix_tokens, grid_size, rotary)
             if output_hidden_states:
                 hidden_states.append(hidden_state)
             if name in self.out_features:
