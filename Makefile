@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run (speed benchmark)
 TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training benchmark takes --quick too
 
-.PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation
+.PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation bench-castle
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -41,3 +41,7 @@ bench-detection: install
 bench-segmentation: install
 	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/segmentation.py $(BENCH_ARGS)
+
+bench-castle: install
+	$(PIP) install --quiet -e ".[dev,bench]"
+	$(PYTHON) benchmarks/castle.py $(BENCH_ARGS)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Write the benchmark tables into README.md from the benchmark JSON, so that no number in them is typed by hand.
 
-    python benchmarks/readme_tables.py    # after make bench, bench-accuracy, bench-detection, bench-segmentation
+    python benchmarks/readme_tables.py    # after make bench, bench-accuracy, bench-detection, bench-segmentation,
+                                          # bench-castle
 
 Each table sits between `<!-- table: NAME -->` and `<!-- end table: NAME -->`; `tests/test_benchmarks.py` checks that
 README.md holds exactly what this script would write.
@@ -42,7 +43,7 @@ def tables() -> dict[str, str]:
         rendered["accuracy"] = accuracy.markdown_table(study["summary"])
         rendered["accuracy-targets"] = accuracy.targets_table(study["summary"])
         rendered["accuracy-choices"] = accuracy.choices_table(study["choices"])
-    for name in ("detection", "segmentation"):
+    for name in ("detection", "segmentation", "castle"):
         if (RESULTS / f"{name}.json").exists():
             rendered[name] = _benchmark(name).markdown_table(json.loads((RESULTS / f"{name}.json").read_text()))
     return rendered

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Castle a pretrained ViT or DeiT: convert it to a Castling-ViT whose first forward pass is the source's, then
-fine-tune with the mask decay so that it ends with linear-angular attention only.
+"""Castle a pretrained image classifier (ViT, DeiT with or without its teacher head, Dinov2, Dinov2 with registers):
+convert it to a Castling-ViT whose first forward pass is the source's, then fine-tune with the mask decay so that it
+ends with linear-angular attention only.
 
     # convert a local directory or a Hub checkpoint and save it (with the source's image processor)
     python examples/castle_pretrained_vit.py google/vit-base-patch16-224 --output_dir outputs/castled-vit-base
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
 
-from castling_hf import CASTLING_VIT_SIZES, CastlingViTForImageClassification, from_vit, image_processor_for
+import castling_hf
+from castling_hf import CASTLING_VIT_SIZES, CastlingViTForImageClassification, image_processor_for
 
 EXAMPLE = Path(__file__).parent / "image-classification" / "run_image_classification.py"
 
@@ -36,7 +38,7 @@ def load_training_example():
 
 def castle(source: str, output_dir: str, config_overrides: dict) -> CastlingViTForImageClassification:
     """Convert `source` (directory or Hub name), check the exact start, and save model and image processor."""
-    model = from_vit(source, **config_overrides)
+    model = castling_hf.castle(source, model_class=CastlingViTForImageClassification, **config_overrides)
     try:
         image_processor = AutoImageProcessor.from_pretrained(source)
     except OSError:  # a checkpoint saved without its processor: ViT's defaults at the model's size
@@ -165,7 +167,7 @@ def demo(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", nargs="?", help="a ViT / DeiT checkpoint: local directory or Hub name")
+    parser.add_argument("source", nargs="?", help="an image classifier or encoder checkpoint: directory or Hub name")
     parser.add_argument("--output_dir", default="outputs/castled")
     parser.add_argument("--config_overrides", default=None, help="JSON object of Castling-ViT config fields")
     parser.add_argument("--demo", action="store_true", help="the whole recipe offline on the bundled digits")
