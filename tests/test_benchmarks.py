@@ -28,6 +28,7 @@ def test_readme_tables_are_rendered_from_the_benchmark_json():
         "accuracy-choices",
         "detection",
         "segmentation",
+        "castle",
     }
     readme = (ROOT / "README.md").read_text()
     for name, table in tables.items():
@@ -77,3 +78,16 @@ def test_segmentation_benchmark_smoke_run_writes_its_results(tmp_path):
             assert 0 < entry["backbone_peak_bytes"][name] < entry["upernet_peak_bytes"][name]
     assert "| nano | 128 | 1024 | upernet |" in segmentation.markdown_table(results)  # 4×4 patches
     assert (tmp_path / "segmentation.png").stat().st_size > 0
+
+
+def test_castle_benchmark_smoke_run_writes_its_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("castle", ROOT / "benchmarks" / "castle.py")
+    castle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(castle)
+    results = castle.main(["--quick", "--output_dir", str(tmp_path), "--run_dir", str(tmp_path / "run")])
+    assert results["start_max_abs_logit_difference"] <= 1e-5  # the castled model starts as the source
+    # The inference checkpoint computes what the castled model computed once α reached 0.
+    assert results["castled_mean_iou_before_switch"] == results["castled_mean_iou_after_switch"]
+    assert set(results["latency_ms"]) == {64, 128} and results["pipeline_labels"]
+    assert "| 128 | backbone |" in castle.markdown_table(results)
+    assert (tmp_path / "castle.png").stat().st_size > 0
