@@ -37,8 +37,9 @@ RECIPE = (
 )
 
 
-def softmax_attention_forward(self, hidden_states, num_prefix_tokens, grid_size):
-    """The encoder attention of a softmax ViT on Castling-ViT's projections: SDPA over q, k, v, then o_proj."""
+def softmax_attention_forward(self, hidden_states, num_prefix_tokens, grid_size, rotary=None):
+    """The encoder attention of a softmax ViT on Castling-ViT's projections: SDPA over q, k, v, then o_proj (the
+    model has learned position embeddings, so `rotary` is always None)."""
     batch, tokens, hidden_size = hidden_states.shape
     qkv = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     attended = torch.nn.functional.scaled_dot_product_attention(*qkv)
