@@ -22,26 +22,20 @@ demo: install
 	$(PYTHON) examples/demo.py
 
 bench: install
-	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/speed.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
 
 bench-training: install
-	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
 
 bench-accuracy: install
-	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/accuracy.py $(BENCH_ARGS)
 
 bench-detection: install
-	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/detection.py $(BENCH_ARGS)
 
 bench-segmentation: install
-	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/segmentation.py $(BENCH_ARGS)
 
 bench-castle: install
-	$(PIP) install --quiet -e ".[dev,bench]"
 	$(PYTHON) benchmarks/castle.py $(BENCH_ARGS)

@@ -23,6 +23,8 @@ setup(
         "pillow>=10",
         "pycocotools>=2.0.7",  # the COCO evaluator behind detection mAP
         "torchmetrics>=1.0",  # the confusion matrix behind segmentation mean IoU
+        "scikit-learn>=1.3",  # castling_hf.data.digits(): the examples' default data
+        "matplotlib>=3.7",  # the examples' training plots and the benchmarks' figures
     ],
     extras_require={
         # scikit-image ships the real photos the tests and the demo classify.
@@ -30,12 +32,9 @@ setup(
             "pytest>=8",
             "ruff>=0.6",
             "scikit-image>=0.22",
-            "scikit-learn>=1.3",
-            "matplotlib>=3.7",  # the examples' training plots
             "onnx>=1.16",
             "onnxscript",
             "onnxruntime>=1.18",
         ],
-        "bench": ["matplotlib>=3.7"],
     },
 )

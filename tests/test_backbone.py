@@ -132,15 +132,38 @@ def test_the_switch_refuses_while_the_branch_still_counts(make_config):
         set_softmax_mask_scale(model, 1.5)
 
 
-def test_the_simple_feature_pyramid_gives_four_scales_of_the_patch_grid(make_config):
-    config = make_config(num_hidden_layers=4, out_indices=[1, 2, 3, 4], simple_feature_pyramid=True)
+@pytest.mark.parametrize(
+    "fields, input_size, expected",
+    [
+        # nano's 4×4 patches, a 16×8 grid: strides 4, 8, 16, 32 px are the grid, ½, ¼ and ⅛ of it
+        ({}, (64, 32), [(16, 8), (8, 4), (4, 2), (2, 1)]),
+        # 16×16 patches, a 4×8 grid: 4×, 2×, 1×, ½× the grid, as ViTDet
+        ({"patch_size": 16, "image_size": 64}, (64, 128), [(16, 32), (8, 16), (4, 8), (2, 4)]),
+        ({"simple_feature_pyramid_strides": [1, 2, 4, 8]}, (64, 32), [(64, 32), (32, 16), (16, 8), (8, 4)]),
+    ],
+)
+def test_the_simple_feature_pyramid_gives_maps_at_its_output_strides(make_config, fields, input_size, expected):
+    config = make_config(num_hidden_layers=4, out_indices=[1, 2, 3, 4], simple_feature_pyramid=True, **fields)
     backbone = CastlingViTBackbone(config).eval()
     with torch.no_grad():
-        feature_maps = backbone(torch.randn(2, 3, 64, 32)).feature_maps  # a 16×8 grid of 4×4 patches
-    assert [tuple(f.shape[-2:]) for f in feature_maps] == [(64, 32), (32, 16), (16, 8), (8, 4)]
+        feature_maps = backbone(torch.randn(2, 3, *input_size)).feature_maps
+    assert [tuple(f.shape[-2:]) for f in feature_maps] == expected
     assert {f.shape[1] for f in feature_maps} == {64}
+
+
+def test_upernet_trains_on_the_pyramid(make_config):
     model = upernet(make_config, simple_feature_pyramid=True).train()
     model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.randint(0, 3, (2, 32, 32))).loss.backward()
+
+
+def test_pyramid_strides_that_are_not_the_patch_times_a_power_of_two_are_refused(make_config):
+    with pytest.raises(StrictDataclassClassValidationError, match=r"patch size 4 times or divided by a power of two"):
+        make_config(
+            num_hidden_layers=4,
+            out_indices=[1, 2, 3, 4],
+            simple_feature_pyramid=True,
+            simple_feature_pyramid_strides=[4, 8, 12, 32],
+        )
 
 
 @pytest.mark.parametrize(

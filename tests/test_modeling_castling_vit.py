@@ -7,6 +7,7 @@ from safetensors import safe_open
 from transformers import AutoModel
 
 from castling_hf import (
+    CastlingViTBackbone,
     CastlingViTConfig,
     CastlingViTForImageClassification,
     CastlingViTForObjectDetection,
@@ -269,3 +270,38 @@ def test_the_earlier_defaults_left_the_branch_dead_at_initialisation():
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
     assert set(model.softmax_mask_kept_shares().values()) == {0.0}
+
+
+def selection_outputs(model, selection):
+    """`hidden_states` for `output_hidden_states=selection`, and for `True`."""
+    with torch.no_grad():
+        return model(pixels(), output_hidden_states=selection).hidden_states, model(
+            pixels(), output_hidden_states=True
+        ).hidden_states
+
+
+@pytest.mark.parametrize("mode", ["castling", "linear"])
+@pytest.mark.parametrize("model_class", [*MODEL_CLASSES, CastlingViTBackbone])
+def test_output_hidden_states_selects_layers_by_index(model_class, mode, make_config):
+    # transformers' `test_can_capture_specific_layers_hidden_states`: the selected ones, `None` for the others.
+    model = build(model_class, make_config, attention_mode=mode, num_hidden_layers=3)
+    selected, every = selection_outputs(model, [0, 2, -1])
+    assert len(selected) == len(every) == 4
+    assert [state is not None for state in selected] == [True, False, True, True]
+    for index in (0, 2, 3):
+        torch.testing.assert_close(selected[index], every[index])
+    one, _ = selection_outputs(model, 1)
+    assert [state is not None for state in one] == [False, True, False, False]
+    none, _ = selection_outputs(model, False)
+    assert none is None
+
+
+@pytest.mark.parametrize("mode", ["castling", "linear"])
+@pytest.mark.parametrize("model_class", [*MODEL_CLASSES, CastlingViTBackbone])
+def test_output_attentions_is_refused_with_the_reason(model_class, mode, make_config):
+    model = build(model_class, make_config, attention_mode=mode)
+    with pytest.raises(ValueError, match="no attention maps to return.*never forms the tokens × tokens matrix"):
+        model(pixels(), output_attentions=True)
+    model.config.output_attentions = True
+    with pytest.raises(ValueError, match="no attention maps to return"):
+        model(pixels())

@@ -18,8 +18,9 @@ repository; without one, the classes are named by the ids in the training annota
 processor does. Annotations are checked against the classes before training starts.
 
 `--model_name_or_path` is a size name (a new `UperNetForSemanticSegmentation` whose `backbone_config` is a
-Castling-ViT config with four feature maps a quarter of the depth apart, through the simple feature pyramid unless
-`--simple_feature_pyramid false`), a Castling-ViT checkpoint (e.g. a classifier: its encoder under a new UperNet), or
+Castling-ViT config with four feature maps a quarter of the depth apart, through the simple feature pyramid at output
+strides 4, 8, 16 and 32 px unless `--simple_feature_pyramid false`, and a UperNet twice the backbone's width, at most
+512 channels), a Castling-ViT checkpoint (e.g. a classifier: its encoder under a new UperNet), or
 a segmentation checkpoint whose backbone is Castling-ViT (e.g. this example's output).
 """
 
@@ -70,9 +71,13 @@ IGNORE_INDEX = 255  # UperNetConfig.loss_ignore_index, and what do_reduce_labels
 class ModelArguments(CastlingModelArguments):
     image_size: int = field(default=64, metadata={"help": "Images are resized to image_size × image_size."})
     simple_feature_pyramid: bool = field(
-        default=True, metadata={"help": "Feed UperNet maps at 4×, 2×, 1× and ½× the patch grid (a new model)."}
+        default=True,
+        metadata={"help": "Feed UperNet maps at output strides 4, 8, 16 and 32 px, whatever the patch (a new model)."},
     )
-    decode_hidden_size: int = field(default=512, metadata={"help": "UperNet's channel width (a new model)."})
+    decode_hidden_size: int | None = field(
+        default=None,
+        metadata={"help": "UperNet's channel width (a new model); default: twice the backbone's width, at most 512."},
+    )
     use_auxiliary_head: bool = field(default=True, metadata={"help": "UperNet's FCN auxiliary head (a new model)."})
 
 
@@ -182,10 +187,16 @@ def stage_indices(depth: int) -> list[int]:
     return [depth * quarter // 4 for quarter in (1, 2, 3, 4)]
 
 
+def decode_width(backbone_config, decode_hidden_size: int | None) -> int:
+    """UperNet's width: as asked, else sized to the backbone (UperNet's 512 is for ViT-B's 768 channels; a narrow
+    backbone's maps do not need 512-channel convs)."""
+    return decode_hidden_size or min(512, 2 * backbone_config.hidden_size)
+
+
 def upernet_on(backbone_config, model_args: ModelArguments, labels: list[str]) -> UperNetForSemanticSegmentation:
     config = UperNetConfig(
         backbone_config=backbone_config,
-        hidden_size=model_args.decode_hidden_size,
+        hidden_size=decode_width(backbone_config, model_args.decode_hidden_size),
         use_auxiliary_head=model_args.use_auxiliary_head,
         loss_ignore_index=IGNORE_INDEX,
         **label_maps(labels),

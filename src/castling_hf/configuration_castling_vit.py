@@ -4,6 +4,7 @@ Field names follow `ViTConfig` wherever the meaning is the same, so that a ViT u
 Castling-ViT config at a glance; the fields after `pooler_act` are Castling-ViT's own.
 """
 
+import math
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -28,6 +29,14 @@ CASTLING_VIT_SIZES: dict[str, dict] = {
         "base": (768, 12, 12, 3072, 224, 16),
     }.items()
 }
+
+
+def pyramid_scale(patch_size: int, stride: int) -> float | None:
+    """How much a map at `stride` pixels is finer than the patch grid (2 = twice as many rows and columns, 0.5 =
+    half), or None when that is not a power of two."""
+    scale = patch_size / stride
+    exponent = round(math.log2(scale)) if scale > 0 else None
+    return scale if exponent is not None and 2.0**exponent == scale else None
 
 
 def _as_pair(value) -> tuple[int, int]:
@@ -139,9 +148,13 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
         Whether to return feature maps as `(batch, hidden_size, rows, columns)` ([CLS] dropped) rather than token
         sequences `(batch, tokens, hidden_size)`.
     simple_feature_pyramid (`bool`, defaults to False):
-        Turn four selected stages into a pyramid of strides 4, 8, 16 and 32 pixels at patch 16 (4×, 2× the patch
-        grid, the grid itself, half of it), as ViTDet's simple feature pyramid: for heads that need true 2× scale
-        steps (RT-DETR, D-FINE). Needs exactly four `out_features` and `reshape_hidden_states`.
+        Turn four selected stages into a pyramid of output strides `simple_feature_pyramid_strides`, as ViTDet's
+        simple feature pyramid, whatever the patch size: for heads that need true 2× scale steps (UperNet, RT-DETR,
+        D-FINE). Needs exactly four `out_features` and `reshape_hidden_states`.
+    simple_feature_pyramid_strides (`list[int]`, defaults to `[4, 8, 16, 32]`):
+        The pyramid's output strides in pixels, one per map: a map finer than the patch grid is upsampled by
+        stride-2 transposed convs, a coarser one max-pooled. Each must be the patch size times or divided by a
+        power of two (patch 16: ×4, ×2, ×1, ×½ the grid, as ViTDet; patch 4: ×1, ×½, ×¼, ×⅛).
 
     Use `CastlingViTConfig.from_size(name, **overrides)` for one of the sizes in `CASTLING_VIT_SIZES`
     (`"nano"`, `"tiny"`, `"small"`, `"base"`).
@@ -211,6 +224,7 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
     apply_layernorm: bool = True
     reshape_hidden_states: bool = True
     simple_feature_pyramid: bool = False
+    simple_feature_pyramid_strides: list[int] | tuple[int, ...] = (4, 8, 16, 32)
 
     def __post_init__(self, **kwargs):
         self.pooler_output_size = self.pooler_output_size or self.hidden_size
@@ -305,11 +319,21 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"`angular_eps` must be positive, got {self.angular_eps}.")
 
     def validate_simple_feature_pyramid(self):
-        if self.simple_feature_pyramid and (len(self.out_features) != 4 or not self.reshape_hidden_states):
+        if not self.simple_feature_pyramid:
+            return
+        strides = list(self.simple_feature_pyramid_strides)
+        if len(self.out_features) != 4 or not self.reshape_hidden_states or len(strides) != 4:
             raise ValueError(
-                "`simple_feature_pyramid` turns exactly four feature maps on the patch grid into strides ×4, ×2, ×1 "
-                f"and ×½ of it: it needs four `out_features` (got {self.out_features}) and "
-                f"`reshape_hidden_states=True` (got {self.reshape_hidden_states})."
+                "`simple_feature_pyramid` turns exactly four feature maps on the patch grid into the four output "
+                f"strides of `simple_feature_pyramid_strides` (got {strides}): it needs four `out_features` (got "
+                f"{self.out_features}) and `reshape_hidden_states=True` (got {self.reshape_hidden_states})."
+            )
+        patch = max(_as_pair(self.patch_size))
+        if len(set(_as_pair(self.patch_size))) != 1 or not all(pyramid_scale(patch, stride) for stride in strides):
+            raise ValueError(
+                f"`simple_feature_pyramid_strides` {strides} must each be the (square) patch size {self.patch_size} "
+                "times or divided by a power of two, so that each map is the patch grid upsampled by 2× steps or "
+                f"max-pooled: e.g. {[patch * 2**k for k in (-2, -1, 0, 1)]}."
             )
 
     def validate_detection_head(self):

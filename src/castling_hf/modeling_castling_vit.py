@@ -21,7 +21,11 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPoo
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import (
+    capture_outputs,
+    resolve_hidden_states_indices,
+    selected_hidden_states,
+)
 
 from .attention import CastlingResidualConv, CastlingSoftmaxBranch, CastlingViTAttention
 from .configuration_castling_vit import CastlingViTConfig, _as_pair
@@ -60,6 +64,29 @@ def check_pixel_values(pixel_values: torch.Tensor | None, config: CastlingViTCon
             f"Image size {height}×{width} is not a multiple of the patch size {patch_height}×{patch_width}; "
             "resize or pad the images (the model's image processor does this)."
         )
+
+
+def check_no_attentions_asked(kwargs: dict, config: CastlingViTConfig) -> None:
+    """Refuse `output_attentions=True` rather than return `None` for it: there are no attention maps to give."""
+    if kwargs.get("output_attentions", config.output_attentions):
+        raise ValueError(
+            "output_attentions=True, but Castling-ViT has no attention maps to return: its linear-angular attention "
+            "never forms the tokens × tokens matrix (that is what makes it linear), and the training form's softmax "
+            "branch is computed in tiles that are not kept. Leave output_attentions unset; hidden states are "
+            "available with output_hidden_states."
+        )
+
+
+def kept_hidden_states(model, output_hidden_states, count: int) -> set[int]:
+    """The indices of the `count` hidden states that `output_hidden_states` asks for: all of them for `True`, the
+    selected ones for an index or a list of indices (negative ones from the end), none for a false value; as
+    `transformers`' `capture_outputs` reads it."""
+    if not output_hidden_states:
+        return set()
+    selected = selected_hidden_states(output_hidden_states)
+    if selected is None:
+        return set(range(count))
+    return resolve_hidden_states_indices(model, selected, num_hidden_states=count)
 
 
 def init_fan_in_uniform_(weight: torch.Tensor) -> torch.Tensor:
@@ -499,6 +526,7 @@ class CastlingViTModel(CastlingViTPreTrainedModel):
             done when `config.interpolate_pos_encoding`).
         """
         check_pixel_values(pixel_values, self.config)
+        check_no_attentions_asked(kwargs, self.config)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         embeddings, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         rotary = self.embeddings.rotary(grid_size, embeddings.dtype) if self.embeddings.rotary is not None else None
@@ -590,26 +618,37 @@ def patch_grid(hidden_states: torch.Tensor, num_prefix_tokens: int, grid_size: t
     return hidden_states[:, num_prefix_tokens:].transpose(1, 2).unflatten(2, grid_size)
 
 
+def upsampler(channels: int, scale: int) -> nn.Sequential:
+    """`scale` (a power of two) × the rows and columns by stride-2 transposed convs, batch norm and GELU between
+    them, as ViTDet's simple feature pyramid."""
+    layers = []
+    for step in range(int(math.log2(scale))):
+        if step:
+            layers += [nn.BatchNorm2d(channels), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
 class CastlingViTSimpleFeaturePyramid(nn.Module):
-    """Four maps on the patch grid → four scales, as ViTDet's simple feature pyramid: the first upsampled 4× (two
-    stride-2 transposed convs with batch norm and GELU between them), the second 2×, the third as it is, the fourth
-    halved by max pooling. Channels stay `hidden_size`."""
+    """Four maps on the patch grid → the output strides `simple_feature_pyramid_strides` (4, 8, 16, 32 px by
+    default, whatever the patch size), as ViTDet's simple feature pyramid: a map finer than the grid is upsampled
+    (`upsampler`), a coarser one max-pooled, one at the patch stride passes as it is. Channels stay `hidden_size`."""
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__()
-        hidden = config.hidden_size
-        self.upsample_4x = nn.Sequential(
-            nn.ConvTranspose2d(hidden, hidden, kernel_size=2, stride=2),
-            nn.BatchNorm2d(hidden),
-            nn.GELU(),
-            nn.ConvTranspose2d(hidden, hidden, kernel_size=2, stride=2),
-        )
-        self.upsample_2x = nn.ConvTranspose2d(hidden, hidden, kernel_size=2, stride=2)
-        self.downsample_2x = nn.MaxPool2d(kernel_size=2, stride=2)
+        patch = _as_pair(config.patch_size)[0]
+        self.scales = nn.ModuleList()
+        for stride in config.simple_feature_pyramid_strides:
+            scale = patch / stride
+            if scale > 1:
+                self.scales.append(upsampler(config.hidden_size, int(scale)))
+            elif scale < 1:
+                self.scales.append(nn.MaxPool2d(kernel_size=int(1 / scale), stride=int(1 / scale)))
+            else:
+                self.scales.append(nn.Identity())
 
     def forward(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        first, second, third, fourth = feature_maps
-        return [self.upsample_4x(first), self.upsample_2x(second), third, self.downsample_2x(fourth)]
+        return [scale(feature_map) for scale, feature_map in zip(self.scales, feature_maps, strict=True)]
 
 
 class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
@@ -642,12 +681,15 @@ class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> BackboneOutput:
         r"""
-        output_hidden_states (`bool`, *optional*):
-            Also return every stage's output as `hidden_states` (token sequences, before any layer norm).
+        output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+            Also return every stage's output as `hidden_states` (token sequences, before any layer norm); given
+            indices, only those stages, `None` in the places of the others.
         """
         check_pixel_values(pixel_values, self.config)
+        check_no_attentions_asked(kwargs, self.config)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        kept = kept_hidden_states(self, output_hidden_states, len(self.stage_names))
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         hidden_state, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=True)
         num_prefix_tokens = self.embeddings.num_prefix_tokens
@@ -659,7 +701,7 @@ class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
             if index > 0:
                 hidden_state = self.encoder.layers[index - 1](hidden_state, num_prefix_tokens, grid_size, rotary)
             if output_hidden_states:
-                hidden_states.append(hidden_state)
+                hidden_states.append(hidden_state if index in kept else None)
             if name in self.out_features:
                 feature_maps.append(self.feature_map(hidden_state, num_prefix_tokens, grid_size))
         if self.pyramid is not None:
@@ -808,12 +850,14 @@ class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
         pixel_mask (`torch.LongTensor`, *optional*):
             Accepted for the detection image processors and ignored: the model reads every pixel.
         """
-        output_hidden_states = kwargs.pop("output_hidden_states", None) or self.config.output_hidden_states
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         auxiliary = labels is not None and self.config.auxiliary_loss
         outputs = self.castling_vit(
             pixel_values,
             interpolate_pos_encoding=True,
-            output_hidden_states=bool(output_hidden_states) or auxiliary,
+            output_hidden_states=True if auxiliary else output_hidden_states,  # the auxiliary loss reads every layer
             return_dict=True,
             **kwargs,
         )
@@ -843,8 +887,17 @@ class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
             pred_boxes=pred_boxes,
             auxiliary_outputs=auxiliary_outputs,
             last_hidden_state=outputs.last_hidden_state,
-            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            hidden_states=selected_layers(self, outputs.hidden_states, output_hidden_states),
         )
+
+
+def selected_layers(model, hidden_states: tuple | None, output_hidden_states) -> tuple | None:
+    """`hidden_states` as `output_hidden_states` asks for them (`kept_hidden_states`), `None` in the places of the
+    others; `None` when none are asked for."""
+    if not output_hidden_states or hidden_states is None:
+        return None
+    kept = kept_hidden_states(model, output_hidden_states, len(hidden_states))
+    return tuple(state if index in kept else None for index, state in enumerate(hidden_states))
 
 
 def check_detection_labels(labels: list[dict], batch_size: int, num_labels: int) -> None:

@@ -9,6 +9,7 @@ from transformers import (
     AutoModelForObjectDetection,
     ViTImageProcessorPil,
 )
+from transformers.models.auto import modeling_auto
 from transformers.utils import is_torchvision_available
 
 from .configuration_castling_vit import CastlingViTConfig
@@ -39,7 +40,18 @@ def register_auto_classes() -> None:
 
         image_processor_classes["torchvision"] = ViTImageProcessor
     AutoImageProcessor.register(CastlingViTConfig, image_processor_classes=image_processor_classes, exist_ok=True)
+    register_pipeline_names()
     register_remote_code()
+
+
+def register_pipeline_names() -> None:
+    """Name the detector in the table `pipeline("object-detection")` checks a model against: it looks the model's
+    class name up in `transformers`' static `MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES`, which
+    `AutoModelForObjectDetection.register` does not reach, and logs an error (then runs anyway) for a class it does
+    not find. The Auto classes resolve `castling_vit` through their registered entries, never through this table."""
+    modeling_auto.MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault(
+        CastlingViTConfig.model_type, CastlingViTForObjectDetection.__name__
+    )
 
 
 def register_remote_code() -> None:
