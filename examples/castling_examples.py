@@ -160,6 +160,11 @@ def run_castling(trainer, image_processor, dataset_name: str) -> dict:
     one was written.
     """
     args, model, results = trainer.args, trainer.model, {}
+    if not (args.do_train or args.do_eval):
+        raise ValueError(
+            "Neither --do_train nor --do_eval was given, so there is nothing to run: add --do_train to train (and "
+            "write the inference checkpoint), --do_eval to evaluate, or both, as in transformers' examples."
+        )
     if args.do_train:
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         trainer.save_model()

@@ -73,6 +73,9 @@ def test_trainer_example_respects_do_train_and_do_eval(tmp_path):
     assert "train" not in evaluated and evaluated["linear"]["eval_linear_accuracy"] >= 0.0
     assert not (tmp_path / "b" / "inference").exists()  # nothing was trained, so no new checkpoint is written
 
+    with pytest.raises(ValueError, match="Neither --do_train nor --do_eval was given"):  # not a silent no-op
+        example.main(f"--output_dir {tmp_path / 'c'} {common}".split())
+
 
 def test_trainer_example_refuses_config_overrides_for_a_checkpoint_and_mismatched_heads_unless_asked(tmp_path):
     example = load_module(EXAMPLES / "run_image_classification.py")
