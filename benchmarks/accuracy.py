@@ -87,7 +87,7 @@ DIGITS_VARIANTS = ["vit", "castling", "linear_only"]  # the digits claim needs t
 KEPT_SHARE_EVERY = 50  # steps between two records of the share of probabilities the masks keep
 
 
-def softmax_and_conv_forward(self, hidden_states, num_prefix_tokens, grid_size):
+def softmax_and_conv_forward(self, hidden_states, num_prefix_tokens, grid_size, rotary=None):
     """Dense softmax attention plus the same residual conv, without the linear-angular term."""
     batch, tokens, hidden_size = hidden_states.shape
     qkv = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim)

@@ -40,7 +40,7 @@ from castling_hf.attention import CastlingViTAttention
 VARIANTS = ("castling_linear", "vit_sdpa", "floor")
 
 
-def identity_attention_forward(self, hidden_states, num_prefix_tokens, grid_size):
+def identity_attention_forward(self, hidden_states, num_prefix_tokens, grid_size, rotary=None):
     """The floor's attention: project q, k, v as Castling-ViT does, return o_proj(v)."""
     batch, tokens, hidden_size = hidden_states.shape
     value = self.qkv_proj(hidden_states).view(batch, tokens, 3, hidden_size)[:, :, 2]

@@ -1,6 +1,9 @@
 """The benchmark results shown in README.md are the ones the benchmarks wrote."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -91,3 +94,27 @@ def test_castle_benchmark_smoke_run_writes_its_results(tmp_path):
     assert set(results["latency_ms"]) == {64, 128} and results["pipeline_labels"]
     assert "| 128 | backbone |" in castle.markdown_table(results)
     assert (tmp_path / "castle.png").stat().st_size > 0
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_benchmark_smoke_run_times_every_variant(tmp_path):
+    # Its floor replaces the attention's forward: a change to that signature must fail here, not in `make bench`.
+    results = load_benchmark("speed").main(["--quick", "--output_dir", str(tmp_path)])
+    assert results["inference"] and all(
+        set(entry["latency_s"]) == {"castling_linear", "vit_sdpa", "floor"} for entry in results["inference"]
+    )
+
+
+def test_accuracy_benchmark_smoke_run_trains_every_variant(tmp_path):
+    # softmax_conv replaces the attention's forward, as the speed benchmark's floor does. A subprocess, as a user
+    # runs it: its workers are spawned processes that import the script by its path.
+    command = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--output_dir", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    study = json.loads((tmp_path / "accuracy.json").read_text())
+    assert {row["variant"] for row in study["summary"]} >= {"vit", "castling", "softmax_conv"}
