@@ -142,6 +142,12 @@ class CastlingViTEmbeddings(nn.Module):
             self.rotary = CastlingViTRotaryEmbedding(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def rotary_embedding(
+        self, grid_size: tuple[int, int], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layers' rotary (cos, sin) for this patch grid, or None for learned position embeddings."""
+        return self.rotary(grid_size, dtype) if self.rotary is not None else None
+
     def resized_position_embeddings(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Position embeddings for a (rows, columns) patch grid other than the one they were learned on."""
         if grid_size == self.grid_size:
@@ -529,7 +535,7 @@ class CastlingViTModel(CastlingViTPreTrainedModel):
         check_no_attentions_asked(kwargs, self.config)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         embeddings, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
-        rotary = self.embeddings.rotary(grid_size, embeddings.dtype) if self.embeddings.rotary is not None else None
+        rotary = self.embeddings.rotary_embedding(grid_size, embeddings.dtype)
         hidden_states = self.encoder(embeddings, self.embeddings.num_prefix_tokens, grid_size, rotary)
         sequence_output = self.layernorm(hidden_states)
         if self.pooler is not None:
@@ -693,7 +699,7 @@ class CastlingViTBackbone(BackboneMixin, CastlingViTPreTrainedModel):
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         hidden_state, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=True)
         num_prefix_tokens = self.embeddings.num_prefix_tokens
-        rotary = self.embeddings.rotary(grid_size, hidden_state.dtype) if self.embeddings.rotary is not None else None
+        rotary = self.embeddings.rotary_embedding(grid_size, hidden_state.dtype)
         # Only the chosen stages are kept (all of them only when asked for): at high resolution every stage held is
         # a (tokens × hidden_size) tensor of peak memory.
         hidden_states, feature_maps = [], []
