@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         # torch==2.13.0 is installed first by the Makefile; this range accepts it, so pip adds no CUDA build.
-        "torch>=2.4",
+        "torch>=2.6",  # transformers 5's own floor; FlexAttention's log-sum-exp has a fallback for torch < 2.9
         "transformers>=5.0,<6",
         "datasets>=3.0",
         "accelerate>=1.0",

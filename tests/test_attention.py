@@ -165,6 +165,49 @@ def test_castling_mode_with_dense_softmax_equals_explicit_sum(make_config):
     assert torch.allclose(attention(hidden_states, 1, (8, 8)), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_convex_blend_weighs_the_linear_term_by_one_minus_alpha_and_trains_gamma_only_after(make_config, alpha):
+    config = make_config(softmax_mask_threshold=None, linear_branch_blend="convex")
+    attention = CastlingViTAttention(config)
+    with torch.no_grad():
+        attention.linear_branch_scale.uniform_(0.5, 1.5)
+    attention.softmax_branch.set_scale(alpha)
+    hidden_states = torch.randn(BATCH, 1 + 64, config.hidden_size)
+    query, key, value = projected_heads(attention, hidden_states)
+    q, k, v = head_major(query, key, value)
+    softmax = (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM), dim=-1) @ v).transpose(1, 2)
+    gamma = attention.linear_branch_scale.detach().view(1, 1, -1, 1)
+    linear = explicit_linear_angular(query, key, value, "kernel") * gamma
+    linear = linear + explicit_spatial_conv(
+        value, attention.residual_conv.weight * gamma.view(-1).repeat_interleave(HEAD_DIM).view(-1, 1, 1, 1), 1, (8, 8)
+    )
+    expected = merged(attention, (1 - alpha) * linear + alpha * softmax)
+
+    output = attention(hidden_states, 1, (8, 8))
+    assert torch.allclose(output, expected, atol=1e-5, rtol=0)
+    if alpha == 1.0:  # the branch alone: softmax attention, whatever γ is
+        assert torch.allclose(output, merged(attention, softmax), atol=1e-5, rtol=0)
+    output.sum().backward()
+    assert attention.linear_branch_scale.grad is None  # γ is held while the branch lives
+    attention.softmax_branch.set_scale(0.0)
+    attention(hidden_states, 1, (8, 8)).sum().backward()
+    assert attention.linear_branch_scale.grad.abs().sum() > 0  # and learns once it is gone
+
+
+def test_the_host_knows_whether_alpha_is_zero_after_every_way_of_setting_it(make_config, tmp_path):
+    model = CastlingViTForImageClassification(make_config())
+    branches = [layer.attention.softmax_branch for layer in model.castling_vit.encoder.layers]
+    assert all(branch.active for branch in branches)
+    model.set_softmax_mask_scale(0.0)
+    assert not any(branch.active for branch in branches)
+    model.save_pretrained(tmp_path)  # a checkpoint from the end of the decay
+    reloaded = CastlingViTForImageClassification.from_pretrained(tmp_path)
+    assert [layer.attention.softmax_branch.active for layer in reloaded.castling_vit.encoder.layers] == [False] * 2
+    model.set_softmax_mask_scale(0.5)
+    reloaded.load_state_dict(model.state_dict())
+    assert all(layer.attention.softmax_branch.active for layer in reloaded.castling_vit.encoder.layers)
+
+
 @pytest.mark.parametrize("zeroed", [0, 1])  # the query or the key third of the fused projection
 @pytest.mark.parametrize("mode", ["castling", "linear"])
 def test_all_zero_query_or_key_gives_finite_output(make_config, zeroed, mode):

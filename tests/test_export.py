@@ -46,3 +46,30 @@ def test_onnx_export_runs_in_onnxruntime(linear_model, tmp_path):
             expected = linear_model(images).logits.numpy()
         (logits,) = session.run(["logits"], {"pixel_values": images.numpy()})
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threshold", [None, 1.3], ids=["dense branch", "masked branch"])
+def test_training_form_exports_and_compiles_whole_as_alpha_changes(make_config, threshold):
+    # α enters the graph as a tensor and its skip at 0 is a host-side flag: no data-dependent branch, so the training
+    # form exports, compiles into one graph, and changing α recompiles nothing until α reaches 0 (once).
+    model = CastlingViTForImageClassification(make_config(softmax_mask_threshold=threshold)).eval()
+    model.set_softmax_mask_scale(0.5)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        exported = torch.export.export(model, (pixel_values,))
+        torch.testing.assert_close(exported.module()(pixel_values).logits, model(pixel_values).logits)
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for alpha in (0.5, 0.25, 0.0):
+        model.set_softmax_mask_scale(alpha)
+        for run in (model, compiled):
+            model.zero_grad()
+            logits = run(pixel_values).logits
+            logits.square().sum().backward()
+            if run is model:
+                expected = logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        torch.testing.assert_close(logits.detach(), expected[0])
+        for got, want in zip([p.grad for p in model.parameters() if p.grad is not None], expected[1], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert counter.frame_count == 2  # one graph for α > 0, one once the branch is off

@@ -9,6 +9,8 @@ viewed per head, and the one the output projection reads back.
 Layer output, before the output projection:
 
     γ ⊙ (LA(q, k, v) + DWConv(v)) + α·(M⊙S)V,    S = softmax(q kᵀ/√d),  M = 1[S > τ/N] (or 1[S > τ])
+
+or, with `linear_branch_blend="convex"` (castled models), (1 − α)·γ ⊙ (LA + DWConv) + α·(M⊙S)V.
 """
 
 import math
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_castling_vit import CastlingViTConfig
-from .masked_softmax import BlockwiseMaskedSoftmax, flex_masked_softmax
+from .masked_softmax import BlockwiseMaskedSoftmax, flex_masked_softmax, traced_masked_softmax
 
 
 def reduction_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -117,17 +119,18 @@ def masked_softmax_attention(
     threshold_type: str = "relative",
     dropout_p: float = 0.0,
     measure_kept_share: bool = False,
-    scale: float = 1.0,
+    scale: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`scale`·(M⊙S)V with S = softmax(q kᵀ/√d) and M = 1[S > cutoff] (`softmax_mask_cutoff`); kept probabilities are
     not renormalised, and attention dropout (`dropout_p`) drops kept ones. With `threshold=None` the mask keeps
-    everything and this is plain softmax attention, done by SDPA. `scale` is the branch's α, applied where it costs
-    nothing extra.
+    everything and this is plain softmax attention, done by SDPA. `scale` is the branch's α (a float, or the 0-dim
+    tensor of its buffer), applied where it costs nothing extra.
 
     No N×N tensor is held for the backward pass (docs/design.md §7): on CUDA without dropout the mask runs inside
     FlexAttention's fused kernels (`masked_softmax.flex_masked_softmax`), elsewhere over tiles of query rows
     recomputed in the backward pass (`masked_softmax.BlockwiseMaskedSoftmax`); half-precision input is computed in
-    fp32 there, fp32 and fp64 in their own precision.
+    fp32 there, fp32 and fp64 in their own precision. A graph traced by `torch.compile` or `torch.export` gets the
+    formula in plain operations instead (`masked_softmax.traced_masked_softmax`).
 
     Inputs and output are `(batch, tokens, heads, head_dim)`. Also returns the share of probabilities M keeps, a
     0-dim tensor (1 when dense), or None unless `measure_kept_share`: 0 means the branch adds nothing and passes no
@@ -138,12 +141,13 @@ def masked_softmax_attention(
         attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
         return scale * attended.transpose(1, 2), value.new_ones(()) if measure_kept_share else None
     cutoff = softmax_mask_cutoff(threshold, threshold_type, key.shape[-2])
-    if query.device.type == "cuda" and dropout_p == 0.0:
+    if query.device.type == "cuda" and dropout_p == 0.0 and not torch.compiler.is_compiling():
         attended, kept_share = flex_masked_softmax(query, key, value, cutoff, measure_kept_share, scale)
         return attended.transpose(1, 2), kept_share
     dtype = reduction_dtype(value)
+    function = traced_masked_softmax if torch.compiler.is_compiling() else BlockwiseMaskedSoftmax.apply
     with torch.autocast(device_type=value.device.type, enabled=False):
-        attended, kept_share = BlockwiseMaskedSoftmax.apply(
+        attended, kept_share = function(
             *(tensor.to(dtype) for tensor in (query, key, value)), cutoff, dropout_p, measure_kept_share, scale
         )
     return attended.to(value.dtype).transpose(1, 2), kept_share
@@ -225,8 +229,12 @@ class CastlingResidualConv(nn.Module):
 class CastlingSoftmaxBranch(nn.Module):
     """The auxiliary masked softmax attention of the training form, scaled by the layer's softmax mask scale α.
 
-    α is a persistent buffer, so that a checkpoint taken in the middle of the mask decay reloads with the α it had.
-    Once α is 0 the branch does no work at all and returns None (adding it would add exactly 0).
+    α is a persistent buffer, so that a checkpoint taken in the middle of the mask decay reloads with the α it had,
+    and it enters the arithmetic as that tensor, never read back to the host. Whether α is 0 is mirrored on the host
+    (`active`) by every path that writes α (`set_scale`, `load_state_dict`, `from_pretrained`), so that the skip at
+    α = 0 is a Python branch on a flag: no device sync per layer, and `torch.compile` and `torch.export` see a
+    constant rather than a data-dependent condition. Once α is 0 the branch does no work at all and returns None
+    (adding it would add exactly 0).
 
     `kept_share` is the share of softmax probabilities the mask kept in the last forward pass: whether the branch is
     alive. It is measured only while `measure_kept_share` is True (`measure_softmax_mask_kept_shares`;
@@ -239,17 +247,42 @@ class CastlingSoftmaxBranch(nn.Module):
         self.threshold_type = config.softmax_mask_threshold_type
         self.dropout_p = config.attention_probs_dropout_prob
         self.register_buffer("softmax_mask_scale", torch.tensor(1.0))
+        self.active = True
         self.measure_kept_share = False
         self.kept_share: torch.Tensor | None = None
 
+    def set_scale(self, alpha: float) -> None:
+        """Set α (a float in [0, 1]) and its host-side mirror."""
+        self.softmax_mask_scale.fill_(alpha)
+        self.active = alpha != 0.0
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "softmax_mask_scale":  # `from_pretrained` replaces the buffer by assignment
+            self._mirror_scale()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)  # `load_state_dict` copies into the buffer
+        self._mirror_scale()
+
+    def _mirror_scale(self) -> None:
+        if self.softmax_mask_scale.device.type != "meta":  # a model being built has no values yet
+            self.active = bool(self.softmax_mask_scale != 0)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
-        alpha = self.softmax_mask_scale.item()
-        if alpha == 0.0:
+        if not self.active:
             self.kept_share = None
             return None
         dropout_p = self.dropout_p if self.training else 0.0
         attended, self.kept_share = masked_softmax_attention(
-            query, key, value, self.threshold, self.threshold_type, dropout_p, self.measure_kept_share, alpha
+            query,
+            key,
+            value,
+            self.threshold,
+            self.threshold_type,
+            dropout_p,
+            self.measure_kept_share,
+            self.softmax_mask_scale,
         )
         return attended
 
@@ -261,7 +294,8 @@ class CastlingSoftmaxBranch(nn.Module):
 
 
 class CastlingViTAttention(nn.Module):
-    """Multi-head Castling attention: `o_proj(γ ⊙ (LA + DWConv(v)) + α·(M⊙S)V)`.
+    """Multi-head Castling attention: `o_proj(γ ⊙ (LA + DWConv(v)) + α·(M⊙S)V)`, or with
+    `linear_branch_blend="convex"` `o_proj((1 − α)·γ ⊙ (LA + DWConv(v)) + α·(M⊙S)V)` (`linear_branch_weight`).
 
     In `attention_mode="linear"` the softmax branch is not built (`softmax_branch is None`).
     """
@@ -272,6 +306,7 @@ class CastlingViTAttention(nn.Module):
         self.head_dim = config.head_dim
         self.angular_normalization = config.angular_normalization
         self.angular_eps = config.angular_eps
+        self.linear_branch_blend = config.linear_branch_blend
         # One projection for q, k and v: one GEMM instead of three, and q, k come out adjacent for normalisation.
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -292,15 +327,36 @@ class CastlingViTAttention(nn.Module):
         query, key, value = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
         if rotary is not None:
             query, key = (rotary_position_embedding(x, *rotary, num_prefix_tokens) for x in (query, key))
-        scale = self.linear_branch_scale
+        branch = self.softmax_branch
+        alpha = branch.softmax_mask_scale if branch is not None and branch.active else None
+        scale = linear_branch_weight(self.linear_branch_scale, alpha, self.linear_branch_blend)
         attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, scale)
         if self.residual_conv is not None:
             # In place, also under autograd: no op before this needs `attended` itself for its backward.
             attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, grid_size, scale)
-        branch = self.softmax_branch(query, key, value) if self.softmax_branch is not None else None
-        if branch is not None:
-            attended += branch
+        branch_output = branch(query, key, value) if branch is not None else None  # None once α is 0
+        if branch_output is not None:
+            attended += branch_output
         return self.o_proj(attended.reshape(batch, tokens, hidden_size))
+
+
+def linear_branch_weight(gamma: torch.Tensor, alpha: torch.Tensor | None, blend: str) -> torch.Tensor:
+    """The per-head weight of the linear term γ ⊙ (LA + DWConv):
+
+        "additive":  γ                 (the paper: the branch is added on top, α·(M⊙S)V)
+        "convex":    (1 − α)·sg(γ)     (the branch and the linear term share the layer: at α = 1 the output is the
+                                        branch alone, at α = 0 the linear term alone; what `castle` uses)
+
+    sg is stop-gradient: in the convex blend γ learns only once the branch is gone. Were it to learn while α > 0, a
+    castled model would shrink γ to keep its softmax attention in use (and grow V to make up for the small α), which
+    it then loses at the switch (docs/design.md §9 measures it). `alpha` is None when the layer has no live branch
+    (α = 0 or the inference form): the weight is then γ either way.
+    """
+    if blend not in ("additive", "convex"):
+        raise ValueError(f"Unknown linear branch blend {blend!r}; expected 'additive' or 'convex'.")
+    if alpha is None or blend == "additive":
+        return gamma
+    return gamma.detach() * (1.0 - alpha.to(gamma.dtype))
 
 
 __all__ = [
@@ -308,6 +364,7 @@ __all__ = [
     "CastlingSoftmaxBranch",
     "CastlingViTAttention",
     "linear_angular_attention",
+    "linear_branch_weight",
     "masked_softmax_attention",
     "reduction_dtype",
     "rotary_position_embedding",

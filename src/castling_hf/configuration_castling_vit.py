@@ -81,6 +81,11 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
         with the mean of the patch tokens (Dinov2); or [CLS] and the distillation token, each by its own classifier,
         their logits averaged (`DeiTForImageClassificationWithTeacher`; needs `use_distillation_token`).
 
+    drop_path_rate (`float`, defaults to 0.0):
+        Stochastic depth: in training, each layer's attention and MLP branches are dropped for a whole image with
+        this probability (and the kept ones scaled by 1/(1 − p)), as Dinov2's and DINOv3's `drop_path_rate`, the same
+        rate in every layer.
+
     Castling-ViT adds:
 
     attention_mode (`"castling"` or `"linear"`, defaults to `"castling"`):
@@ -110,8 +115,14 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
         cutoff is τ itself, a probability (the authors' public snippet uses 0.02, which masks everything while
         the softmax is near uniform over more than 50 tokens).
     linear_branch_scale_init (`float`, defaults to 1.0):
-        Initial value of the learnable per-head scale γ on the linear-angular + residual-conv term. A model
-        converted from a pretrained softmax ViT starts from 0.0 so that its first forward pass is the source's.
+        Initial value of the learnable per-head scale γ on the linear-angular + residual-conv term.
+    linear_branch_blend (`"additive"` or `"convex"`, defaults to `"additive"`):
+        How the linear term and the softmax branch share a layer in the training form. `"additive"` (the paper):
+        γ ⊙ (LA + DWConv) + α·branch. `"convex"`: (1 − α)·γ ⊙ (LA + DWConv) + α·branch, γ held fixed while α > 0,
+        so that at α = 1 the layer is the branch alone (a castled model's first forward pass is its source's, for any
+        γ) and the linear term takes the layer over as α falls; what `castling_hf.castle` sets (docs/design.md §9:
+        with the additive form and γ = 0, a castled model learns to keep its softmax attention by shrinking γ, and
+        loses it at the switch). The inference form (α = 0) is γ ⊙ (LA + DWConv) either way.
     weight_init (`"fan_in"` or `"normal"`, defaults to `"fan_in"`):
         Initialisation of the linear and convolution weights (biases start at 0). `"fan_in"`: uniform in
         ±1/√fan_in, PyTorch's default for these layers, so that q·kᵀ/√d and the residual conv start at a scale
@@ -177,6 +188,7 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
     hidden_act: str = "gelu"
     hidden_dropout_prob: float | int = 0.0
     attention_probs_dropout_prob: float | int = 0.0
+    drop_path_rate: float | int = 0.0
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-6
     image_size: int | list[int] | tuple[int, int] = 224
@@ -207,6 +219,7 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
     softmax_mask_threshold: float | None = 1.3
     softmax_mask_threshold_type: Literal["relative", "absolute"] = "relative"
     linear_branch_scale_init: float | int = 1.0
+    linear_branch_blend: Literal["additive", "convex"] = "additive"
     weight_init: Literal["fan_in", "normal"] = "fan_in"
 
     detection_tower_depth: int = 2
@@ -285,6 +298,8 @@ class CastlingViTConfig(BackboneConfigMixin, PreTrainedConfig):
             )
 
     def validate_source_architecture(self):
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"`drop_path_rate` is a probability in [0, 1), got {self.drop_path_rate}.")
         if self.num_register_tokens < 0:
             raise ValueError(f"`num_register_tokens` must be >= 0, got {self.num_register_tokens}.")
         if self.classifier_pooling == "cls_and_distillation" and not self.use_distillation_token:

@@ -2,12 +2,14 @@
 
     O = (M⊙P) V,    P = softmax(q kᵀ/√d),    M = 1[P > c]    (c from `attention.softmax_mask_cutoff`)
 
-Two implementations of the same formula, chosen by device in `attention.masked_softmax_attention`:
+Three implementations of the same formula, chosen in `attention.masked_softmax_attention`:
 
 - `BlockwiseMaskedSoftmax`: tiles of query rows, each tile's probabilities recomputed in the backward pass, so that
   memory grows as N·tile rather than N²; any device, any dtype, attention dropout;
 - `flex_masked_softmax`: FlexAttention's fused kernels (CUDA), the mask written as a `score_mod` against each row's
-  log-sum-exp.
+  log-sum-exp;
+- `traced_masked_softmax`: the formula in plain tensor operations, for graphs that `torch.compile` and
+  `torch.export` trace (the blockwise Function writes into reused tile buffers, side effects a graph cannot hold).
 
 Head-major tensors throughout, `(batch, heads, tokens, head_dim)`.
 """
@@ -44,12 +46,17 @@ def score_tiles(heads: int, tokens: int):
             yield slice(head, min(head + heads_per_tile, heads)), slice(row, min(row + rows, tokens))
 
 
-def flat_heads(tensor: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def is_unit(scale: float | torch.Tensor) -> bool:
+    """Whether `scale` is the number 1, known on the host: a tensor scale (α, a buffer) is never read back."""
+    return not isinstance(scale, torch.Tensor) and scale == 1.0
+
+
+def flat_heads(tensor: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """`(batch, heads, tokens, head_dim)` → a contiguous `(batch · heads, tokens, head_dim)` copy, times `scale`:
     one pass, so that a tile may span heads of several images."""
     batch, heads, tokens, head_dim = tensor.shape
     flat = tensor.new_empty(batch, heads, tokens, head_dim)
-    torch.mul(tensor, scale, out=flat) if scale != 1.0 else flat.copy_(tensor)
+    flat.copy_(tensor) if is_unit(scale) else torch.mul(tensor, scale, out=flat)
     return flat.view(batch * heads, tokens, head_dim)
 
 
@@ -99,7 +106,8 @@ class _TileDropout:
 
 class BlockwiseMaskedSoftmax(torch.autograd.Function):
     r"""`scale`·(M⊙P)V over tiles of query rows, with attention dropout Z on the kept probabilities, in O(N·tile)
-    memory. (`scale` is the branch's α: applied to the output in place, and to dO in the backward pass's copy of it.)
+    memory. (`scale` is the branch's α, a float or a 0-dim tensor: applied to the output in place, and to dO in the
+    backward pass's copy of it.)
 
     Forward, for the query rows i of a tile and every key j (`score_tiles`):
 
@@ -130,7 +138,7 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, cutoff: float, dropout_p: float, measure_kept_share: bool, scale: float = 1.0):
+    def forward(ctx, query, key, value, cutoff: float, dropout_p: float, measure_kept_share: bool, scale=1.0):
         batch, heads, tokens, head_dim = query.shape
         scaled_query, key_flat, value_flat = flat_heads(query, head_dim**-0.5), flat_heads(key), flat_heads(value)
         out = torch.empty_like(scaled_query)
@@ -162,7 +170,7 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
         kept_share = kept_count / (batch * heads * tokens * tokens) if kept_count is not None else None
         if kept_share is not None:
             ctx.mark_non_differentiable(kept_share)
-        if scale != 1.0:
+        if not is_unit(scale):
             out.mul_(scale)
         return out.view(query.shape), kept_share
 
@@ -210,6 +218,16 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
         return grad_query.view(shape), grad_key.view(shape), grad_value.view(shape), None, None, None, None
 
 
+def traced_masked_softmax(query, key, value, cutoff: float, dropout_p: float, measure_kept_share: bool, scale=1.0):
+    """`scale`·(Z⊙M⊙P)V/(1 − p) with the N×N probabilities formed, as autograd differentiates it; returns the output
+    and the kept share (or None) as `BlockwiseMaskedSoftmax` does. Only for traced graphs: it holds N² scores."""
+    probabilities = torch.softmax(query @ key.mT * query.shape[-1] ** -0.5, dim=-1)
+    kept = probabilities > cutoff
+    weights = torch.nn.functional.dropout(probabilities * kept, dropout_p) if dropout_p > 0.0 else probabilities * kept
+    kept_share = kept.to(torch.float64).mean() if measure_kept_share else None
+    return (weights @ value) * scale, kept_share
+
+
 @functools.cache
 def compiled_flex_attention():
     """FlexAttention compiled once per process: its fused kernels exist only under `torch.compile`."""
@@ -218,7 +236,7 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def flex_masked_softmax(query, key, value, cutoff: float, measure_kept_share: bool, scale: float = 1.0, flex=None):
+def flex_masked_softmax(query, key, value, cutoff: float, measure_kept_share: bool, scale=1.0, flex=None):
     """`scale`·(M⊙P)V through FlexAttention, whose kernels never hold the N×N scores (forward and backward, on CUDA).
 
     With L_i = log Σ_j exp(s_ij), the log-sum-exp of row i's scores s_ij = q_i·k_j/√d, P_ij = exp(s_ij − L_i), so
@@ -235,17 +253,15 @@ def flex_masked_softmax(query, key, value, cutoff: float, measure_kept_share: bo
     without gradients counts the kept entries: its `score_mod` gives 0 for kept and −∞ for dropped scores, so that
     its log-sum-exp is log Σ_j M_ij. `flex` is the FlexAttention function (by default `compiled_flex_attention()`).
     """
-    from torch.nn.attention.flex_attention import AuxRequest
-
     flex = flex or compiled_flex_attention()
-    _, dense = flex(query, key, value, return_aux=AuxRequest(lse=True))
-    keep_above = dense.lse.detach() + math.log(cutoff) if cutoff > 0 else torch.full_like(dense.lse, -math.inf)
+    _, dense_lse = flex_with_lse(flex, query, key, value)
+    keep_above = dense_lse.detach() + math.log(cutoff) if cutoff > 0 else torch.full_like(dense_lse, -math.inf)
 
     def drop_masked_scores(score, batch, head, query_index, key_index):
         return torch.where(score > keep_above[batch, head, query_index], score, -math.inf)
 
-    attended, kept = flex(query, key, value, score_mod=drop_masked_scores, return_aux=AuxRequest(lse=True))
-    attended = attended * (scale * torch.exp(kept.lse - dense.lse)).unsqueeze(-1).to(attended.dtype)
+    attended, kept_lse = flex_with_lse(flex, query, key, value, drop_masked_scores)
+    attended = attended * (scale * torch.exp(kept_lse - dense_lse)).unsqueeze(-1).to(attended.dtype)
     kept_share = None
     if measure_kept_share:
 
@@ -253,6 +269,17 @@ def flex_masked_softmax(query, key, value, cutoff: float, measure_kept_share: bo
             return torch.where(score > keep_above[batch, head, query_index], 0.0, -math.inf)
 
         with torch.no_grad():
-            _, counted = flex(query, key, value, score_mod=kept_indicator, return_aux=AuxRequest(lse=True))
-        kept_share = counted.lse.exp().sum() / (counted.lse.numel() * key.shape[-2])
+            _, counted_lse = flex_with_lse(flex, query, key, value, kept_indicator)
+        kept_share = counted_lse.exp().sum() / (counted_lse.numel() * key.shape[-2])
     return attended, kept_share
+
+
+def flex_with_lse(flex, query, key, value, score_mod=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention's output and each row's log-sum-exp: asked for with `return_aux=AuxRequest(lse=True)` where torch
+    has it (2.9 on), with `return_lse=True`, its older form, elsewhere."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return flex(query, key, value, score_mod=score_mod, return_lse=True)
+    attended, aux = flex(query, key, value, score_mod=score_mod, return_aux=AuxRequest(lse=True))
+    return attended, aux.lse

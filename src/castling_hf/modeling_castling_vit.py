@@ -267,9 +267,28 @@ class CastlingViTLayerScale(nn.Module):
         return hidden_states * self.lambda1
 
 
+class CastlingViTDropPath(nn.Module):
+    """Stochastic depth: in training, a residual branch is zeroed for a whole image with probability `drop_prob` and
+    the kept ones are scaled by 1/(1 − p), so that its expected value is unchanged; the identity in evaluation."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return hidden_states
+        keep = 1.0 - self.drop_prob
+        mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
 class CastlingViTLayer(GradientCheckpointingLayer):
     """A pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x)), each branch scaled by a LayerScale
-    where the config has one (`layerscale_value`)."""
+    where the config has one (`layerscale_value`) and dropped by stochastic depth where it asks (`drop_path_rate`)."""
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__()
@@ -280,6 +299,7 @@ class CastlingViTLayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CastlingViTMLP(config)
         self.layer_scale2 = CastlingViTLayerScale(config) if scaled else nn.Identity()
+        self.drop_path = CastlingViTDropPath(config.drop_path_rate) if config.drop_path_rate > 0 else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -290,12 +310,16 @@ class CastlingViTLayer(GradientCheckpointingLayer):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         # One expression, so that the attention's output is freed before the MLP runs (peak memory at high resolution).
-        hidden_states = hidden_states + self.dropout(
-            self.layer_scale1(
-                self.attention(self.layernorm_before(hidden_states), num_prefix_tokens, grid_size, rotary)
+        hidden_states = hidden_states + self.drop_path(
+            self.dropout(
+                self.layer_scale1(
+                    self.attention(self.layernorm_before(hidden_states), num_prefix_tokens, grid_size, rotary)
+                )
             )
         )
-        return hidden_states + self.dropout(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states))))
+        return hidden_states + self.drop_path(
+            self.dropout(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states))))
+        )
 
 
 class CastlingViTEncoder(nn.Module):
@@ -373,7 +397,7 @@ def set_softmax_mask_scale(model: nn.Module, alpha: float) -> None:
             "train with the branch."
         )
     for branch in branches.values():
-        branch.softmax_mask_scale.fill_(alpha)
+        branch.set_scale(alpha)
 
 
 def switch_to_inference(model: nn.Module, force: bool = False) -> nn.Module:
@@ -446,7 +470,8 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CastlingViTAttention):
             init.constant_(module.linear_branch_scale, float(self.config.linear_branch_scale_init))
         elif isinstance(module, CastlingSoftmaxBranch):
-            init.ones_(module.softmax_mask_scale)
+            init.ones_(module.softmax_mask_scale)  # skipped for a loaded α, which keeps its value
+            module._mirror_scale()
 
     # -- the softmax mask scale α and the switch: the module-level functions, on this model ---------------------
 
