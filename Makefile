@@ -2,9 +2,10 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run (speed benchmark)
-TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training benchmark takes --quick too
+TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training and distillation benchmarks take --quick too
 
-.PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation bench-castle
+.PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation bench-castle \
+	bench-distill
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -24,6 +25,7 @@ demo: install
 bench: install
 	$(PYTHON) benchmarks/speed.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
+	$(PYTHON) benchmarks/distillation.py $(TRAINING_BENCH_ARGS)
 
 bench-training: install
 	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
@@ -39,3 +41,6 @@ bench-segmentation: install
 
 bench-castle: install
 	$(PYTHON) benchmarks/castle.py $(BENCH_ARGS)
+
+bench-distill: install
+	$(PYTHON) benchmarks/distillation.py $(BENCH_ARGS)

@@ -2,7 +2,7 @@
 """Write the benchmark tables into README.md from the benchmark JSON, so that no number in them is typed by hand.
 
     python benchmarks/readme_tables.py    # after make bench, bench-accuracy, bench-detection, bench-segmentation,
-                                          # bench-castle
+                                          # bench-castle, bench-distill
 
 Each table sits between `<!-- table: NAME -->` and `<!-- end table: NAME -->`; `tests/test_benchmarks.py` checks that
 README.md holds exactly what this script would write.
@@ -46,6 +46,10 @@ def tables() -> dict[str, str]:
     for name in ("detection", "segmentation", "castle"):
         if (RESULTS / f"{name}.json").exists():
             rendered[name] = _benchmark(name).markdown_table(json.loads((RESULTS / f"{name}.json").read_text()))
+    if (RESULTS / "distillation.json").exists():
+        distillation, study = _benchmark("distillation"), json.loads((RESULTS / "distillation.json").read_text())
+        rendered["distillation"] = distillation.markdown_table(study)
+        rendered["distillation-targets"] = distillation.targets_table(study)
     return rendered
 
 

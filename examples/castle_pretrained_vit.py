@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
+from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
 
 import castling_hf
 from castling_hf import CASTLING_VIT_SIZES, CastlingViTForImageClassification, image_processor_for
@@ -39,46 +39,39 @@ def load_training_example():
 def castle(source: str, output_dir: str, config_overrides: dict) -> CastlingViTForImageClassification:
     """Convert `source` (directory or Hub name), check the exact start, and save model and image processor."""
     model = castling_hf.castle(source, model_class=CastlingViTForImageClassification, **config_overrides)
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(source)
-    except OSError:  # a checkpoint saved without its processor: ViT's defaults at the model's size
-        image_processor = image_processor_for(model.config)
+    image_processor = castling_hf.source_image_processor(source)  # the source's own, or its family's
     model.save_pretrained(output_dir)
     image_processor.save_pretrained(output_dir)
-    print(f"castled {source} -> {output_dir} (γ = 0, α = 1: the first forward pass is the source's)")
+    print(f"castled {source} -> {output_dir} (α = 1, dense branch: the first forward pass is the source's)")
     return model
 
 
-def train_source_vit(output_dir: str, epochs: float, training, seed: int) -> tuple[str, float]:
-    """A softmax `ViTForImageClassification` of the nano size, trained on digits: the stand-in for a Hub checkpoint."""
-    dataset = training.load_image_dataset(training.DataTrainingArguments(), seed)
-    labels = dataset["train"].features["label"].names
+def train_source_vit(output_dir: str, dataset, config: ViTConfig, training, seed: int, **arguments) -> float:
+    """A softmax `ViTForImageClassification` with `config`, trained with the `Trainer` on `dataset` (`train` and `test`
+    splits with `image` and `label` columns) through the classification example's transforms (its random crops),
+    `arguments` going to `TrainingArguments`: the stand-in for a Hub checkpoint. Saved with its image processor to
+    `output_dir`; returns its test accuracy."""
     set_seed(seed)
-    nano = CASTLING_VIT_SIZES["nano"]
-    config = ViTConfig(
-        **nano,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
     model = ViTForImageClassification(config)
     image_processor = image_processor_for(config)
     dataset["train"].set_transform(training.make_transform(image_processor, "image", "label", True, seed))
     dataset["test"].set_transform(training.make_transform(image_processor, "image", "label", False, seed))
-    args = TrainingArguments(
-        output_dir=output_dir,
-        num_train_epochs=epochs,
+    defaults = dict(
         per_device_train_batch_size=32,
         learning_rate=2e-3,
         warmup_steps=30,
         weight_decay=0.05,
         label_smoothing_factor=0.1,
+        logging_steps=100,
         eval_strategy="no",
         save_strategy="no",
-        logging_steps=100,
         report_to="none",
-        remove_unused_columns=False,  # the transforms read the raw image and label columns
         seed=seed,
+    )
+    args = TrainingArguments(
+        output_dir=output_dir,
+        remove_unused_columns=False,  # the transforms read the raw image and label columns
+        **{**defaults, **arguments},
     )
     trainer = Trainer(
         model=model,
@@ -92,7 +85,18 @@ def train_source_vit(output_dir: str, epochs: float, training, seed: int) -> tup
     accuracy = trainer.evaluate()["eval_accuracy"]
     trainer.save_model()
     image_processor.save_pretrained(output_dir)
-    return output_dir, accuracy
+    return accuracy
+
+
+def digits_source_config(dataset) -> ViTConfig:
+    """The demo source: ViT of the nano size, labelled as the bundled digits."""
+    labels = dataset["train"].features["label"].names
+    return ViTConfig(
+        **CASTLING_VIT_SIZES["nano"],
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
 
 
 def latency_ms(model, image_size: int, repeats: int) -> float:
@@ -112,7 +116,11 @@ def demo(args) -> dict:
     training = load_training_example()
     root = Path(args.output_dir)
     print("1/4 training the source: a softmax ViTForImageClassification on the bundled digits")
-    source_dir, source_accuracy = train_source_vit(str(root / "source-vit"), args.source_epochs, training, args.seed)
+    dataset = training.load_image_dataset(training.DataTrainingArguments(), args.seed)
+    source_dir = str(root / "source-vit")
+    source_accuracy = train_source_vit(
+        source_dir, dataset, digits_source_config(dataset), training, args.seed, num_train_epochs=args.source_epochs
+    )
 
     print("2/4 castling it")
     source = ViTForImageClassification.from_pretrained(source_dir).eval()

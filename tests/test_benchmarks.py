@@ -32,6 +32,8 @@ def test_readme_tables_are_rendered_from_the_benchmark_json():
         "detection",
         "segmentation",
         "castle",
+        "distillation",
+        "distillation-targets",
     }
     readme = (ROOT / "README.md").read_text()
     for name, table in tables.items():
@@ -118,3 +120,26 @@ def test_accuracy_benchmark_smoke_run_trains_every_variant(tmp_path):
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     study = json.loads((tmp_path / "accuracy.json").read_text())
     assert {row["variant"] for row in study["summary"]} >= {"vit", "castling", "softmax_conv"}
+
+
+def test_distillation_benchmark_smoke_run_scores_every_route(tmp_path):
+    # A subprocess, as a user runs it: its jobs run in spawned processes that import the script by its path.
+    command = [sys.executable, str(ROOT / "benchmarks" / "distillation.py"), "--quick", "--output_dir", str(tmp_path)]
+    command += ["--run_dir", str(tmp_path / "run")]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    results = json.loads((tmp_path / "distillation.json").read_text())
+    distillation = load_benchmark("distillation")
+    assert [(run["task"], run["route"]) for run in results["routes"]] == [
+        *(("focus", route) for route in distillation.FOCUS_ROUTES),
+        *(("segmentation", route) for route in distillation.SEGMENTATION_ROUTES),
+    ]
+    for run in results["routes"]:
+        assert [entry["resolution"][0] for entry in run["fidelity"].values()] == [64, 128]
+        name, castled, source = distillation.metric_of(run)
+        assert (
+            0 <= castled <= 1
+            and source == distillation.metric_of(results["routes"][0 if run["task"] == "focus" else -1])[2]
+        )
+    assert set(results["sources"]) == {"focus", "segmentation"}
+    assert "| focus | no_labels | no | no |" in distillation.markdown_table(results)
+    assert (tmp_path / "distillation.png").stat().st_size > 0

@@ -1,8 +1,11 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoBackbone,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForDepthEstimation,
     AutoModelForImageClassification,
@@ -10,10 +13,12 @@ from transformers import (
     AutoModelForUniversalSegmentation,
     BeitConfig,
     BeitModel,
+    BitImageProcessorPil,
     ConvNextConfig,
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
     DeiTForMaskedImageModeling,
+    DeiTModel,
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
     Dinov2Backbone,
@@ -43,6 +48,7 @@ from castling_hf import (
     set_softmax_mask_scale,
     softmax_mask_scale,
     softmax_mask_scales,
+    source_image_processor,
 )
 from castling_hf.conversion import FAMILIES, castling_key, from_vit
 from castling_hf.hub import write_inference_checkpoint
@@ -85,11 +91,10 @@ def test_converted_classifier_logits_equal_the_source(source_fields):
     assert castled.config.id2label == source.config.id2label
     assert castled.config.qkv_bias == source.config.qkv_bias
 
-    # The equality rests on γ = 0: the linear-angular term, once weighted, changes the logits.
+    # The equality rests on α = 1, where the convex blend gives the linear-angular term no weight: below it, it enters.
+    castled.set_softmax_mask_scale(0.5)
     with torch.no_grad():
-        for layer in castled.castling_vit.encoder.layers:
-            layer.attention.linear_branch_scale.fill_(1.0)
-        assert not torch.allclose(castled(pixel_values=pixels).logits, expected, atol=1e-2)
+        assert (castled(pixel_values=pixels).logits - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("with_pooler", [True, False])
@@ -153,7 +158,7 @@ def test_conversion_from_a_directory_saves_and_reloads_through_the_auto_classes(
     castled.save_pretrained(tmp_path / "castled")
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "castled").eval()
     assert isinstance(reloaded, CastlingViTForImageClassification)
-    assert reloaded.config.linear_branch_scale_init == 0.0 and reloaded.config.softmax_mask_threshold is None
+    assert reloaded.config.linear_branch_blend == "convex" and reloaded.config.softmax_mask_threshold is None
     assert reloaded.config.id2label[3] == "class 3"
     pixels = pixels_for(source.config)
     with torch.no_grad():
@@ -250,8 +255,16 @@ def test_a_tensor_the_family_table_lacks_is_refused_by_name():
 
 
 # Every source family and task model, built tiny and saved as a Hub checkpoint would be: `castle` from the folder.
+# The norm epsilon and the activation are not the defaults, so that castling must carry them over.
 TINY = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=8,
+    layer_norm_eps=1e-2,
+    hidden_act="gelu_new",
 )
 
 
@@ -294,6 +307,14 @@ FAMILY_SOURCES = {
         False,
     ),
     "dinov3_vit": (lambda: DINOv3ViTModel(DINOv3ViTConfig(**TINY, num_register_tokens=2)), AutoModel, 48, False),
+    "dinov3_vit_without_qkv_biases_or_registers": (
+        lambda: DINOv3ViTModel(
+            DINOv3ViTConfig(**TINY, query_bias=False, key_bias=False, value_bias=False, num_register_tokens=0)
+        ),
+        AutoModel,
+        48,
+        False,
+    ),
     "dinov2_backbone": (lambda: Dinov2Backbone(dinov2_backbone()), AutoBackbone, 64, False),
     "upernet_dinov2": (
         lambda: UperNetForSemanticSegmentation(
@@ -353,14 +374,15 @@ FAMILY_SOURCES = {
 
 def pretrained(build) -> torch.nn.Module:
     """A source whose transformer (a task model's Dinov2 backbone) has weights far from their init: attention
-    sharply non-uniform, LayerScale, tokens and biases non-trivial; norms and task heads as built."""
+    sharply non-uniform, LayerScale, tokens, biases and every norm's scale and shift non-trivial (so that a norm
+    mapped to the wrong place shows); task heads as built."""
     torch.manual_seed(0)
     model = build()
     transformer = next((module for module in model.modules() if isinstance(module, Dinov2Backbone)), model)
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
-            if "norm" not in name:
-                parameter.normal_(0.0, 0.2)
+            scale = "norm" in name and name.endswith("weight")
+            parameter.normal_(1.0 if scale else 0.0, 0.2)
     return model.eval()
 
 
@@ -455,3 +477,56 @@ def test_an_unsupported_family_or_backbone_is_refused_with_what_castle_takes():
         TypeError, match="castle converts DeiTModel, .* of the deit family, not DeiTForMaskedImageModeling"
     ):
         castle(DeiTForMaskedImageModeling(DeiTConfig(**TINY)))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Dinov2ForImageClassification(Dinov2Config(**TINY, drop_path_rate=0.3, num_labels=3)),
+        lambda: DINOv3ViTModel(DINOv3ViTConfig(**TINY, drop_path_rate=0.3)),
+    ],
+    ids=["dinov2", "dinov3_vit"],
+)
+def test_stochastic_depth_is_carried_over(build):
+    source = pretrained(build)
+    castled = castle(source)
+    assert castled.config.drop_path_rate == 0.3
+    assert_same_outputs(run(castled, 32, False), run(source, 32, False))  # evaluation: no layer is dropped
+    castled.train()
+    torch.manual_seed(0)
+    first, second = run(castled, 32, False), run(castled, 32, False)
+    assert not torch.allclose(*(next(every_tensor(output))[1] for output in (first, second)))
+
+
+@pytest.mark.parametrize(
+    "build, mean, size",
+    [
+        (lambda: ViTForImageClassification(ViTConfig(**TINY)), [0.5, 0.5, 0.5], {"height": 32, "width": 32}),
+        (lambda: DeiTModel(DeiTConfig(**TINY)), [0.485, 0.456, 0.406], {"height": 256, "width": 256}),
+        (lambda: Dinov2Model(Dinov2Config(**TINY)), [0.485, 0.456, 0.406], {"shortest_edge": 256}),
+        (lambda: DINOv3ViTModel(DINOv3ViTConfig(**TINY)), [0.485, 0.456, 0.406], {"height": 224, "width": 224}),
+        (FAMILY_SOURCES["upernet_dinov2"][0], [0.485, 0.456, 0.406], {"height": 512, "width": 512}),
+    ],
+    ids=["vit", "deit", "dinov2", "dinov3_vit", "upernet_dinov2"],
+)
+def test_a_source_saved_without_an_image_processor_gets_its_familys(build, mean, size, tmp_path):
+    build().save_pretrained(tmp_path)
+    processor = source_image_processor(tmp_path)
+    assert list(processor.image_mean) == mean
+    assert {key: value for key, value in dict(processor.size).items() if value is not None} == size
+
+
+def test_the_image_processor_saved_with_a_source_is_kept_even_where_its_class_needs_torchvision(tmp_path):
+    Dinov2Model(Dinov2Config(**TINY)).save_pretrained(tmp_path / "dinov2")
+    saved = BitImageProcessorPil(crop_size={"height": 48, "width": 48}, image_mean=[0.1, 0.2, 0.3])
+    saved.save_pretrained(tmp_path / "dinov2")
+    processor = source_image_processor(tmp_path / "dinov2")
+    assert processor.to_dict() == AutoImageProcessor.from_pretrained(tmp_path / "dinov2").to_dict()
+
+    DINOv3ViTModel(DINOv3ViTConfig(**TINY)).save_pretrained(tmp_path / "dinov3")
+    settings = {"image_processor_type": "DINOv3ViTImageProcessor", "size": {"height": 96, "width": 96}}
+    settings.update(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.2, 0.2], do_resize=True, do_normalize=True)
+    (tmp_path / "dinov3" / "preprocessor_config.json").write_text(json.dumps(settings))
+    processor = source_image_processor(tmp_path / "dinov3")
+    assert list(processor.image_mean) == [0.4, 0.5, 0.6] and list(processor.image_std) == [0.2, 0.2, 0.2]
+    assert (processor.size.height, processor.size.width) == (96, 96)

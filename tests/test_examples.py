@@ -208,9 +208,9 @@ def test_castle_pretrained_vit_converts_a_directory_with_its_image_processor(tmp
         ]
     )
     config = json.loads((tmp_path / "castled" / "config.json").read_text())
-    assert (config["model_type"], config["linear_branch_scale_init"], config["residual_conv"]) == (
+    assert (config["model_type"], config["linear_branch_blend"], config["residual_conv"]) == (
         "castling_vit",
-        0.0,
+        "convex",
         "sequence",
     )
     processor = json.loads((tmp_path / "castled" / "preprocessor_config.json").read_text())
@@ -436,3 +436,154 @@ def test_segmentation_example_puts_a_new_upernet_on_a_castling_encoder_checkpoin
     arguments.model_name_or_path = str(tmp_path / "vit")
     with pytest.raises(ValueError, match="'vit' checkpoint without a Castling-ViT backbone"):
         example.load_model_and_processor(arguments, example.DataTrainingArguments(), ["a", "b"])
+
+
+DISTILLATION = Path(__file__).parents[1] / "examples" / "distillation" / "run_castle_distillation.py"
+DISTILLATION_ARGS = (
+    "--do_train --do_eval --max_steps 8 --per_device_train_batch_size 8 --learning_rate 2e-3 --logging_steps 4 "
+    "--save_strategy no --report_to none --disable_tqdm true"
+)
+
+
+def images_only_folder(folder: Path, size: int = 32) -> Path:
+    """Train and test splits of images and nothing else: no label column."""
+    from PIL import Image
+
+    from castling_hf.data import digits
+
+    folder.mkdir()
+    for split, data in digits().items():
+        data = data.select(range(40)).map(lambda example: {"image": example["image"].resize((size, size))})
+        data.remove_columns("label").to_parquet(folder / f"{split}.parquet")
+    assert Image  # the images stay PIL images in the parquet files
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vit_source(tmp_path_factory):
+    """A tiny softmax ViT classifier with sharp attention, saved with an image processor of its own."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("vit_source")
+    torch.manual_seed(0)
+    source = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            id2label={i: f"class {i}" for i in range(4)},
+        )
+    )
+    with torch.no_grad():
+        for parameter in source.vit.parameters():
+            parameter.normal_(0.0, 0.3)
+    source.save_pretrained(folder)
+    ViTImageProcessorPil(
+        size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.3, 0.3]
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_distillation_example_castles_a_classifier_on_images_without_labels(tmp_path, vit_source):
+    import skimage
+    from PIL import Image
+    from transformers import pipeline
+
+    folder = images_only_folder(tmp_path / "images")
+    example = load_module(DISTILLATION)
+    output_dir = tmp_path / "castled"
+    results = example.main(
+        f"--model_name_or_path {vit_source} --dataset_name {folder} --output_dir {output_dir} "
+        f"{DISTILLATION_ARGS}".split()
+    )
+    assert results["train"]["softmax_mask_scale"] == 0.0 and results["inference_dir"] == str(output_dir)
+    source_processor = json.loads((vit_source / "preprocessor_config.json").read_text())
+    processor = json.loads((output_dir / "preprocessor_config.json").read_text())
+    for key in ("image_processor_type", "image_mean", "image_std", "size"):
+        assert processor[key] == source_processor[key]
+    assert json.loads((output_dir / "config.json").read_text())["attention_mode"] == "linear"
+
+    model = AutoModelForImageClassification.from_pretrained(output_dir)
+    source = AutoModelForImageClassification.from_pretrained(vit_source)
+    assert type(model).__name__ == "CastlingViTForImageClassification"
+    torch.testing.assert_close(model.classifier.weight, source.classifier.weight)  # the head stayed the source's
+    predictions = pipeline("image-classification", model=str(output_dir))(Image.fromarray(skimage.data.coffee()))
+    assert {prediction["label"] for prediction in predictions} <= {f"class {i}" for i in range(4)}
+
+    report = json.loads((output_dir / "fidelity.json").read_text())
+    assert [entry["resolution"] for entry in report.values()] == [[32, 32], [64, 64]]
+    assert all(-1 <= entry["feature_cosine"] <= 1 and "castled_accuracy" not in entry for entry in report.values())
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.base_model is None  # a local folder: no Hub name to link
+    assert str(vit_source) in card.text and "Fidelity to the source" in card.text
+    assert f"{report['2x']['feature_cosine']:.4f}" in card.text
+
+
+def test_distillation_example_keeps_a_segmenters_head_and_scores_its_label_maps(tmp_path):
+    from transformers import (
+        AutoModelForSemanticSegmentation,
+        Dinov2Config,
+        SegformerImageProcessorPil,
+        UperNetConfig,
+        UperNetForSemanticSegmentation,
+        pipeline,
+    )
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=32,
+        patch_size=8,
+        out_indices=[1, 2, 3, 4],
+        reshape_hidden_states=True,
+    )
+    source = UperNetForSemanticSegmentation(
+        UperNetConfig(backbone_config=backbone, hidden_size=16, num_labels=4, auxiliary_in_channels=32)
+    )
+    source.save_pretrained(tmp_path / "source")
+    SegformerImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "source")
+    folder = scene_parse_folder(tmp_path / "masks", None)  # images and annotations: the annotations are not trained on
+    example = load_module(DISTILLATION)
+    results = example.main(
+        f"--model_name_or_path {tmp_path / 'source'} --dataset_name {folder} --output_dir {tmp_path / 'castled'} "
+        f"--label_column_name annotation {DISTILLATION_ARGS}".split()
+    )
+    model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "castled")
+    assert model.backbone.config.attention_mode == "linear"
+    for name, tensor in source.state_dict().items():
+        if not name.startswith("backbone."):
+            torch.testing.assert_close(model.state_dict()[name], tensor)  # UperNet's heads: unchanged
+    for entry in results["fidelity"].values():
+        assert 0 <= entry["castled_mean_iou"] <= 1 and 0 <= entry["source_mean_iou"] <= 1
+    segments = pipeline("image-segmentation", model=str(tmp_path / "castled"))(folder_image(folder))
+    assert {segment["label"] for segment in segments} <= set(model.config.id2label.values())
+
+
+def folder_image(folder: Path):
+    from datasets import load_dataset
+
+    return load_dataset(str(folder))["test"][0]["image"]
+
+
+def test_distillation_example_under_accelerate_launch_with_two_processes(tmp_path, vit_source):
+    folder = images_only_folder(tmp_path / "images")
+    command = [
+        sys.executable,
+        *f"-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+        f"--dynamo_backend no --main_process_port {free_port()}".split(),
+        str(DISTILLATION),
+        *f"--model_name_or_path {vit_source} --dataset_name {folder} --output_dir {tmp_path / 'castled'} "
+        f"--use_cpu --ddp_backend gloo {DISTILLATION_ARGS}".split(),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-3000:]
+    results = json.loads((tmp_path / "castled" / "results.json").read_text())
+    assert results["processes"] == 2 and results["train"]["softmax_mask_scale"] == 0.0
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "castled").config.attention_mode == "linear"

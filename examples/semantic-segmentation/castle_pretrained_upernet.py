@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoImageProcessor,
     AutoModelForSemanticSegmentation,
     Dinov2Config,
     Trainer,
@@ -54,8 +53,8 @@ def castle(source: str, output_dir: str, overrides: dict):
     """Convert `source` (directory or Hub name) and save the castled model with the source's image processor."""
     model = castling_hf.castle(source, **overrides)
     model.save_pretrained(output_dir)
-    AutoImageProcessor.from_pretrained(source).save_pretrained(output_dir)
-    print(f"castled {source} -> {output_dir} (γ = 0, α = 1: the first forward pass is the source's)")
+    castling_hf.source_image_processor(source).save_pretrained(output_dir)
+    print(f"castled {source} -> {output_dir} (α = 1, dense branch: the first forward pass is the source's)")
     return model
 
 

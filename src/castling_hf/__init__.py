@@ -6,7 +6,8 @@ Importing this package registers Castling-ViT with the `transformers` Auto class
 from . import data, metrics
 from .attention import CastlingViTAttention, linear_angular_attention, masked_softmax_attention
 from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
-from .conversion import castle, from_vit
+from .conversion import castle, from_vit, source_image_processor
+from .distillation import CastlingDistillationTrainer, fidelity
 from .modeling_castling_vit import (
     CastlingViTBackbone,
     CastlingViTForImageClassification,
@@ -31,6 +32,7 @@ __all__ = [
     "CASTLING_VIT_SIZES",
     "data",
     "metrics",
+    "CastlingDistillationTrainer",
     "CastlingMaskDecayCallback",
     "castle",
     "measure_softmax_mask_kept_shares",
@@ -46,10 +48,12 @@ __all__ = [
     "CastlingViTModel",
     "CastlingViTObjectDetectionOutput",
     "CastlingViTPreTrainedModel",
+    "fidelity",
     "from_vit",
     "image_processor_for",
     "linear_angular_attention",
     "masked_softmax_attention",
     "register_auto_classes",
     "softmax_mask_scale",
+    "source_image_processor",
 ]

@@ -1,9 +1,9 @@
 """Castling a pretrained model: its weights in a Castling-ViT whose first forward pass is the source's.
 
-With γ (the linear branch scale) at 0, α at 1 and no softmax mask threshold, a Castling layer computes
-`proj(softmax(q kᵀ/√d) v)`: exactly the source's attention, with the source's own q/k/v/o weights (docs/design.md
-§1, §8). Fine-tuning with the mask decay then grows γ while α falls to 0, and the model ends in the linear-angular
-form.
+In the convex blend, (1 − α)·γ ⊙ (LA + DWConv) + α·(M⊙S)V, with α at 1 and no softmax mask threshold a Castling
+layer computes `proj(softmax(q kᵀ/√d) v)`: exactly the source's attention, with the source's own q/k/v/o weights
+(docs/design.md §1, §8). Fine-tuning or distillation with the mask decay then hands each layer over to the
+linear-angular term as α falls to 0 (§9).
 
 Each source family is a `SourceFamily`: a mapping table from its config to `CastlingViTConfig` fields and one from
 its weight names to Castling-ViT's, plus the places its task heads keep their weights. `castle` reads the table of
@@ -13,6 +13,7 @@ new model is touched, so a source that does not fit raises and nothing is half-c
 
 import copy
 import inspect
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,13 +21,18 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoImageProcessor, PreTrainedConfig, PreTrainedModel, ViTImageProcessorPil
+from transformers.image_processing_utils import ImageProcessingMixin
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+from transformers.utils import is_torchvision_available
 
 from .configuration_castling_vit import SIZE_FIELDS, CastlingViTConfig
 from .modeling_castling_vit import CastlingViTBackbone, CastlingViTForImageClassification, CastlingViTModel
 
-# With these, a castled layer is the source's softmax attention (γ = 0, dense softmax branch).
-EXACT_START = dict(linear_branch_scale_init=0.0, softmax_mask_threshold=None)
+# With these and α = 1, a castled layer is the source's softmax attention: the convex blend weighs the linear term by
+# 1 − α = 0, and the branch is dense. (γ = 1, so that the linear term is whole once α reaches 0.)
+EXACT_START = dict(linear_branch_blend="convex", linear_branch_scale_init=1.0, softmax_mask_threshold=None)
 # Fields the source's weight shapes and token layout fix, so that castling cannot override them.
 SHAPE_FIELDS = (
     *SIZE_FIELDS,
@@ -76,13 +82,16 @@ class SourceFamily:
       they enter as zeros, which is exactly the source's function;
     - `unsupported`: config flags Castling-ViT cannot express, with what they mean;
     - `heads`: per model class, a `Head`: the attribute holding its base model, the (source, Castling-ViT) names of
-      its classifier weights, and the config fields its head implies; `backbone`: the family's `AutoBackbone` class.
+      its classifier weights, and the config fields its head implies; `backbone`: the family's `AutoBackbone` class;
+    - `image_processor`: the settings of the image processor its published checkpoints carry, from the source
+      config, for a source saved without one (`source_image_processor`).
     """
 
     model_type: str
     config: Callable[[PreTrainedConfig], dict]
     weights: tuple[tuple[str, str | None], ...]
     heads: dict[str, "Head"]
+    image_processor: Callable[[PreTrainedConfig], dict]
     backbone: str | None = None
     absent_biases: tuple[tuple[str, str], ...] = ()
     unsupported: tuple[tuple[str, str], ...] = ()
@@ -114,6 +123,7 @@ def _dinov2_config(config) -> dict:
     return dict(
         hidden_dropout_prob=config.hidden_dropout_prob,
         attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        drop_path_rate=config.drop_path_rate,
         intermediate_size=int(config.hidden_size * config.mlp_ratio),
         qkv_bias=config.qkv_bias,
         layerscale_value=config.layerscale_value,
@@ -134,6 +144,7 @@ def _dinov2_with_registers_config(config) -> dict:
 def _dinov3_config(config) -> dict:
     return dict(
         attention_probs_dropout_prob=config.attention_dropout,
+        drop_path_rate=config.drop_path_rate,
         intermediate_size=config.intermediate_size,
         qkv_bias=config.query_bias or config.key_bias or config.value_bias,
         layerscale_value=config.layerscale_value,
@@ -181,6 +192,22 @@ _DINOV2_WEIGHTS = (
     (rf"layernorm\.{_WB}", r"layernorm.\1"),
 )
 _CLASSIFIER = {rf"classifier\.{_WB}": r"classifier.\1"}
+_IMAGENET = dict(image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+
+
+def _square(config) -> dict:
+    height, width = (config.image_size,) * 2 if isinstance(config.image_size, int) else config.image_size
+    return {"height": height, "width": width}
+
+
+# The image processors of the families' published checkpoints (google/vit-*, facebook/deit-*, facebook/dinov2-*,
+# facebook/dinov3-vit*), for a source saved without its own.
+_VIT_PROCESSOR = lambda config: dict(size=_square(config))  # noqa: E731  (0.5 mean and std: ViT's defaults)
+_DEIT_PROCESSOR = lambda config: dict(size={"height": 256, "width": 256}, crop_size=_square(config), **_IMAGENET)  # noqa: E731
+_DINOV2_PROCESSOR = lambda config: dict(  # noqa: E731
+    size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, **_IMAGENET
+)
+_DINOV3_PROCESSOR = lambda config: dict(size={"height": 224, "width": 224}, **_IMAGENET)  # noqa: E731
 
 FAMILIES = {
     family.model_type: family
@@ -190,6 +217,7 @@ FAMILIES = {
             _vit_config,
             _VIT_WEIGHTS,
             heads={"ViTModel": Head(), "ViTForImageClassification": Head("vit", _CLASSIFIER)},
+            image_processor=_VIT_PROCESSOR,
         ),
         SourceFamily(
             "deit",
@@ -207,12 +235,14 @@ FAMILIES = {
                     {"classifier_pooling": "cls_and_distillation"},
                 ),
             },
+            image_processor=_DEIT_PROCESSOR,
         ),
         SourceFamily(
             "dinov2",
             _dinov2_config,
             _DINOV2_WEIGHTS,
             heads={"Dinov2Model": Head(), "Dinov2ForImageClassification": Head("dinov2", _CLASSIFIER)},
+            image_processor=_DINOV2_PROCESSOR,
             backbone="Dinov2Backbone",
             unsupported=(("use_swiglu_ffn", "a SwiGLU MLP (the giant size)"),),
         ),
@@ -224,6 +254,7 @@ FAMILIES = {
                 "Dinov2WithRegistersModel": Head(),
                 "Dinov2WithRegistersForImageClassification": Head("dinov2_with_registers", _CLASSIFIER),
             },
+            image_processor=_DINOV2_PROCESSOR,
             backbone="Dinov2WithRegistersBackbone",
             unsupported=(("use_swiglu_ffn", "a SwiGLU MLP (the giant size)"),),
         ),
@@ -238,6 +269,7 @@ FAMILIES = {
                 (rf"norm\.{_WB}", r"layernorm.\1"),
             ),
             heads={"DINOv3ViTModel": Head()},
+            image_processor=_DINOV3_PROCESSOR,
             absent_biases=(
                 ("model.layer.{i}.attention.q_proj.bias", "query_bias"),
                 ("model.layer.{i}.attention.k_proj.bias", "key_bias"),
@@ -325,18 +357,22 @@ def castling_key(family: SourceFamily, source_key: str) -> tuple[str | None, str
 
 def castling_backbone_state_dict(family: SourceFamily, source_state: dict, source_config) -> dict:
     """A base model's state dict renamed for Castling-ViT, each layer's q, k and v stacked (in the order the fused
-    projection splits them) into `qkv_proj`, and the biases the family leaves out entered as zeros."""
+    projection splits them) into `qkv_proj`, and the biases the family leaves out entered as zeros (q, k and v's
+    only where one of them has a bias: without any, the fused projection has none); empty tensors are dropped."""
     source_state = dict(source_state)
+    fused_bias = family.config(source_config).get("qkv_bias", True)
     for template, flag in family.absent_biases:
         if not getattr(source_config, flag, True):
             for index in range(source_config.num_hidden_layers):
                 key = template.format(i=index)
+                if castling_key(family, key)[1] is not None and not fused_bias:
+                    continue  # none of q, k, v has a bias: neither has the fused projection
                 weight = source_state[key.removesuffix("bias") + "weight"]
                 source_state.setdefault(key, weight.new_zeros(weight.shape[0]))
     renamed, fused_parts = {}, {}
     for key, tensor in source_state.items():
         target, part = castling_key(family, key)
-        if target is None:
+        if target is None or tensor.numel() == 0:  # DINOv3 keeps a (1, 0, C) tensor when it has no registers
             continue
         if part is not None:
             fused_parts.setdefault(target, {})[part] = tensor
@@ -503,7 +539,7 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
     picks the other), a Dinov2 backbone (→ `CastlingViTBackbone`), or any `transformers` task model whose backbone
     is a Dinov2 backbone (UperNet, DPT, Depth Anything, Mask2Former, ...; → a copy with a `CastlingViTBackbone` and
     the source's own heads). The config takes the source's architecture, dimensions and labels with
-    `linear_branch_scale_init=0.0` and `softmax_mask_threshold=None`, so that with α = 1 every layer computes
+    `linear_branch_blend="convex"` and `softmax_mask_threshold=None`, so that with α = 1 every layer computes
     exactly the source's softmax attention; `overrides` apply on top (Castling-ViT's own fields, or a new label set,
     which starts the classifier fresh). Fine-tune with `CastlingMaskDecayCallback`, then `switch_to_inference()`.
     The source is left as it was; the castled model is on its device, in its dtype, in eval mode.
@@ -517,6 +553,60 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
         target = castle_task_model(source, **overrides)
     reference = next(source.parameters())
     return target.to(device=reference.device, dtype=reference.dtype).eval()
+
+
+def source_image_processor(model_or_path):
+    """The image processor that prepares images as the source (anything `castle` takes) was trained on them, to
+    save with its castled model: the one saved with the source (a folder or Hub name holding
+    `preprocessor_config.json`), else the one its family's published checkpoints carry (ImageNet mean and std for
+    DeiT, Dinov2 and DINOv3, 0.5 for ViT), in the class `transformers` gives its model type (a task model's own:
+    UperNet's, DPT's, ...). A processor class that needs torchvision where it is not installed (DINOv3's) becomes
+    ViT's PIL processor with the same size, mean and std: both resize, rescale and normalise."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        try:
+            settings, _ = ImageProcessingMixin.get_image_processor_dict(model_or_path)
+        except OSError:  # saved without a processor
+            settings = None
+        if settings is not None:
+            try:
+                return AutoImageProcessor.from_pretrained(model_or_path)
+            except (ImportError, ValueError):  # how transformers says that the class needs torchvision
+                if is_torchvision_available():
+                    raise
+                return _portable_image_processor(settings)
+    source = load_source(model_or_path)
+    transformer = _castled_part(source)
+    settings = FAMILIES[transformer.config.model_type].image_processor(transformer.config)
+    if transformer is not source:  # a task model: its own processor's sizes, the backbone's normalisation
+        settings = {key: settings[key] for key in ("image_mean", "image_std") if key in settings}
+    return _image_processor_of_type(source.config.model_type, settings)
+
+
+def _castled_part(source: PreTrainedModel) -> PreTrainedModel:
+    """The part of `source` that castling converts: itself, or a task model's backbone."""
+    if source.config.model_type in FAMILIES:
+        return source
+    backbone_classes = tuple(getattr(transformers, family.backbone) for family in FAMILIES.values() if family.backbone)
+    backbones = [module for module in source.modules() if isinstance(module, backbone_classes)]
+    if len(backbones) != 1:
+        raise TypeError(f"castle converts {SUPPORTED}; {type(source).__name__} holds {len(backbones)} of these.")
+    return backbones[0]
+
+
+def _image_processor_of_type(model_type: str, settings: dict):
+    classes = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type, {})
+    name = classes.get("pil") or (classes.get("torchvision") if is_torchvision_available() else None)
+    if name is None:
+        return _portable_image_processor(settings)
+    return getattr(transformers, name)(**settings)
+
+
+def _portable_image_processor(settings: dict) -> ViTImageProcessorPil:
+    size = settings.get("size") or {"height": 224, "width": 224}
+    if "height" not in size:  # a shortest edge: the processor then crops to `crop_size`
+        size = settings.get("crop_size") or {"height": size["shortest_edge"], "width": size["shortest_edge"]}
+    kept = {key: settings[key] for key in ("image_mean", "image_std", "resample", "rescale_factor") if key in settings}
+    return ViTImageProcessorPil(size=size, **kept)
 
 
 def from_vit(model_or_path, model_class: type | None = None, add_pooling_layer: bool | None = None, **overrides):

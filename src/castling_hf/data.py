@@ -94,14 +94,15 @@ def focus_digits(
     noise: float = 0.1,
     train_copies: int = 8,
     seed: int = 0,
+    test_copies: int = 1,
 ) -> DatasetDict:
     """A task that needs attention to find and focus on a small region anywhere in the image.
 
     Each image is a `canvas_size`² canvas with one bundled digit (`digit_size`² pixels) at a random place, among
     `num_fragments` fragments of other digits and Gaussian noise (`focus_canvases`); the label is that digit. Built
     from `digits()`, split for split, so no test digit is ever seen in training; each training digit appears on
-    `train_copies` different canvases, each test digit on one. Deterministic for a `seed`. Returns a `DatasetDict`
-    (`train`, `test`) with `image` (grayscale PIL) and `label` columns.
+    `train_copies` different canvases, each test digit on `test_copies`. Deterministic for a `seed`. Returns a
+    `DatasetDict` (`train`, `test`) with `image` (grayscale PIL) and `label` columns.
     """
     rng = np.random.default_rng(seed)
     source = digits()
@@ -114,7 +115,7 @@ def focus_digits(
             {"image": list(images), "label": list(source[split]["label"]) * copies}, features=source[split].features
         )
 
-    return DatasetDict(train=compose("train", train_copies), test=compose("test", 1))
+    return DatasetDict(train=compose("train", train_copies), test=compose("test", test_copies))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], colour: tuple) -> None:

@@ -6,6 +6,8 @@ came from. Every number in a card is passed in by the caller from a measurement 
 never written here.
 """
 
+import os
+
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_castling_vit import CastlingViTConfig
@@ -25,14 +27,23 @@ TAGS = ["castling-vit", "vision", "linear-attention", "efficient-attention"]
 
 PIPELINE_TAGS = {
     "CastlingViTModel": "image-feature-extraction",
+    "CastlingViTBackbone": "image-feature-extraction",
     "CastlingViTForImageClassification": "image-classification",
     "CastlingViTForObjectDetection": "object-detection",
     "UperNetForSemanticSegmentation": "image-segmentation",
+    "Mask2FormerForUniversalSegmentation": "image-segmentation",
+    "DPTForDepthEstimation": "depth-estimation",
+    "DepthAnythingForDepthEstimation": "depth-estimation",
 }
 # The Auto class of each model class: the inverse of the remote-code registration, and transformers' own task models
 # that take Castling-ViT as their backbone (these load through the package only: their code is transformers').
 AUTO_CLASSES = {model_class.__name__: auto_class for auto_class, model_class in REMOTE_AUTO_CLASSES.items()}
-BACKBONE_TASK_AUTO_CLASSES = {"UperNetForSemanticSegmentation": "AutoModelForSemanticSegmentation"}
+BACKBONE_TASK_AUTO_CLASSES = {
+    "UperNetForSemanticSegmentation": "AutoModelForSemanticSegmentation",
+    "Mask2FormerForUniversalSegmentation": "AutoModelForUniversalSegmentation",
+    "DPTForDepthEstimation": "AutoModelForDepthEstimation",
+    "DepthAnythingForDepthEstimation": "AutoModelForDepthEstimation",
+}
 
 
 def pipeline_tag_for(architecture: str) -> str:
@@ -54,12 +65,15 @@ def castling_model_card(
     training_summary: str | None = None,
     notes: str | None = None,
     license: str = "apache-2.0",
+    base_model: str | None = None,
+    extra_sections: list[str] | None = None,
 ) -> ModelCard:
     """A card for a Castling-ViT checkpoint of class `architecture` with `config`.
 
     `eval_results` (measured) go into the YAML `model-index` and into a table in the body; `results_source` says
     where they came from (e.g. the benchmark command); `training_summary` replaces the generic training recipe;
-    `notes` follow the description.
+    `notes` follow the description; `base_model` names the source a castled model was made from (YAML
+    `base_model`); `extra_sections` (Markdown, each with its heading) go before the citation.
     """
     pipeline_tag = pipeline_tag_for(architecture)
     metrics = sorted({result.metric_type for result in eval_results or []}) or None
@@ -72,6 +86,7 @@ def castling_model_card(
         datasets=datasets or None,
         metrics=metrics,
         eval_results=eval_results or None,
+        base_model=base_model,
     )
     sections = [
         f"# {model_name}",
@@ -79,6 +94,7 @@ def castling_model_card(
         _usage(architecture, pipeline_tag),
         "## Training: the mask decay\n\n" + (training_summary or _recipe(architecture)),
         _results(eval_results or [], results_source),
+        *(extra_sections or []),
         f"## Citation\n\n[Castling-ViT (CVPR 2023)]({PAPER}):\n\n```bibtex\n{CITATION}\n```",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
@@ -124,6 +140,70 @@ def training_run_card(
         eval_results=eval_results_from_metrics(metrics, prefix, pipeline_tag_for(architecture), dataset_name, split),
         datasets=[dataset_name],
         results_source="the evaluation at the end of this training run, after the switch",
+    )
+
+
+def distillation_card(model, source: str, dataset_name: str, report: dict | None) -> ModelCard:
+    """The card of a model castled from `source` (a Hub name or folder) without labels, by distillation from it on
+    the images of `dataset_name`: it names the source (`base_model`) and gives the fidelity `report` (the
+    distillation example's: per resolution, feature cosine and relative error, the task output's error, prediction
+    agreement, and accuracies where labels exist)."""
+    architecture = type(model).__name__
+    config = getattr(model.config, "backbone_config", None) or model.config
+    eval_results = []
+    if report and "castled_accuracy" in report.get("1x", {}):
+        eval_results.append(
+            EvalResult(
+                task_type=pipeline_tag_for(architecture),
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                dataset_split="test",
+                metric_type="accuracy",
+                metric_value=report["1x"]["castled_accuracy"],
+            )
+        )
+    recipe = (
+        f"Castled from `{source}` with `castling_hf.castle` (its weights; the layers start as its softmax attention) "
+        "and distilled from it, frozen, on images alone with `castling_hf.CastlingDistillationTrainer` while α fell "
+        "from 1 to 0 (`examples/distillation/run_castle_distillation.py`): no labels were used. The task heads are "
+        "the source's own. Use the source's image processor, which this checkpoint carries."
+    )
+    return castling_model_card(
+        config,
+        model_name=f"{source} (castled)",
+        architecture=architecture,
+        eval_results=eval_results,
+        datasets=[dataset_name],
+        results_source="the distillation example on the held-out images, after the switch",
+        training_summary=recipe,
+        base_model=source if not os.path.isdir(source) else None,
+        extra_sections=[_fidelity_section(source, report)],
+    )
+
+
+def _fidelity_section(source: str, report: dict | None) -> str:
+    if not report:
+        return "## Fidelity to the source\n\nNot measured for this checkpoint."
+    lines = [
+        "| resolution | feature cosine | feature relative error | output relative error | predictions agree "
+        "| accuracy (source) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in report.values():
+        height, width = entry["resolution"]
+        output = f"{entry['output_relative_error']:.4f}" if "output_relative_error" in entry else "—"
+        agree = f"{entry['prediction_agreement']:.2%}" if "prediction_agreement" in entry else "—"
+        accuracy = (
+            f"{entry['castled_accuracy']:.2%} ({entry['source_accuracy']:.2%})" if "castled_accuracy" in entry else "—"
+        )
+        lines.append(
+            f"| {height}×{width} | {entry['feature_cosine']:.4f} | {entry['feature_relative_error']:.4f} | {output} "
+            f"| {agree} | {accuracy} |"
+        )
+    return (
+        f"## Fidelity to the source\n\nThis castled model against `{source}` on held-out images, at the training "
+        "resolution and at twice it (features: the castled encoder's or backbone's outputs, token by token):\n\n"
+        + "\n".join(lines)
     )
 
 
