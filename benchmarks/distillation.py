@@ -12,8 +12,8 @@ stand-in for a Hub checkpoint. Every route starts from its weights (`castle`) an
   checkpoint (its defaults: random crops, α → 0 at 75 %), and the same with `--augment False`;
 - `no_labels`, `no_labels_augment`: `examples/distillation/run_castle_distillation.py` on the images alone (the label
   column removed; its defaults: no crops, α → 0 at 25 %, head frozen), and the same with `--augment True`;
-- `fresh_reference`: a new Castling-ViT of the same size distilled from the same source by the same Trainer (not
-  castling: a reference for what the architecture can learn from the teacher).
+- `fresh_reference`: a new Castling-ViT of the same size distilled from the same source's logits by the same Trainer
+  (not castling: a reference for what the architecture can learn from the teacher).
 
 Segmentation: the castling recipe's source (`castle_pretrained_upernet.py`: UperNet on a softmax Dinov2 backbone,
 generated shape masks), castled and switched at once, fine-tuned with labels (`run_semantic_segmentation.py`), and
@@ -171,7 +171,8 @@ def focus_route(name: str, run_dir: str, args) -> dict:
 
 def fresh_reference(paths: SimpleNamespace, common: dict, args):
     """A new Castling-ViT of the source's size (its own defaults: additive blend, masked branch, α → 0 at 75 %),
-    distilled from the source on the images alone by `CastlingDistillationTrainer`."""
+    distilled from the source's logits alone (KL: a new model's features have nothing to match) on the images by
+    `CastlingDistillationTrainer`."""
     import castling_hf
     from castling_hf import CastlingDistillationTrainer, CastlingViTConfig, CastlingViTForImageClassification
 
@@ -192,6 +193,7 @@ def fresh_reference(paths: SimpleNamespace, common: dict, args):
         train_dataset=dataset["train"],
         data_collator=example.collate,
         mask_decay_end=0.75,
+        feature_loss_weight=0.0,
     )
     trainer.train()
     return castling_hf.switch_to_inference(model)
@@ -387,7 +389,7 @@ def plot(results: dict, path: Path) -> None:
         runs = [run for run in results["routes"] if run["route"] != "fresh_reference"]
         axis.scatter(
             [run["fidelity"][scale]["feature_cosine"] for run in runs],
-            [f"{run['task'][:5]} {run['route']}" for run in runs],
+            [f"{run['task']}: {run['route']}" for run in runs],
             marker=marker,
             label=f"{scale} the training resolution",
         )

@@ -13,13 +13,13 @@ from transformers import (
 )
 
 from castling_hf import CastlingDistillationTrainer, CastlingMaskDecayCallback, castle, fidelity, switch_to_inference
+from castling_hf.conversion import source_part
 from castling_hf.distillation import (
     captured_features,
     castled_part,
     distillation_losses,
     relative_squared_error,
     soft_label_divergence,
-    source_part,
 )
 
 TINY = dict(

@@ -508,9 +508,9 @@ def castle_backbone(source: PreTrainedModel, **overrides) -> CastlingViTBackbone
     return target
 
 
-def castle_task_model(source: PreTrainedModel, **overrides) -> PreTrainedModel:
-    """A copy of a task model whose backbone (a supported `AutoBackbone`) is castled, its heads untouched, and its
-    config's `backbone_config` the Castling-ViT one, so that its Auto class reloads it where castling_hf is imported."""
+def task_model_backbone(source: PreTrainedModel) -> str:
+    """The module name of the one supported backbone (a Dinov2 `AutoBackbone`) inside a task model; raises, naming
+    what castle converts, for a model that holds none or several."""
     backbone_classes = tuple(getattr(transformers, family.backbone) for family in FAMILIES.values() if family.backbone)
     backbones = [name for name, module in source.named_modules() if isinstance(module, backbone_classes)]
     if len(backbones) != 1:
@@ -518,9 +518,26 @@ def castle_task_model(source: PreTrainedModel, **overrides) -> PreTrainedModel:
             f"castle converts {SUPPORTED}; {type(source).__name__} holds "
             f"{'none of these' if not backbones else f'{len(backbones)} backbones ({backbones})'}."
         )
-    castled = castle_backbone(source.get_submodule(backbones[0]), **overrides)
+    return backbones[0]
+
+
+def source_part(source: PreTrainedModel) -> nn.Module:
+    """The part of a source that castling converts: a classifier's base model, a task model's backbone, or the source
+    itself (a base model or a backbone)."""
+    family = FAMILIES.get(source.config.model_type)
+    if family is None:
+        return source.get_submodule(task_model_backbone(source))
+    head = family.heads.get(type(source).__name__)
+    return getattr(source, head.base) if head is not None and head.base else source
+
+
+def castle_task_model(source: PreTrainedModel, **overrides) -> PreTrainedModel:
+    """A copy of a task model whose backbone (a supported `AutoBackbone`) is castled, its heads untouched, and its
+    config's `backbone_config` the Castling-ViT one, so that its Auto class reloads it where castling_hf is imported."""
+    backbone = task_model_backbone(source)
+    castled = castle_backbone(source.get_submodule(backbone), **overrides)
     target = copy.deepcopy(source)
-    parent, _, attribute = backbones[0].rpartition(".")
+    parent, _, attribute = backbone.rpartition(".")
     setattr(target.get_submodule(parent), attribute, castled)
     if getattr(target.config, "backbone_config", None) is not None:
         target.config.backbone_config = castled.config
@@ -541,7 +558,8 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
     the source's own heads). The config takes the source's architecture, dimensions and labels with
     `linear_branch_blend="convex"` and `softmax_mask_threshold=None`, so that with α = 1 every layer computes
     exactly the source's softmax attention; `overrides` apply on top (Castling-ViT's own fields, or a new label set,
-    which starts the classifier fresh). Fine-tune with `CastlingMaskDecayCallback`, then `switch_to_inference()`.
+    which starts the classifier fresh). Fine-tune with `CastlingMaskDecayCallback`, or without labels distil from
+    the source with `CastlingDistillationTrainer`, then `switch_to_inference()`.
     The source is left as it was; the castled model is on its device, in its dtype, in eval mode.
     """
     source = load_source(model_or_path)
@@ -575,22 +593,11 @@ def source_image_processor(model_or_path):
                     raise
                 return _portable_image_processor(settings)
     source = load_source(model_or_path)
-    transformer = _castled_part(source)
+    transformer = source_part(source)
     settings = FAMILIES[transformer.config.model_type].image_processor(transformer.config)
-    if transformer is not source:  # a task model: its own processor's sizes, the backbone's normalisation
+    if source.config.model_type not in FAMILIES:  # a task model: its processor's sizes, its backbone's normalisation
         settings = {key: settings[key] for key in ("image_mean", "image_std") if key in settings}
     return _image_processor_of_type(source.config.model_type, settings)
-
-
-def _castled_part(source: PreTrainedModel) -> PreTrainedModel:
-    """The part of `source` that castling converts: itself, or a task model's backbone."""
-    if source.config.model_type in FAMILIES:
-        return source
-    backbone_classes = tuple(getattr(transformers, family.backbone) for family in FAMILIES.values() if family.backbone)
-    backbones = [module for module in source.modules() if isinstance(module, backbone_classes)]
-    if len(backbones) != 1:
-        raise TypeError(f"castle converts {SUPPORTED}; {type(source).__name__} holds {len(backbones)} of these.")
-    return backbones[0]
 
 
 def _image_processor_of_type(model_type: str, settings: dict):

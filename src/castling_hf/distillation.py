@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
+from .conversion import source_part
 from .modeling_castling_vit import CastlingViTBackbone, CastlingViTModel, softmax_branches
 from .training import CastlingMaskDecayCallback
 
@@ -87,7 +88,8 @@ def distillation_losses(
 
     On the focus task (docs/design.md §9) the feature term at w = 1 beside a classifier's KL raised the cosine of
     the castled encoder's features to the source's from 0.74 to 0.96, for the same agreement of the logits and
-    1.5–1.8 points of accuracy: a castled model should compute what its source computes, features included."""
+    1.6–1.8 points of accuracy (two seeds): a castled model should compute what its source computes, features
+    included."""
     losses = {}
     student_logits, teacher_logits = class_logits(student_outputs), class_logits(teacher_outputs)
     if student_logits is not None and teacher_logits is not None:
@@ -205,22 +207,6 @@ def heads_outside(model: nn.Module, part: nn.Module) -> list[nn.Module]:
     """The outermost modules of `model` that neither hold `part` nor lie inside it: its task heads."""
     inside, holders = set(part.modules()), {module for module in model.modules() if part in set(module.modules())}
     return [child for holder in holders for child in holder.children() if child not in inside and child not in holders]
-
-
-def source_part(source: nn.Module) -> nn.Module:
-    """The part of a source model that castling converts, whose features the student's castled part reproduces: a
-    classifier's base model, a task model's backbone, or the source itself."""
-    from .conversion import FAMILIES, family_of
-
-    family = FAMILIES.get(getattr(source.config, "model_type", None))
-    if family is not None:
-        head = family.heads.get(type(source).__name__)
-        return getattr(source, head.base) if head is not None and head.base else source
-    backbone_names = {family.backbone for family in FAMILIES.values() if family.backbone}
-    backbones = [module for module in source.modules() if type(module).__name__ in backbone_names]
-    if len(backbones) != 1:
-        family_of(source.config)  # raises, naming what castle converts
-    return backbones[0]
 
 
 @torch.no_grad()
@@ -357,5 +343,4 @@ __all__ = [
     "distillation_losses",
     "fidelity",
     "fidelity_report",
-    "source_part",
 ]
