@@ -217,6 +217,18 @@ def test_castle_pretrained_vit_converts_a_directory_with_its_image_processor(tmp
     assert processor["image_mean"] == [0.1, 0.2, 0.3]
 
 
+def test_castle_pretrained_vit_saves_a_dinov2_source_with_imagenet_normalisation_not_vits(tmp_path):
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    Dinov2ForImageClassification(config).save_pretrained(tmp_path / "dinov2")  # saved without its image processor
+    example = load_module(Path(__file__).parents[1] / "examples" / "castle_pretrained_vit.py")
+    example.main([str(tmp_path / "dinov2"), "--output_dir", str(tmp_path / "castled")])
+    processor = json.loads((tmp_path / "castled" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["image_std"] == [0.229, 0.224, 0.225]
+    assert processor["crop_size"] == {"height": 224, "width": 224}  # as facebook/dinov2-* checkpoints
+
+
 def test_castle_pretrained_vit_demo_runs_the_recipe(tmp_path):
     example = load_module(Path(__file__).parents[1] / "examples" / "castle_pretrained_vit.py")
     summary = example.main(

@@ -235,6 +235,8 @@ def _description(config: CastlingViTConfig) -> str:
         ("softmax mask threshold τ (training form)", mask_threshold_text(config)),
         ("weight initialisation", config.weight_init),
     ]
+    if config.linear_branch_blend != "additive":  # a castled model's training form
+        rows.append(("blend of the linear term and the softmax branch (training form)", config.linear_branch_blend))
     table = "\n".join(["| field | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
     return (
         "A [Castling-ViT](" + PAPER + ") for `transformers`: a ViT trained with linear-angular attention plus an "
