@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
 from castling_hf import CastlingViTConfig, CastlingViTForImageClassification, softmax_mask_scale
-from castling_hf.attention import CastlingViTAttention, masked_softmax_attention
+from castling_hf.attention import masked_softmax_attention
 from castling_hf.data import digit_ink, digits, focus_canvases
-from castling_hf.modeling_castling_vit import init_fan_in_uniform_
+from castling_hf.modeling_utils import init_fan_in_uniform_
+from castling_hf.models.castling_vit.modeling_castling_vit import CastlingViTAttention
 
 DIMENSIONS = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, num_channels=1)
 TASKS = {

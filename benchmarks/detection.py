@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from castling_hf import CastlingViTConfig, CastlingViTForObjectDetection
-from castling_hf.attention import CastlingViTAttention
+from castling_hf.models.castling_vit.modeling_castling_vit import CastlingViTAttention
 
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import time_interleaved  # noqa: E402

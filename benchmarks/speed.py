@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
 from castling_hf import CastlingViTConfig, CastlingViTForImageClassification
-from castling_hf.attention import CastlingViTAttention
+from castling_hf.models.castling_vit.modeling_castling_vit import CastlingViTAttention
 
 VARIANTS = ("castling_linear", "vit_sdpa", "floor")
 

@@ -20,11 +20,13 @@ from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoImageProcessor
 
 import castling_hf  # noqa: F401  (registers the Auto classes)
+from castling_hf import CastlingViTPreTrainedModel
 from castling_hf.hub import push_inference_checkpoint
 from castling_hf.model_card import castling_model_card, eval_results_from_metrics, pipeline_tag_for
-from castling_hf.modeling_castling_vit import REMOTE_AUTO_CLASSES
 
-MODEL_CLASSES = {model_class.__name__: model_class for model_class in REMOTE_AUTO_CLASSES.values()}
+MODEL_CLASSES = {
+    model_class.__name__: model_class for model_class in CastlingViTPreTrainedModel.remote_auto_classes.values()
+}
 
 
 def measured_results(checkpoint: Path, dataset_name: str | None, task: str, parser) -> tuple[list, str | None]:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from castling_hf import CastlingViTForImageClassification
-from castling_hf.attention import CastlingViTAttention, linear_angular_attention, masked_softmax_attention
+from castling_hf.attention import linear_angular_attention, masked_softmax_attention
+from castling_hf.models.castling_vit.modeling_castling_vit import CastlingViTAttention
 
 BATCH, HEADS, HEAD_DIM = 2, 4, 16
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForObjectDetection, DeformableDetrImageProcess
 
 from castling_hf import CastlingViTForObjectDetection, CastlingViTObjectDetectionOutput
 from castling_hf.data import SHAPE_CLASSES, shapes
-from castling_hf.modeling_castling_vit import cell_boxes
+from castling_hf.models.castling_vit.modeling_castling_vit import cell_boxes
 
 LABELS = dict(enumerate(SHAPE_CLASSES))
 

@@ -15,10 +15,12 @@ UPLOADED = {
     "attention.py",
     "config.json",
     "configuration_castling_vit.py",
+    "configuration_utils.py",
     "hub.py",
     "masked_softmax.py",
     "model.safetensors",
     "modeling_castling_vit.py",
+    "modeling_utils.py",
     "preprocessor_config.json",
 }
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from castling_hf import CastlingMaskDecayCallback, CastlingViTForImageClassification, softmax_mask_scale
-from castling_hf.modeling_castling_vit import softmax_branches
+from castling_hf.modeling_utils import softmax_branches
 
 TOTAL_STEPS = 8
 

@@ -4,22 +4,25 @@ Importing this package registers Castling-ViT with the `transformers` Auto class
 """
 
 from . import data, metrics
-from .attention import CastlingViTAttention, linear_angular_attention, masked_softmax_attention
-from .configuration_castling_vit import CASTLING_VIT_SIZES, CastlingViTConfig
+from .attention import linear_angular_attention, masked_softmax_attention
 from .conversion import castle, from_vit, source_image_processor
 from .distillation import CastlingDistillationTrainer, fidelity
-from .modeling_castling_vit import (
-    CastlingViTBackbone,
-    CastlingViTForImageClassification,
-    CastlingViTForObjectDetection,
-    CastlingViTModel,
-    CastlingViTObjectDetectionOutput,
-    CastlingViTPreTrainedModel,
+from .modeling_utils import (
     measure_softmax_mask_kept_shares,
     set_softmax_mask_scale,
     softmax_mask_kept_shares,
     softmax_mask_scales,
     switch_to_inference,
+)
+from .models.castling_vit import (
+    CASTLING_VIT_SIZES,
+    CastlingViTBackbone,
+    CastlingViTConfig,
+    CastlingViTForImageClassification,
+    CastlingViTForObjectDetection,
+    CastlingViTModel,
+    CastlingViTObjectDetectionOutput,
+    CastlingViTPreTrainedModel,
 )
 from .registration import image_processor_for, register_auto_classes
 from .training import CastlingMaskDecayCallback, softmax_mask_scale
@@ -40,7 +43,6 @@ __all__ = [
     "softmax_mask_kept_shares",
     "softmax_mask_scales",
     "switch_to_inference",
-    "CastlingViTAttention",
     "CastlingViTBackbone",
     "CastlingViTConfig",
     "CastlingViTForImageClassification",

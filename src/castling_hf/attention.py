@@ -1,4 +1,6 @@
-"""Castling-ViT attention: the math as pure functions (docs/design.md §1), then the modules that hold the weights.
+"""Castling attention, shared by every family: the math as pure functions (docs/design.md §1), then the modules
+that hold its own weights (the residual conv, the softmax branch and its α). Each family's attention module (e.g.
+`CastlingViTAttention`) puts them together around its projections.
 
 Per-head tensors are token-major, `(batch, tokens, heads, head_dim)`: the layout a projection's output has once
 viewed per head, and the one the output projection reads back.
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_castling_vit import CastlingViTConfig
+from .configuration_utils import CastlingAttentionConfig
 from .masked_softmax import BlockwiseMaskedSoftmax, flex_masked_softmax, traced_masked_softmax
 
 
@@ -195,16 +197,16 @@ def sequence_depthwise_conv(value: torch.Tensor, weight: torch.Tensor, num_prefi
 
 
 class CastlingResidualConv(nn.Module):
-    """The depthwise conv on V that stands in for the high-order terms of the angular kernel (`residual_conv`)."""
+    """The depthwise conv on V that stands in for the high-order terms of the angular kernel (`residual_conv`):
+    `"spatial"`, k×k per channel over `channels` channels, or `"sequence"`, k×1 per head over `heads` heads."""
 
-    def __init__(self, config: CastlingViTConfig):
+    def __init__(self, mode: str, channels: int, heads: int, kernel_size: int):
         super().__init__()
-        self.mode = config.residual_conv
-        size = config.residual_kernel_size
+        self.mode = mode
         if self.mode == "spatial":
-            self.weight = nn.Parameter(torch.empty(config.hidden_size, 1, size, size))
+            self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size))
         else:
-            self.weight = nn.Parameter(torch.empty(config.num_attention_heads, 1, size, 1))
+            self.weight = nn.Parameter(torch.empty(heads, 1, kernel_size, 1))
         # As nn.Conv2d's own default (uniform in ±1/√fan_in); the model's `_init_weights` applies `config.weight_init`.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
@@ -241,11 +243,11 @@ class CastlingSoftmaxBranch(nn.Module):
     `CastlingMaskDecayCallback` turns it on for the steps it logs), and is None otherwise and while α is 0.
     """
 
-    def __init__(self, config: CastlingViTConfig):
+    def __init__(self, config: CastlingAttentionConfig, dropout_p: float = 0.0):
         super().__init__()
         self.threshold = config.softmax_mask_threshold
         self.threshold_type = config.softmax_mask_threshold_type
-        self.dropout_p = config.attention_probs_dropout_prob
+        self.dropout_p = dropout_p
         self.register_buffer("softmax_mask_scale", torch.tensor(1.0))
         self.active = True
         self.measure_kept_share = False
@@ -293,53 +295,6 @@ class CastlingSoftmaxBranch(nn.Module):
         )
 
 
-class CastlingViTAttention(nn.Module):
-    """Multi-head Castling attention: `o_proj(γ ⊙ (LA + DWConv(v)) + α·(M⊙S)V)`, or with
-    `linear_branch_blend="convex"` `o_proj((1 − α)·γ ⊙ (LA + DWConv(v)) + α·(M⊙S)V)` (`linear_branch_weight`).
-
-    In `attention_mode="linear"` the softmax branch is not built (`softmax_branch is None`).
-    """
-
-    def __init__(self, config: CastlingViTConfig):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.angular_normalization = config.angular_normalization
-        self.angular_eps = config.angular_eps
-        self.linear_branch_blend = config.linear_branch_blend
-        # One projection for q, k and v: one GEMM instead of three, and q, k come out adjacent for normalisation.
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.residual_conv = CastlingResidualConv(config) if config.residual_conv is not None else None
-        self.linear_branch_scale = nn.Parameter(torch.full((self.num_heads,), float(config.linear_branch_scale_init)))
-        self.softmax_branch = CastlingSoftmaxBranch(config) if config.attention_mode == "castling" else None
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        num_prefix_tokens: int,
-        grid_size: tuple[int, int],
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """`rotary`, the (cos, sin) of `rotary_position_embedding`, rotates the patch tokens' q and k before both the
-        linear-angular path and the softmax branch (a model with `position_embedding_type="rope"`)."""
-        batch, tokens, hidden_size = hidden_states.shape
-        query, key, value = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
-        if rotary is not None:
-            query, key = (rotary_position_embedding(x, *rotary, num_prefix_tokens) for x in (query, key))
-        branch = self.softmax_branch
-        alpha = branch.softmax_mask_scale if branch is not None and branch.active else None
-        scale = linear_branch_weight(self.linear_branch_scale, alpha, self.linear_branch_blend)
-        attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, scale)
-        if self.residual_conv is not None:
-            # In place, also under autograd: no op before this needs `attended` itself for its backward.
-            attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, grid_size, scale)
-        branch_output = branch(query, key, value) if branch is not None else None  # None once α is 0
-        if branch_output is not None:
-            attended += branch_output
-        return self.o_proj(attended.reshape(batch, tokens, hidden_size))
-
-
 def linear_branch_weight(gamma: torch.Tensor, alpha: torch.Tensor | None, blend: str) -> torch.Tensor:
     """The per-head weight of the linear term γ ⊙ (LA + DWConv):
 
@@ -362,7 +317,6 @@ def linear_branch_weight(gamma: torch.Tensor, alpha: torch.Tensor | None, blend:
 __all__ = [
     "CastlingResidualConv",
     "CastlingSoftmaxBranch",
-    "CastlingViTAttention",
     "linear_angular_attention",
     "linear_branch_weight",
     "masked_softmax_attention",

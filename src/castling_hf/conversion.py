@@ -27,8 +27,13 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
-from .configuration_castling_vit import SIZE_FIELDS, CastlingViTConfig
-from .modeling_castling_vit import CastlingViTBackbone, CastlingViTForImageClassification, CastlingViTModel
+from .models.castling_vit import (
+    CastlingViTBackbone,
+    CastlingViTConfig,
+    CastlingViTForImageClassification,
+    CastlingViTModel,
+)
+from .models.castling_vit.configuration_castling_vit import SIZE_FIELDS
 
 # With these and α = 1, a castled layer is the source's softmax attention: the convex blend weighs the linear term by
 # 1 − α = 0, and the branch is dense. (γ = 1, so that the linear term is whole once α reaches 0.)

@@ -22,7 +22,8 @@ from torch import nn
 from transformers import Trainer
 
 from .conversion import source_part
-from .modeling_castling_vit import CastlingViTBackbone, CastlingViTModel, softmax_branches
+from .modeling_utils import softmax_branches
+from .models.castling_vit import CastlingViTBackbone, CastlingViTModel
 from .training import CastlingMaskDecayCallback
 
 

@@ -28,7 +28,7 @@ def write_inference_checkpoint(model, folder, image_processor=None, model_card: 
     if hasattr(model, "inference_copy"):  # a Castling-ViT model class
         model.save_pretrained(folder, inference=True, force=force)
     else:
-        from .modeling_castling_vit import switch_to_inference  # here: the modeling file imports this one
+        from .modeling_utils import switch_to_inference  # here: that module imports this one
 
         switch_to_inference(copy.deepcopy(model), force=force).save_pretrained(folder)
     if image_processor is not None:

@@ -10,8 +10,8 @@ import os
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_castling_vit import CastlingViTConfig
-from .modeling_castling_vit import REMOTE_AUTO_CLASSES
+from .configuration_utils import CastlingAttentionConfig
+from .models.castling_vit import CastlingViTPreTrainedModel
 
 PAPER = "https://arxiv.org/abs/2211.10526"
 CITATION = """@inproceedings{you2023castling,
@@ -37,7 +37,10 @@ PIPELINE_TAGS = {
 }
 # The Auto class of each model class: the inverse of the remote-code registration, and transformers' own task models
 # that take Castling-ViT as their backbone (these load through the package only: their code is transformers').
-AUTO_CLASSES = {model_class.__name__: auto_class for auto_class, model_class in REMOTE_AUTO_CLASSES.items()}
+AUTO_CLASSES = {
+    model_class.__name__: auto_class
+    for auto_class, model_class in CastlingViTPreTrainedModel.remote_auto_classes.items()
+}
 BACKBONE_TASK_AUTO_CLASSES = {
     "UperNetForSemanticSegmentation": "AutoModelForSemanticSegmentation",
     "Mask2FormerForUniversalSegmentation": "AutoModelForUniversalSegmentation",
@@ -56,7 +59,7 @@ def pipeline_tag_for(architecture: str) -> str:
 
 
 def castling_model_card(
-    config: CastlingViTConfig,
+    config: CastlingAttentionConfig,
     model_name: str,
     architecture: str = "CastlingViTForImageClassification",
     eval_results: list[EvalResult] | None = None,
@@ -207,7 +210,7 @@ def _fidelity_section(source: str, report: dict | None) -> str:
     )
 
 
-def mask_threshold_text(config: CastlingViTConfig) -> str:
+def mask_threshold_text(config: CastlingAttentionConfig) -> str:
     if config.softmax_mask_threshold is None:
         return "none (dense softmax branch)"
     if config.softmax_mask_threshold_type == "relative":
@@ -215,7 +218,7 @@ def mask_threshold_text(config: CastlingViTConfig) -> str:
     return f"{config.softmax_mask_threshold:g} (absolute)"
 
 
-def _description(config: CastlingViTConfig) -> str:
+def _description(config: CastlingAttentionConfig) -> str:
     mode = (
         '**inference form** (`attention_mode="linear"`): linear-angular attention and the residual conv only, '
         "cost linear in the number of image tokens"

@@ -12,10 +12,9 @@ from transformers import (
 from transformers.models.auto import modeling_auto
 from transformers.utils import is_torchvision_available
 
-from .configuration_castling_vit import CastlingViTConfig
-from .modeling_castling_vit import (
-    REMOTE_AUTO_CLASSES,
+from .models.castling_vit import (
     CastlingViTBackbone,
+    CastlingViTConfig,
     CastlingViTForImageClassification,
     CastlingViTForObjectDetection,
     CastlingViTModel,
@@ -41,7 +40,6 @@ def register_auto_classes() -> None:
         image_processor_classes["torchvision"] = ViTImageProcessor
     AutoImageProcessor.register(CastlingViTConfig, image_processor_classes=image_processor_classes, exist_ok=True)
     register_pipeline_names()
-    register_remote_code()
 
 
 def register_pipeline_names() -> None:
@@ -52,14 +50,6 @@ def register_pipeline_names() -> None:
     modeling_auto.MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault(
         CastlingViTConfig.model_type, CastlingViTForObjectDetection.__name__
     )
-
-
-def register_remote_code() -> None:
-    """Make every saved or pushed checkpoint carry the modeling code and an `auto_map`, so that it also loads with
-    `trust_remote_code=True` where `castling_hf` is not installed (see `CastlingViTPreTrainedModel.save_pretrained`)."""
-    CastlingViTConfig.register_for_auto_class()
-    for auto_class, model_class in REMOTE_AUTO_CLASSES.items():
-        model_class.register_for_auto_class(auto_class)
 
 
 def image_processor_for(config: CastlingViTConfig) -> ViTImageProcessorPil:

@@ -10,7 +10,7 @@ from numbers import Integral, Real
 from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
-from .modeling_castling_vit import (
+from .modeling_utils import (
     measure_softmax_mask_kept_shares,
     set_softmax_mask_scale,
     softmax_branches,

@@ -6,7 +6,6 @@ which has no softmax branch at all. `switch_to_inference()` turns the first into
 `save_pretrained(..., inference=True)` and `push_to_hub(..., inference=True)` write the second from the first.
 """
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -21,15 +20,18 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPoo
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.output_capturing import (
-    capture_outputs,
-    resolve_hidden_states_indices,
-    selected_hidden_states,
-)
+from transformers.utils.output_capturing import capture_outputs
 
-from .attention import CastlingResidualConv, CastlingSoftmaxBranch, CastlingViTAttention
-from .configuration_castling_vit import CastlingViTConfig, _as_pair
-from .hub import push_inference_checkpoint
+from ...attention import (
+    CastlingResidualConv,
+    CastlingSoftmaxBranch,
+    linear_angular_attention,
+    linear_branch_weight,
+    rotary_position_embedding,
+)
+from ...configuration_utils import as_pair
+from ...modeling_utils import CastlingModelMixin, check_no_attentions_asked, init_castling_tensors, kept_hidden_states
+from .configuration_castling_vit import CastlingViTConfig
 
 
 def check_pixel_values(pixel_values: torch.Tensor | None, config: CastlingViTConfig) -> None:
@@ -58,7 +60,7 @@ def check_pixel_values(pixel_values: torch.Tensor | None, config: CastlingViTCon
             f"`pixel_values` has {channels} channels, but the model expects {config.num_channels} "
             f"(config.num_channels). Convert the images (e.g. to RGB) or use the model's image processor."
         )
-    patch_height, patch_width = _as_pair(config.patch_size)
+    patch_height, patch_width = as_pair(config.patch_size)
     if height % patch_height or width % patch_width:
         raise ValueError(
             f"Image size {height}×{width} is not a multiple of the patch size {patch_height}×{patch_width}; "
@@ -66,41 +68,12 @@ def check_pixel_values(pixel_values: torch.Tensor | None, config: CastlingViTCon
         )
 
 
-def check_no_attentions_asked(kwargs: dict, config: CastlingViTConfig) -> None:
-    """Refuse `output_attentions=True` rather than return `None` for it: there are no attention maps to give."""
-    if kwargs.get("output_attentions", config.output_attentions):
-        raise ValueError(
-            "output_attentions=True, but Castling-ViT has no attention maps to return: its linear-angular attention "
-            "never forms the tokens × tokens matrix (that is what makes it linear), and the training form's softmax "
-            "branch is computed in tiles that are not kept. Leave output_attentions unset; hidden states are "
-            "available with output_hidden_states."
-        )
-
-
-def kept_hidden_states(model, output_hidden_states, count: int) -> set[int]:
-    """The indices of the `count` hidden states that `output_hidden_states` asks for: all of them for `True`, the
-    selected ones for an index or a list of indices (negative ones from the end), none for a false value; as
-    `transformers`' `capture_outputs` reads it."""
-    if not output_hidden_states:
-        return set()
-    selected = selected_hidden_states(output_hidden_states)
-    if selected is None:
-        return set(range(count))
-    return resolve_hidden_states_indices(model, selected, num_hidden_states=count)
-
-
-def init_fan_in_uniform_(weight: torch.Tensor) -> torch.Tensor:
-    """U(-1/√fan_in, 1/√fan_in), PyTorch's default for linear and conv weights; fan_in = the inputs of one output."""
-    bound = weight[0].numel() ** -0.5
-    return init.uniform_(weight, -bound, bound)
-
-
 class CastlingViTPatchEmbeddings(nn.Module):
     """Cuts images into non-overlapping patches and projects each one to `hidden_size`."""
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__()
-        patch_size = _as_pair(config.patch_size)
+        patch_size = as_pair(config.patch_size)
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -245,6 +218,59 @@ def rotary_angles(coordinates: torch.Tensor, inverse_frequencies: torch.Tensor) 
     return angles.flatten(1, 2).tile(2)
 
 
+class CastlingViTAttention(nn.Module):
+    """Multi-head Castling attention: `o_proj(γ ⊙ (LA + DWConv(v)) + α·(M⊙S)V)`, or with
+    `linear_branch_blend="convex"` `o_proj((1 − α)·γ ⊙ (LA + DWConv(v)) + α·(M⊙S)V)` (`linear_branch_weight`).
+
+    In `attention_mode="linear"` the softmax branch is not built (`softmax_branch is None`).
+    """
+
+    def __init__(self, config: CastlingViTConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.angular_normalization = config.angular_normalization
+        self.angular_eps = config.angular_eps
+        self.linear_branch_blend = config.linear_branch_blend
+        # One projection for q, k and v: one GEMM instead of three, and q, k come out adjacent for normalisation.
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.residual_conv = None
+        if config.residual_conv is not None:
+            self.residual_conv = CastlingResidualConv(
+                config.residual_conv, config.hidden_size, config.num_attention_heads, config.residual_kernel_size
+            )
+        self.linear_branch_scale = nn.Parameter(torch.full((self.num_heads,), float(config.linear_branch_scale_init)))
+        self.softmax_branch = None
+        if config.attention_mode == "castling":
+            self.softmax_branch = CastlingSoftmaxBranch(config, config.attention_probs_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        num_prefix_tokens: int,
+        grid_size: tuple[int, int],
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`rotary`, the (cos, sin) of `rotary_position_embedding`, rotates the patch tokens' q and k before both the
+        linear-angular path and the softmax branch (a model with `position_embedding_type="rope"`)."""
+        batch, tokens, hidden_size = hidden_states.shape
+        query, key, value = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
+        if rotary is not None:
+            query, key = (rotary_position_embedding(x, *rotary, num_prefix_tokens) for x in (query, key))
+        branch = self.softmax_branch
+        alpha = branch.softmax_mask_scale if branch is not None and branch.active else None
+        scale = linear_branch_weight(self.linear_branch_scale, alpha, self.linear_branch_blend)
+        attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, scale)
+        if self.residual_conv is not None:
+            # In place, also under autograd: no op before this needs `attended` itself for its backward.
+            attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, grid_size, scale)
+        branch_output = branch(query, key, value) if branch is not None else None  # None once α is 0
+        if branch_output is not None:
+            attended += branch_output
+        return self.o_proj(attended.reshape(batch, tokens, hidden_size))
+
+
 class CastlingViTMLP(nn.Module):
     def __init__(self, config: CastlingViTConfig):
         super().__init__()
@@ -354,82 +380,8 @@ class CastlingViTPooler(nn.Module):
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
-def softmax_branches(model: nn.Module) -> dict[str, CastlingSoftmaxBranch]:
-    """Every Castling softmax branch inside `model`, by module name: in a Castling-ViT model, or in any model that
-    holds Castling layers (e.g. a `UperNetForSemanticSegmentation` with a `CastlingViTBackbone`)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, CastlingSoftmaxBranch)}
-
-
-def softmax_mask_scales(model: nn.Module) -> dict[str, float]:
-    """α of every Castling layer in `model`, by the name of its softmax branch (empty in the inference form)."""
-    return {name: branch.softmax_mask_scale.item() for name, branch in softmax_branches(model).items()}
-
-
-def measure_softmax_mask_kept_shares(model: nn.Module, enabled: bool = True) -> None:
-    """Turn on (or off) the count of the probabilities each Castling layer's mask keeps, from the next forward pass
-    on; `softmax_mask_kept_shares` reads it. Off by default: the count costs a pass over every tile of scores."""
-    for branch in softmax_branches(model).values():
-        branch.measure_kept_share = enabled
-
-
-def softmax_mask_kept_shares(model: nn.Module) -> dict[str, float]:
-    """The share of softmax probabilities each layer's mask kept in the last forward pass, by the name of its
-    softmax branch: whether the branch is alive (0 means it added nothing and passed no gradient). Measured only
-    while `measure_softmax_mask_kept_shares(model)` is on; empty in the inference form, and without the layers whose
-    α is 0 (they do no work)."""
-    return {
-        name: branch.kept_share.item()
-        for name, branch in softmax_branches(model).items()
-        if branch.kept_share is not None
-    }
-
-
-def set_softmax_mask_scale(model: nn.Module, alpha: float) -> None:
-    """Set α, the weight of the auxiliary softmax branch, on every Castling layer in `model`. α must lie in [0, 1]."""
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"The softmax mask scale α must lie in [0, 1], got {alpha}.")
-    branches = softmax_branches(model)
-    if not branches and alpha != 0.0:
-        raise ValueError(
-            f"{type(model).__name__} has no Castling softmax branch (a model in attention_mode='linear', or one "
-            f"without Castling layers), so α can only be 0; got {alpha}. Build it with attention_mode='castling' to "
-            "train with the branch."
-        )
-    for branch in branches.values():
-        branch.set_scale(alpha)
-
-
-def switch_to_inference(model: nn.Module, force: bool = False) -> nn.Module:
-    """Drop the softmax branch of every Castling layer in `model` and record `attention_mode="linear"` in every
-    Castling-ViT config it holds (its own, its modules', and a nested `backbone_config`), in place; returns `model`.
-
-    Its `save_pretrained` then writes no softmax-branch tensors, and its Auto class reloads the linear form.
-    Refuses while any α is not 0, since the linear form would then not compute what this model computes, unless
-    `force=True`.
-    """
-    branches = softmax_branches(model)
-    live = {name: alpha for name, alpha in softmax_mask_scales(model).items() if alpha != 0.0}
-    if live and not force:
-        name, alpha = next(iter(live.items()))
-        raise ValueError(
-            f"Cannot switch to the inference form: the softmax branch {name} still has softmax mask scale "
-            f"α = {alpha:g} ({len(live)} of {len(branches)} layers have α ≠ 0), so dropping it would change the "
-            "model's outputs. Finish the mask decay first (CastlingMaskDecayCallback, or "
-            "set_softmax_mask_scale(model, 0.0)), or pass force=True to drop the branch anyway."
-        )
-    for module in model.modules():
-        if isinstance(module, CastlingViTAttention):
-            module.softmax_branch = None
-        config = getattr(module, "config", None)
-        for candidate in (config, getattr(config, "backbone_config", None)):
-            if isinstance(candidate, CastlingViTConfig):
-                candidate.attention_mode = "linear"
-    return model
-
-
-class CastlingViTPreTrainedModel(PreTrainedModel):
-    """Weight initialisation, the softmax mask scale α, and the switch to the inference form."""
+class CastlingViTPreTrainedModel(CastlingModelMixin, PreTrainedModel):
+    """Weight initialisation; α, the switch and the inference checkpoint come from `CastlingModelMixin`."""
 
     config: CastlingViTConfig
     config_class = CastlingViTConfig
@@ -444,12 +396,8 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)  # normal(initializer_range) weights and zero biases; LayerNorm at 1 and 0
+        init_castling_tensors(module, self.config)
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d, CastlingResidualConv)):
-            if self.config.weight_init == "fan_in":
-                init_fan_in_uniform_(module.weight)
-            else:
-                init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(self, CastlingViTForObjectDetection) and module is self.head.class_logits:
             # Every cell starts at the prior score (as RetinaNet), so the empty cells do not swamp the focal loss.
             prior = self.config.detection_prior_probability
@@ -467,65 +415,6 @@ class CastlingViTPreTrainedModel(PreTrainedModel):
             )
         elif isinstance(module, CastlingViTLayerScale):
             init.constant_(module.lambda1, float(self.config.layerscale_value))
-        elif isinstance(module, CastlingViTAttention):
-            init.constant_(module.linear_branch_scale, float(self.config.linear_branch_scale_init))
-        elif isinstance(module, CastlingSoftmaxBranch):
-            init.ones_(module.softmax_mask_scale)  # skipped for a loaded α, which keeps its value
-            module._mirror_scale()
-
-    # -- the softmax mask scale α and the switch: the module-level functions, on this model ---------------------
-
-    def softmax_mask_scales(self) -> dict[str, float]:
-        """α of every layer, by the name of its softmax branch module (empty in the inference form)."""
-        return softmax_mask_scales(self)
-
-    def softmax_mask_kept_shares(self) -> dict[str, float]:
-        """The share of softmax probabilities each layer's mask kept in the last forward pass (see the function)."""
-        return softmax_mask_kept_shares(self)
-
-    def measure_softmax_mask_kept_shares(self, enabled: bool = True) -> None:
-        """Turn the count behind `softmax_mask_kept_shares` on or off (see the function)."""
-        measure_softmax_mask_kept_shares(self, enabled)
-
-    def set_softmax_mask_scale(self, alpha: float) -> None:
-        """Set α, the weight of the auxiliary softmax branch, on every layer. α must lie in [0, 1]."""
-        set_softmax_mask_scale(self, alpha)
-
-    def switch_to_inference(self, force: bool = False) -> "CastlingViTPreTrainedModel":
-        """Drop the softmax branch of every layer and set `attention_mode="linear"`, in place; returns the model.
-        Refuses while any α is not 0, unless `force=True` (see the function)."""
-        return switch_to_inference(self, force=force)
-
-    def inference_copy(self, force: bool = False) -> "CastlingViTPreTrainedModel":
-        """A copy of this model in the inference form; this model is left as it is."""
-        if self.config.attention_mode == "linear":
-            return self
-        return copy.deepcopy(self).switch_to_inference(force=force)
-
-    def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
-        """`PreTrainedModel.save_pretrained`; with `inference=True`, saves the inference form (`switch_to_inference`).
-
-        Once `castling_hf` is imported, the folder also carries this file and the files it imports, and the config
-        an `auto_map` for every Castling-ViT Auto class, so that any of them loads it with `trust_remote_code=True`.
-        """
-        if inference:
-            return self.inference_copy(force=force).save_pretrained(save_directory, *args, **kwargs)
-        if self._auto_class is not None:
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **remote_auto_map()}
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def push_to_hub(self, repo_id: str, *args, inference: bool = False, force: bool = False, **kwargs):
-        """`PreTrainedModel.push_to_hub`; with `inference=True`, pushes the inference form (see `switch_to_inference`)
-        in one commit through `hub.push_inference_checkpoint` (`commit_message`, `private` and `token` apply)."""
-        if inference:
-            options = {name: kwargs.pop(name) for name in ("commit_message", "private", "token") if name in kwargs}
-            if args or kwargs:
-                raise TypeError(
-                    f"push_to_hub(inference=True) takes repo_id, commit_message, private, token and force; got "
-                    f"{len(args)} more positional and {sorted(kwargs)}."
-                )
-            return push_inference_checkpoint(self, repo_id, force=force, **options)
-        return super().push_to_hub(repo_id, *args, **kwargs)
 
 
 class CastlingViTModel(CastlingViTPreTrainedModel):
@@ -667,7 +556,7 @@ class CastlingViTSimpleFeaturePyramid(nn.Module):
 
     def __init__(self, config: CastlingViTConfig):
         super().__init__()
-        patch = _as_pair(config.patch_size)[0]
+        patch = as_pair(config.patch_size)[0]
         self.scales = nn.ModuleList()
         for stride in config.simple_feature_pyramid_strides:
             scale = patch / stride
@@ -892,7 +781,7 @@ class CastlingViTForObjectDetection(CastlingViTPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        patch_height, patch_width = _as_pair(self.config.patch_size)
+        patch_height, patch_width = as_pair(self.config.patch_size)
         grid_size = (pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width)
         logits, pred_boxes = self._predict(outputs.last_hidden_state, grid_size)
 
@@ -956,15 +845,9 @@ def check_detection_labels(labels: list[dict], batch_size: int, num_labels: int)
 
 
 # The Auto class that loads each model class from a checkpoint's own code (`trust_remote_code=True`).
-REMOTE_AUTO_CLASSES = {
+CastlingViTPreTrainedModel.remote_auto_classes = {
     "AutoModel": CastlingViTModel,
     "AutoBackbone": CastlingViTBackbone,
     "AutoModelForImageClassification": CastlingViTForImageClassification,
     "AutoModelForObjectDetection": CastlingViTForObjectDetection,
 }
-
-
-def remote_auto_map() -> dict[str, str]:
-    """`auto_map` entries for every Castling-ViT model class, as `module.Class` within a saved checkpoint."""
-    module = __name__.rsplit(".", 1)[-1]
-    return {auto_class: f"{module}.{model_class.__name__}" for auto_class, model_class in REMOTE_AUTO_CLASSES.items()}
