@@ -74,6 +74,17 @@ def test_linear_angular_equals_the_explicit_angular_kernel(normalization, tokens
     assert torch.allclose(fast, explicit_linear_angular(query, key, value, normalization), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("queries, keys", [(64, 16), (16, 64), (1, 7)])
+def test_linear_angular_over_pooled_keys_equals_the_explicit_kernel(queries, keys):
+    # MViTv2 pools queries and keys apart: the normalisation must count the keys, not the queries.
+    query, (key, value) = random_qkv(queries)[0], random_qkv(keys)[1:]
+    fast = linear_angular_attention(query, key, value, "kernel")
+    assert fast.shape == query.shape
+    assert torch.allclose(fast, explicit_linear_angular(query, key, value, "kernel"), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        linear_angular_attention(query, key, value, "l2")
+
+
 def test_linear_angular_is_not_a_plain_average():
     # Guards the test above: with the similarity replaced by a constant the outputs must differ.
     query, key, value = random_qkv(33)

@@ -78,6 +78,46 @@ def test_the_scale_multiplies_the_output_and_its_gradients(monkeypatch, tiles_ki
     assert relative_error(scaled, expected) <= 1e-12 and relative_error(gradient, expected_gradient) <= 1e-12
 
 
+def biased_materialised(query, key, value, cutoff, row_bias, column_bias):
+    """(M⊙P)V with P = softmax(q Kᵀ/√d + B), B_ij = row_bias[i, r_j] + column_bias[i, c_j] on the keys' grid after the
+    prefix keys, every N_q × N_k tensor formed."""
+    rows, columns = row_bias.shape[-1], column_bias.shape[-1]
+    prefix = key.shape[-2] - rows * columns
+    grid = (row_bias[..., :, None] + column_bias[..., None, :]).flatten(-2)
+    bias = torch.cat([grid.new_zeros(*grid.shape[:-1], prefix), grid], dim=-1)
+    probabilities = torch.softmax(query @ key.mT / math.sqrt(query.shape[-1]) + bias, dim=-1)
+    return (probabilities * (probabilities > cutoff)) @ value
+
+
+@pytest.mark.parametrize("keeps", ["dense", "some"])
+@pytest.mark.parametrize("queries, grid, prefix", [(64, (4, 4), 0), (17, (8, 8), 1), (257, (8, 8), 0)])
+def test_fewer_or_more_queries_than_keys_with_a_relative_bias_equal_the_materialised_formula(
+    tiles, keeps, queries, grid, prefix
+):
+    # MViTv2: queries pooled apart from the keys, a decomposed relative position bias on the keys' grid, [CLS] first.
+    generator = torch.Generator().manual_seed(3)
+    keys = prefix + grid[0] * grid[1]
+
+    def draw(*shape):
+        return torch.randn(2, HEADS, *shape, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    query, key, value = draw(queries, HEAD_DIM), draw(keys, HEAD_DIM), draw(keys, HEAD_DIM)
+    row_bias, column_bias = draw(queries, grid[0]), draw(queries, grid[1])
+    cutoff = -1.0 if keeps == "dense" else 1.3 / keys
+    inputs = (query, key, value, row_bias, column_bias)
+    attended, kept_share = BlockwiseMaskedSoftmax.apply(
+        query, key, value, cutoff, 0.0, True, 1.0, row_bias, column_bias
+    )
+    expected = biased_materialised(query, key, value, cutoff, row_bias, column_bias)
+    grad = torch.randn_like(expected)
+    gradients = torch.autograd.grad(attended, inputs, grad)
+    expected_gradients = torch.autograd.grad(expected, inputs, grad)
+    assert relative_error(attended, expected) <= 1e-10
+    for name, got, want in zip(("q", "k", "v", "row bias", "column bias"), gradients, expected_gradients, strict=True):
+        assert relative_error(got, want) <= 1e-10, name
+    assert (kept_share.item() == 1.0) == (keeps == "dense")
+
+
 def test_blockwise_branch_passes_gradcheck_with_dropout_across_tiles(monkeypatch):
     monkeypatch.setattr(masked_softmax, "SCORE_TILE", 2**7)  # 4 tiles per head: each redraws its dropout mask
     _, (query, key, value) = random_qkv(20, torch.float64, batch=1)

@@ -47,7 +47,8 @@ def linear_angular_attention(
     `"l2"` (the authors' public snippet):
         o_i = normalize(½ v_i + (1/π) q̂_i (K̂ᵀV))
 
-    Inputs and output are `(batch, tokens, heads, head_dim)`; `head_scale` (γ, per head) multiplies the output.
+    Inputs and output are `(batch, tokens, heads, head_dim)`, keys and values as many as each other, queries any
+    number (MViTv2 pools them apart); `head_scale` (γ, per head) multiplies the output.
     q and k are L2-normalised with `eps`, so a zero vector gives Sim_lin = 1/2 rather than NaN. Half-precision
     inputs are computed in fp32, also under autocast: sums over N tokens lose too much in half precision; fp32 and
     fp64 inputs are computed in their own precision.
@@ -63,6 +64,11 @@ def linear_angular_attention(
         if normalization == "kernel":
             out = _kernel_normalized(query, key, values, context, eps, head_scale)
         else:
+            if query.shape[-2] != values.shape[-2]:
+                raise ValueError(
+                    f"angular_normalization='l2' adds each query's own value (½ v_i), so it needs as many queries as "
+                    f"keys; got {query.shape[-2]} and {values.shape[-2]}. Use 'kernel' where they are pooled apart."
+                )
             # Multiplied through by π, which the normalisation removes: normalize(q̂ K̂ᵀV + (π/2) v).
             query = F.normalize(query, dim=-1, eps=eps)
             out = F.normalize(query @ context + (math.pi / 2) * values, dim=-1, eps=eps).transpose(1, 2)
@@ -81,7 +87,7 @@ def _kernel_normalized(query, key, values, context, eps, head_scale):
     """
     batch, heads, tokens, head_dim = query.shape
     mix = torch.cat([context, key.sum(dim=-2).unsqueeze(-1)], dim=-1)  # (B, H, d, d+1)
-    totals = F.pad(values.sum(dim=-2), (0, 1), value=float(tokens))  # [Σ_j v_j, N]: (B, H, d+1)
+    totals = F.pad(values.sum(dim=-2), (0, 1), value=float(values.shape[-2]))  # [Σ_j v_j, N_keys]: (B, H, d+1)
     if head_scale is not None:
         # γ scales the numerator columns of these (d+1)-wide factors: no pass over the tokens.
         gamma = F.pad(head_scale.to(query.dtype).view(-1, 1).expand(-1, head_dim), (0, 1), value=1.0)  # (H, d+1)
@@ -122,35 +128,48 @@ def masked_softmax_attention(
     dropout_p: float = 0.0,
     measure_kept_share: bool = False,
     scale: float | torch.Tensor = 1.0,
+    relative_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`scale`·(M⊙S)V with S = softmax(q kᵀ/√d) and M = 1[S > cutoff] (`softmax_mask_cutoff`); kept probabilities are
-    not renormalised, and attention dropout (`dropout_p`) drops kept ones. With `threshold=None` the mask keeps
+    """`scale`·(M⊙S)V with S = softmax(q kᵀ/√d + B) and M = 1[S > cutoff] (`softmax_mask_cutoff`); kept probabilities
+    are not renormalised, and attention dropout (`dropout_p`) drops kept ones. With `threshold=None` the mask keeps
     everything and this is plain softmax attention, done by SDPA. `scale` is the branch's α (a float, or the 0-dim
-    tensor of its buffer), applied where it costs nothing extra.
+    tensor of its buffer), applied where it costs nothing extra. Queries and keys may differ in number (MViTv2 pools
+    them apart).
 
-    No N×N tensor is held for the backward pass (docs/design.md §7): on CUDA without dropout the mask runs inside
-    FlexAttention's fused kernels (`masked_softmax.flex_masked_softmax`), elsewhere over tiles of query rows
-    recomputed in the backward pass (`masked_softmax.BlockwiseMaskedSoftmax`); half-precision input is computed in
-    fp32 there, fp32 and fp64 in their own precision. A graph traced by `torch.compile` or `torch.export` gets the
-    formula in plain operations instead (`masked_softmax.traced_masked_softmax`).
+    B is 0, or MViTv2's decomposed relative position bias: `relative_bias` = (row_bias, column_bias), `(batch, heads,
+    Nq, R)` and `(batch, heads, Nq, C)` for the keys' R × C grid after any prefix keys (`add_relative_bias`).
+
+    No N×N tensor is held for the backward pass (docs/design.md §7): on CUDA without dropout or a bias the mask runs
+    inside FlexAttention's fused kernels (`masked_softmax.flex_masked_softmax`), elsewhere over tiles of query rows
+    recomputed in the backward pass (`masked_softmax.BlockwiseMaskedSoftmax`, dense or masked); half-precision input
+    is computed in fp32 there, fp32 and fp64 in their own precision. A graph traced by `torch.compile` or
+    `torch.export` gets the formula in plain operations instead (`masked_softmax.traced_masked_softmax`).
 
     Inputs and output are `(batch, tokens, heads, head_dim)`. Also returns the share of probabilities M keeps, a
     0-dim tensor (1 when dense), or None unless `measure_kept_share`: 0 means the branch adds nothing and passes no
     gradient.
     """
     query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
-    if threshold is None:
+    if threshold is None and relative_bias is None:
         attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
         return scale * attended.transpose(1, 2), value.new_ones(()) if measure_kept_share else None
-    cutoff = softmax_mask_cutoff(threshold, threshold_type, key.shape[-2])
-    if query.device.type == "cuda" and dropout_p == 0.0 and not torch.compiler.is_compiling():
+    # Dense with a bias: every probability is kept (P ≥ 0 > -1), through the same tiles.
+    cutoff = -1.0 if threshold is None else softmax_mask_cutoff(threshold, threshold_type, key.shape[-2])
+    flex = query.device.type == "cuda" and dropout_p == 0.0 and relative_bias is None
+    if flex and not torch.compiler.is_compiling():
         attended, kept_share = flex_masked_softmax(query, key, value, cutoff, measure_kept_share, scale)
         return attended.transpose(1, 2), kept_share
     dtype = reduction_dtype(value)
     function = traced_masked_softmax if torch.compiler.is_compiling() else BlockwiseMaskedSoftmax.apply
+    biases = [bias.to(dtype) for bias in relative_bias] if relative_bias is not None else [None, None]
     with torch.autocast(device_type=value.device.type, enabled=False):
         attended, kept_share = function(
-            *(tensor.to(dtype) for tensor in (query, key, value)), cutoff, dropout_p, measure_kept_share, scale
+            *(tensor.to(dtype) for tensor in (query, key, value)),
+            cutoff,
+            dropout_p,
+            measure_kept_share,
+            scale,
+            *biases,
         )
     return attended.to(value.dtype).transpose(1, 2), kept_share
 

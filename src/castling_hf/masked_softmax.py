@@ -27,23 +27,23 @@ aten = torch.ops.aten
 SCORE_TILE = 2**21
 
 
-def tile_rows(heads: int, tokens: int, tile: int | None = None) -> tuple[int, int]:
-    """(heads, query rows) per tile of `heads × tokens` query rows over `tokens` keys: at most `tile` scores
-    (`SCORE_TILE` by default) but at least one row; whole heads at a time where a head's scores fit, else
-    blocks of rows of one head."""
-    tile = tile or SCORE_TILE
-    if tokens * tokens <= tile:
-        return min(heads, tile // (tokens * tokens)), tokens
-    blocks = math.ceil(tokens / max(1, tile // tokens))
-    return 1, math.ceil(tokens / blocks)  # blocks of equal size: no sliver of a few rows at the end
+def tile_rows(heads: int, queries: int, keys: int | None = None, tile: int | None = None) -> tuple[int, int]:
+    """(heads, query rows) per tile of `heads × queries` query rows over `keys` keys (`queries` by default): at most
+    `tile` scores (`SCORE_TILE` by default) but at least one row; whole heads at a time where a head's scores fit,
+    else blocks of rows of one head."""
+    tile, keys = tile or SCORE_TILE, keys or queries
+    if queries * keys <= tile:
+        return min(heads, tile // (queries * keys)), queries
+    blocks = math.ceil(queries / max(1, tile // keys))
+    return 1, math.ceil(queries / blocks)  # blocks of equal size: no sliver of a few rows at the end
 
 
-def score_tiles(heads: int, tokens: int):
+def score_tiles(heads: int, queries: int, keys: int | None = None):
     """`(heads, rows)` slices of every tile (`tile_rows`), in the order both passes visit them."""
-    heads_per_tile, rows = tile_rows(heads, tokens)
+    heads_per_tile, rows = tile_rows(heads, queries, keys)
     for head in range(0, heads, heads_per_tile):
-        for row in range(0, tokens, rows):
-            yield slice(head, min(head + heads_per_tile, heads)), slice(row, min(row + rows, tokens))
+        for row in range(0, queries, rows):
+            yield slice(head, min(head + heads_per_tile, heads)), slice(row, min(row + rows, queries))
 
 
 def is_unit(scale: float | torch.Tensor) -> bool:
@@ -71,17 +71,17 @@ class _TileBuffer:
     it in again, a cost of 20,000 page faults per training step of `small` at 224 px (20 % of the step).
     """
 
-    def __init__(self, like: torch.Tensor, heads: int, tokens: int, slot: int):
-        heads_per_tile, rows = tile_rows(heads, tokens)
-        size = heads_per_tile * rows * tokens
+    def __init__(self, like: torch.Tensor, heads: int, queries: int, keys: int, slot: int):
+        heads_per_tile, rows = tile_rows(heads, queries, keys)
+        size = heads_per_tile * rows * keys
         buffers = _workspaces.__dict__.setdefault("buffers", {})
         key = (like.device, like.dtype, slot)
         if key not in buffers or buffers[key].numel() < size:
             buffers[key] = like.new_empty(size)
         self.flat = buffers[key]
 
-    def view(self, heads: slice, rows: slice, tokens: int) -> torch.Tensor:
-        shape = (heads.stop - heads.start, rows.stop - rows.start, tokens)
+    def view(self, heads: slice, rows: slice, keys: int) -> torch.Tensor:
+        shape = (heads.stop - heads.start, rows.stop - rows.start, keys)
         return self.flat[: math.prod(shape)].view(shape)
 
 
@@ -96,26 +96,38 @@ class _TileDropout:
             self.seed = int(torch.randint(2**62, ())) if seed is None else seed
             self.generator = torch.Generator(buffer.flat.device).manual_seed(self.seed)
 
-    def keep_mask(self, heads: slice, rows: slice, tokens: int) -> torch.Tensor | None:
+    def keep_mask(self, heads: slice, rows: slice, keys: int) -> torch.Tensor | None:
         """The next tile's Z/(1 − p); None without dropout."""
         if self.p == 0.0:
             return None
-        keep = self.buffer.view(heads, rows, tokens).bernoulli_(1.0 - self.p, generator=self.generator)
+        keep = self.buffer.view(heads, rows, keys).bernoulli_(1.0 - self.p, generator=self.generator)
         return keep.mul_(1.0 / (1.0 - self.p) if self.p < 1.0 else 0.0)
 
 
+def add_relative_bias(scores: torch.Tensor, row_bias: torch.Tensor, column_bias: torch.Tensor) -> torch.Tensor:
+    """scores[..., i, P + r·C + c] += row_bias[..., i, r] + column_bias[..., i, c], in place: the decomposed relative
+    position bias of the keys on an (R, C) grid that follow P prefix keys (MViTv2's). Returns `scores`."""
+    rows, columns = row_bias.shape[-1], column_bias.shape[-1]
+    grid = scores[..., scores.shape[-1] - rows * columns :].unflatten(-1, (rows, columns))
+    grid += row_bias[..., None]
+    grid += column_bias[..., None, :]
+    return scores
+
+
 class BlockwiseMaskedSoftmax(torch.autograd.Function):
-    r"""`scale`·(M⊙P)V over tiles of query rows, with attention dropout Z on the kept probabilities, in O(N·tile)
-    memory. (`scale` is the branch's α, a float or a 0-dim tensor: applied to the output in place, and to dO in the
-    backward pass's copy of it.)
+    r"""`scale`·(M⊙P)V over tiles of query rows, with attention dropout Z on the kept probabilities and an optional
+    decomposed relative position bias, in O(N·tile) memory. (`scale` is the branch's α, a float or a 0-dim tensor:
+    applied to the output in place, and to dO in the backward pass's copy of it.)
 
-    Forward, for the query rows i of a tile and every key j (`score_tiles`):
+    Forward, for the query rows i of a tile and every key j (`score_tiles`; Nq queries, Nk keys):
 
-        S = q_i Kᵀ/√d,   P = softmax(S),   A = M⊙P,   M = 1[P > c],   O_i = (Z⊙A/(1 − p)) V
+        S = q_i Kᵀ/√d + B_i,   P = softmax(S),   A = M⊙P,   M = 1[P > c],   O_i = (Z⊙A/(1 − p)) V
 
-    Z ~ Bernoulli(1 − p) per entry (p = `dropout_p`; Z = 1 without dropout). Only q, K, V (the caller's tensors, not
-    copies) and the seed of Z are saved, O(N·d). With `measure_kept_share`, Σ M / (batch · heads · N²) is counted
-    in the tiles.
+    B is 0 unless `row_bias` (Nq × R) and `column_bias` (Nq × C) are given: then B_ij = row_bias[i, r_j] +
+    column_bias[i, c_j] for the key j at (r_j, c_j) of the keys' R × C grid, which follows any prefix keys
+    (`add_relative_bias`; MViTv2's relative positions, computed from q by the caller). Z ~ Bernoulli(1 − p) per entry
+    (p = `dropout_p`; Z = 1 without dropout). Only q, K, V (the caller's tensors, not copies), the biases and the seed
+    of Z are saved, O(N·d). With `measure_kept_share`, Σ M / (batch · heads · Nq · Nk) is counted in the tiles.
 
     Backward. With dO the gradient of O, the gradient reaching P is
 
@@ -128,46 +140,64 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
     (D_i is dO_i·O_i because Σ_j P_ij G_ij = Σ_j (Z⊙A)_ij (dO_i·v_j)/(1 − p)). So each tile recomputes S, P, M
     and Z, and
 
-        dV += (Z⊙A/(1 − p))ᵀ dO_i,   dq_i = dS K/√d,   dK += dSᵀ q_i/√d.
+        dV += (Z⊙A/(1 − p))ᵀ dO_i,   dq_i = dS K/√d,   dK += dSᵀ q_i/√d,
+        d row_bias[i, r] = Σ_{j: r_j = r} dS_ij,   d column_bias[i, c] = Σ_{j: c_j = c} dS_ij    (B is a sum).
 
     The kernels: `_softmax_backward_data(G, P)` is exactly P⊙(G − Σ_j P_ij G_ij) and `threshold_backward(x, P, c)`
     is M⊙x, so a tile's backward is five products and four elementwise passes, in reused tile buffers
     (`_TileBuffer`). Where one tile holds the whole layer (small N) the forward pass keeps its P, and the backward
-    pass skips the first product and the softmax. Tensors are `(batch, heads, tokens, head_dim)`; each pass copies q,
-    K, V (and dO) to a contiguous `(batch · heads, tokens, head_dim)` layout for the products, O(N·d).
+    pass skips the first product and the softmax. Tensors are `(batch, heads, tokens, head_dim)` (the biases
+    `(batch, heads, Nq, R or C)`); each pass copies q, K, V (and dO) to a contiguous `(batch · heads, tokens,
+    head_dim)` layout for the products, O(N·d).
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, cutoff: float, dropout_p: float, measure_kept_share: bool, scale=1.0):
-        batch, heads, tokens, head_dim = query.shape
+    def forward(
+        ctx,
+        query,
+        key,
+        value,
+        cutoff: float,
+        dropout_p: float,
+        measure_kept_share: bool,
+        scale=1.0,
+        row_bias=None,
+        column_bias=None,
+    ):
+        batch, heads, queries, head_dim = query.shape
+        keys = key.shape[-2]
         scaled_query, key_flat, value_flat = flat_heads(query, head_dim**-0.5), flat_heads(key), flat_heads(value)
+        biases = flat_biases(row_bias, column_bias)
         out = torch.empty_like(scaled_query)
-        tiles = list(score_tiles(batch * heads, tokens))
+        tiles = list(score_tiles(batch * heads, queries, keys))
         # A layer whose scores fit in one tile keeps them (and the copies of q, K, V) for the backward pass, which
         # then recomputes nothing: memory stays within one tile per layer.
-        keep_scores = len(tiles) == 1 and any(ctx.needs_input_grad[:3])
-        kept_probabilities = scaled_query.new_empty(batch * heads, tokens, tokens) if keep_scores else None
-        scores, kept = (_TileBuffer(query, batch * heads, tokens, slot) for slot in range(2))
-        dropout = _TileDropout(dropout_p, _TileBuffer(query, batch * heads, tokens, 4) if dropout_p > 0.0 else scores)
+        keep_scores = len(tiles) == 1 and any(ctx.needs_input_grad[:3] + ctx.needs_input_grad[7:])
+        kept_probabilities = scaled_query.new_empty(batch * heads, queries, keys) if keep_scores else None
+        scores, kept = (_TileBuffer(query, batch * heads, queries, keys, slot) for slot in range(2))
+        dropout_buffer = _TileBuffer(query, batch * heads, queries, keys, 4) if dropout_p > 0.0 else scores
+        dropout = _TileDropout(dropout_p, dropout_buffer)
         kept_count = query.new_zeros((), dtype=torch.float64) if measure_kept_share else None
         for head_slice, row_slice in tiles:
-            p = kept_probabilities if kept_probabilities is not None else scores.view(head_slice, row_slice, tokens)
-            a = kept.view(head_slice, row_slice, tokens)
-            torch.bmm(scaled_query[head_slice, row_slice], key_flat[head_slice].mT, out=p)
-            aten._softmax.out(p, -1, False, out=p)  # P
+            p = kept_probabilities if kept_probabilities is not None else scores.view(head_slice, row_slice, keys)
+            a = kept.view(head_slice, row_slice, keys)
+            tile_probabilities(
+                p, scaled_query[head_slice, row_slice], key_flat[head_slice], biases, head_slice, row_slice
+            )
             aten.threshold.out(p, cutoff, 0.0, out=a)  # A = M⊙P
             if kept_count is not None:
                 kept_count += a.sign().sum(dtype=torch.float64)  # A ≥ 0: sign is M
-            keep = dropout.keep_mask(head_slice, row_slice, tokens)
+            keep = dropout.keep_mask(head_slice, row_slice, keys)
             if keep is not None:
                 a.mul_(keep)
             torch.bmm(a, value_flat[head_slice], out=out[head_slice, row_slice])
         if kept_probabilities is not None:  # and the contiguous copies, as large as the scores
-            ctx.save_for_backward(scaled_query, key_flat, value_flat, kept_probabilities)
+            ctx.save_for_backward(scaled_query, key_flat, value_flat, kept_probabilities, *biases)
         else:
-            ctx.save_for_backward(query, key, value, None)
+            ctx.save_for_backward(query, key, value, None, *biases)
         ctx.cutoff, ctx.dropout_p, ctx.dropout_seed, ctx.scale = cutoff, dropout_p, dropout.seed, scale
-        kept_share = kept_count / (batch * heads * tokens * tokens) if kept_count is not None else None
+        ctx.query_shape, ctx.key_shape = query.shape, key.shape
+        kept_share = kept_count / (batch * heads * queries * keys) if kept_count is not None else None
         if kept_share is not None:
             ctx.mark_non_differentiable(kept_share)
         if not is_unit(scale):
@@ -176,38 +206,47 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_kept_share):
-        query, key, value, kept_probabilities = ctx.saved_tensors
-        batch, heads, tokens, head_dim = shape = grad_out.shape
+        query, key, value, kept_probabilities, *biases = ctx.saved_tensors
+        batch, heads, queries, head_dim = ctx.query_shape
+        keys = ctx.key_shape[-2]
         scale = head_dim**-0.5
         if kept_probabilities is not None:
             scaled_query, key_flat, value_flat = query, key, value
         else:
             scaled_query, key_flat, value_flat = flat_heads(query, scale), flat_heads(key), flat_heads(value)
         grad_out = flat_heads(grad_out, ctx.scale)  # the output's scale, applied to its gradient in the copy
-        grad_query, grad_key, grad_value = (torch.empty_like(scaled_query) for _ in range(3))
-        probabilities, kept, grad_kept, grad_scores = (_TileBuffer(query, batch * heads, tokens, s) for s in range(4))
-        dropout = _TileDropout(ctx.dropout_p, _TileBuffer(query, batch * heads, tokens, 4), seed=ctx.dropout_seed)
-        for head_slice, row_slice in score_tiles(batch * heads, tokens):
-            a, g, ds = (buffer.view(head_slice, row_slice, tokens) for buffer in (kept, grad_kept, grad_scores))
+        grad_query = torch.empty_like(scaled_query)
+        grad_key, grad_value = torch.empty_like(key_flat), torch.empty_like(value_flat)
+        grad_biases = [torch.empty_like(bias) for bias in biases]
+        buffers = [_TileBuffer(query, batch * heads, queries, keys, slot) for slot in range(4)]
+        probabilities, kept, grad_kept, grad_scores = buffers
+        dropout_buffer = _TileBuffer(query, batch * heads, queries, keys, 4)
+        dropout = _TileDropout(ctx.dropout_p, dropout_buffer, seed=ctx.dropout_seed)
+        for head_slice, row_slice in score_tiles(batch * heads, queries, keys):
+            a, g, ds = (buffer.view(head_slice, row_slice, keys) for buffer in (kept, grad_kept, grad_scores))
             query_tile, grad_out_tile = scaled_query[head_slice, row_slice], grad_out[head_slice, row_slice]
-            keys, values = key_flat[head_slice], value_flat[head_slice]
+            key_tile, value_tile = key_flat[head_slice], value_flat[head_slice]
             grad_keys, grad_values = grad_key[head_slice], grad_value[head_slice]
             if kept_probabilities is not None:
                 p = kept_probabilities
             else:
-                p = probabilities.view(head_slice, row_slice, tokens)
-                torch.bmm(query_tile, keys.mT, out=p)
-                aten._softmax.out(p, -1, False, out=p)  # P
+                p = probabilities.view(head_slice, row_slice, keys)
+                tile_probabilities(p, query_tile, key_tile, biases, head_slice, row_slice)
             aten.threshold.out(p, ctx.cutoff, 0.0, out=a)  # A = M⊙P
-            keep = dropout.keep_mask(head_slice, row_slice, tokens)  # the forward pass's Z/(1 − p) for this tile
+            keep = dropout.keep_mask(head_slice, row_slice, keys)  # the forward pass's Z/(1 − p) for this tile
             if keep is not None:
                 a.mul_(keep)
-            torch.bmm(grad_out_tile, values.mT, out=g)  # dO Vᵀ
+            torch.bmm(grad_out_tile, value_tile.mT, out=g)  # dO Vᵀ
             aten.threshold_backward.grad_input(g, p, ctx.cutoff, grad_input=g)  # M⊙(dO Vᵀ)
             if keep is not None:
                 g.mul_(keep)  # G
             aten._softmax_backward_data.out(g, p, -1, p.dtype, grad_input=ds)  # dS = P⊙(G − D)
-            torch.bmm(ds, keys, out=grad_query[head_slice, row_slice])  # times 1/√d below
+            torch.bmm(ds, key_tile, out=grad_query[head_slice, row_slice])  # times 1/√d below
+            if grad_biases:  # the sums of dS over the key grid's columns and rows
+                rows, columns = biases[0].shape[-1], biases[1].shape[-1]
+                grid = ds[..., keys - rows * columns :].unflatten(-1, (rows, columns))
+                torch.sum(grid, dim=-1, out=grad_biases[0][head_slice, row_slice])
+                torch.sum(grid, dim=-2, out=grad_biases[1][head_slice, row_slice])
             if row_slice.start == 0:  # a head's first tile writes its key and value gradients, the others add
                 torch.bmm(a.mT, grad_out_tile, out=grad_values)
                 torch.bmm(ds.mT, query_tile, out=grad_keys)
@@ -215,13 +254,56 @@ class BlockwiseMaskedSoftmax(torch.autograd.Function):
                 grad_values.baddbmm_(a.mT, grad_out_tile)
                 grad_keys.baddbmm_(ds.mT, query_tile)
         grad_query.mul_(scale)
-        return grad_query.view(shape), grad_key.view(shape), grad_value.view(shape), None, None, None, None
+        grad_row_bias, grad_column_bias = (
+            (bias.view(batch, heads, queries, -1) for bias in grad_biases) if grad_biases else (None, None)
+        )
+        return (
+            grad_query.view(ctx.query_shape),
+            grad_key.view(ctx.key_shape),
+            grad_value.view(ctx.key_shape),
+            None,
+            None,
+            None,
+            None,
+            grad_row_bias,
+            grad_column_bias,
+        )
 
 
-def traced_masked_softmax(query, key, value, cutoff: float, dropout_p: float, measure_kept_share: bool, scale=1.0):
-    """`scale`·(Z⊙M⊙P)V/(1 − p) with the N×N probabilities formed, as autograd differentiates it; returns the output
-    and the kept share (or None) as `BlockwiseMaskedSoftmax` does. Only for traced graphs: it holds N² scores."""
-    probabilities = torch.softmax(query @ key.mT * query.shape[-1] ** -0.5, dim=-1)
+def flat_biases(row_bias, column_bias) -> list[torch.Tensor]:
+    """The relative-position biases `(batch, heads, Nq, R or C)` as contiguous `(batch · heads, Nq, R or C)`; [] for
+    none."""
+    if row_bias is None:
+        return []
+    return [bias.reshape(-1, *bias.shape[-2:]).contiguous() for bias in (row_bias, column_bias)]
+
+
+def tile_probabilities(p, query_tile, key_tile, biases, head_slice, row_slice) -> None:
+    """P = softmax(q Kᵀ/√d + B) of one tile into `p` (the query already scaled by 1/√d)."""
+    torch.bmm(query_tile, key_tile.mT, out=p)
+    if biases:
+        add_relative_bias(p, biases[0][head_slice, row_slice], biases[1][head_slice, row_slice])
+    aten._softmax.out(p, -1, False, out=p)
+
+
+def traced_masked_softmax(
+    query,
+    key,
+    value,
+    cutoff: float,
+    dropout_p: float,
+    measure_kept_share: bool,
+    scale=1.0,
+    row_bias=None,
+    column_bias=None,
+):
+    """`scale`·(Z⊙M⊙P)V/(1 − p) with the Nq × Nk probabilities formed, as autograd differentiates it; returns the
+    output and the kept share (or None) as `BlockwiseMaskedSoftmax` does. Only for traced graphs: it holds the
+    scores."""
+    scores = query @ key.mT * query.shape[-1] ** -0.5
+    if row_bias is not None:
+        scores = add_relative_bias(scores, row_bias, column_bias)
+    probabilities = torch.softmax(scores, dim=-1)
     kept = probabilities > cutoff
     weights = torch.nn.functional.dropout(probabilities * kept, dropout_p) if dropout_p > 0.0 else probabilities * kept
     kept_share = kept.to(torch.float64).mean() if measure_kept_share else None
