@@ -11,6 +11,8 @@ install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[dev]"
+	# timm's MViTv2 is the reference of Castling-MViTv2's tests and benchmarks; without its torchvision (see setup.py).
+	$(PIP) install --quiet --no-deps timm==1.0.31
 
 test: install
 	$(PYTHON) -m pytest -q tests

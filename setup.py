@@ -27,7 +27,11 @@ setup(
         "matplotlib>=3.7",  # the examples' training plots and the benchmarks' figures
     ],
     extras_require={
-        # scikit-image ships the real photos the tests and the demo classify.
+        # Castling timm's MViTv2 from a timm checkpoint (castle() takes a timm model object without it).
+        "timm": ["timm>=1.0.20"],
+        # scikit-image ships the real photos the tests and the demo classify. timm is installed by the Makefile
+        # without its dependencies: its torchvision does not import beside the CPU build of torch these machines
+        # use, and an installed torchvision would turn transformers' image processors to it.
         "dev": [
             "pytest>=8",
             "ruff>=0.6",

@@ -1,6 +1,7 @@
-"""castling-hf: Castling-ViT (You et al., CVPR 2023) as a Hugging Face Transformers model family.
+"""castling-hf: Castling-ViT (You et al., CVPR 2023) as Hugging Face Transformers model families: the plain
+Castling-ViT and the multiscale Castling-MViTv2.
 
-Importing this package registers Castling-ViT with the `transformers` Auto classes.
+Importing this package registers both with the `transformers` Auto classes.
 """
 
 from . import data, metrics
@@ -13,6 +14,14 @@ from .modeling_utils import (
     softmax_mask_kept_shares,
     softmax_mask_scales,
     switch_to_inference,
+)
+from .models.castling_mvitv2 import (
+    CASTLING_MVITV2_SIZES,
+    CastlingMViTv2Backbone,
+    CastlingMViTv2Config,
+    CastlingMViTv2ForImageClassification,
+    CastlingMViTv2Model,
+    CastlingMViTv2PreTrainedModel,
 )
 from .models.castling_vit import (
     CASTLING_VIT_SIZES,
@@ -32,7 +41,13 @@ register_auto_classes()
 __version__ = "0.1.0"
 
 __all__ = [
+    "CASTLING_MVITV2_SIZES",
     "CASTLING_VIT_SIZES",
+    "CastlingMViTv2Backbone",
+    "CastlingMViTv2Config",
+    "CastlingMViTv2ForImageClassification",
+    "CastlingMViTv2Model",
+    "CastlingMViTv2PreTrainedModel",
     "data",
     "metrics",
     "CastlingDistillationTrainer",

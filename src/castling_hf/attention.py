@@ -290,7 +290,15 @@ class CastlingSoftmaxBranch(nn.Module):
         if self.softmax_mask_scale.device.type != "meta":  # a model being built has no values yet
             self.active = bool(self.softmax_mask_scale != 0)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        relative_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """α·(M⊙S)V of `masked_softmax_attention` (token-major q, k, v; `relative_bias` as it takes it), or None at
+        α = 0."""
         if not self.active:
             self.kept_share = None
             return None
@@ -304,6 +312,7 @@ class CastlingSoftmaxBranch(nn.Module):
             dropout_p,
             self.measure_kept_share,
             self.softmax_mask_scale,
+            relative_bias,
         )
         return attended
 

@@ -13,6 +13,7 @@ new model is touched, so a source that does not fit raises and nothing is half-c
 
 import copy
 import inspect
+import json
 import os
 import re
 from collections.abc import Callable
@@ -392,7 +393,7 @@ def castling_backbone_state_dict(family: SourceFamily, source_state: dict, sourc
     return renamed
 
 
-def _check_and_load(target: nn.Module, mapped: dict, source_name: str) -> None:
+def check_and_load(target: nn.Module, mapped: dict, source_name: str) -> None:
     """Load `mapped` into `target` after checking it against every tensor `target` expects: names both ways (but the
     tensors that start fresh), then shapes. Raises, touching nothing, when anything does not fit."""
     target_state = target.state_dict()
@@ -499,7 +500,7 @@ def castle_base_or_classifier(source: PreTrainedModel, model_class=None, add_poo
     if head.weights and "classifier.weight" in target_state and not labels_overridden(overrides):
         head_state = {key: value for key, value in source.state_dict().items() if not key.startswith(f"{head.base}.")}
         mapped.update(_head_weights(head_state, head.weights))
-    _check_and_load(target, mapped, class_name)
+    check_and_load(target, mapped, class_name)
     return target
 
 
@@ -507,7 +508,7 @@ def castle_backbone(source: PreTrainedModel, **overrides) -> CastlingViTBackbone
     """A `CastlingViTBackbone` from a Dinov2(-with-registers) backbone: same stages, layer norm and layout."""
     family = family_of(source.config)
     target = CastlingViTBackbone(castling_config(source.config, backbone=True, **overrides))
-    _check_and_load(
+    check_and_load(
         target, castling_backbone_state_dict(family, source.state_dict(), source.config), type(source).__name__
     )
     return target
@@ -567,7 +568,15 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
     the source with `CastlingDistillationTrainer`, then `switch_to_inference()`.
     The source is left as it was; the castled model is on its device, in its dtype, in eval mode.
     """
+    from .conversion_timm import castle_mvitv2, is_timm_mvitv2, load_timm_checkpoint
+
+    if isinstance(model_or_path, (str, os.PathLike)) and is_timm_checkpoint(model_or_path):
+        model_or_path = load_timm_checkpoint(str(model_or_path))
+    if isinstance(model_or_path, nn.Module) and is_timm_mvitv2(model_or_path):
+        return castle_mvitv2(model_or_path, model_class=model_class, **overrides)
     source = load_source(model_or_path)
+    if source.config.model_type == "timm_wrapper" and is_timm_mvitv2(source.timm_model):
+        return castle_mvitv2(source.timm_model, source.config.id2label, model_class, **overrides)
     if type(source).__name__ in {family.backbone for family in FAMILIES.values()}:
         target = castle_backbone(source, **overrides)
     elif source.config.model_type in FAMILIES:
@@ -578,6 +587,17 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
     return target.to(device=reference.device, dtype=reference.dtype).eval()
 
 
+def is_timm_checkpoint(folder_or_name) -> bool:
+    """Whether a local folder holds a timm checkpoint: a `config.json` that names an `architecture` and no
+    `transformers` `model_type`."""
+    path = os.path.join(folder_or_name, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as file:
+        config = json.load(file)
+    return "architecture" in config and "model_type" not in config
+
+
 def source_image_processor(model_or_path):
     """The image processor that prepares images as the source (anything `castle` takes) was trained on them, to
     save with its castled model: the one saved with the source (a folder or Hub name holding
@@ -585,6 +605,12 @@ def source_image_processor(model_or_path):
     DeiT, Dinov2 and DINOv3, 0.5 for ViT), in the class `transformers` gives its model type (a task model's own:
     UperNet's, DPT's, ...). A processor class that needs torchvision where it is not installed (DINOv3's) becomes
     ViT's PIL processor with the same size, mean and std: both resize, rescale and normalise."""
+    from .conversion_timm import is_timm_mvitv2, load_timm_checkpoint, timm_image_processor
+
+    if isinstance(model_or_path, (str, os.PathLike)) and is_timm_checkpoint(model_or_path):
+        model_or_path = load_timm_checkpoint(str(model_or_path))
+    if isinstance(model_or_path, nn.Module) and is_timm_mvitv2(model_or_path):
+        return timm_image_processor(model_or_path)
     if isinstance(model_or_path, (str, os.PathLike)):
         try:
             settings, _ = ImageProcessingMixin.get_image_processor_dict(model_or_path)

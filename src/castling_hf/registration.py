@@ -1,4 +1,4 @@
-"""Registers Castling-ViT with the `transformers` Auto classes (run on `import castling_hf`)."""
+"""Registers the Castling families with the `transformers` Auto classes (run on `import castling_hf`)."""
 
 from transformers import (
     AutoBackbone,
@@ -12,6 +12,13 @@ from transformers import (
 from transformers.models.auto import modeling_auto
 from transformers.utils import is_torchvision_available
 
+from .configuration_utils import CastlingAttentionConfig
+from .models.castling_mvitv2 import (
+    CastlingMViTv2Backbone,
+    CastlingMViTv2Config,
+    CastlingMViTv2ForImageClassification,
+    CastlingMViTv2Model,
+)
 from .models.castling_vit import (
     CastlingViTBackbone,
     CastlingViTConfig,
@@ -20,25 +27,39 @@ from .models.castling_vit import (
     CastlingViTModel,
 )
 
+# Each family's config and its model class for each Auto class.
+FAMILY_AUTO_CLASSES = {
+    CastlingViTConfig: {
+        AutoModel: CastlingViTModel,
+        AutoModelForImageClassification: CastlingViTForImageClassification,
+        AutoModelForObjectDetection: CastlingViTForObjectDetection,
+        AutoBackbone: CastlingViTBackbone,
+    },
+    CastlingMViTv2Config: {
+        AutoModel: CastlingMViTv2Model,
+        AutoModelForImageClassification: CastlingMViTv2ForImageClassification,
+        AutoBackbone: CastlingMViTv2Backbone,
+    },
+}
+
 
 def register_auto_classes() -> None:
-    """Make `Auto*.from_pretrained` resolve `model_type="castling_vit"` to the Castling-ViT classes.
+    """Make `Auto*.from_pretrained` resolve `model_type="castling_vit"` and `"castling_mvitv2"` to their classes.
 
-    Castling-ViT reads images as ViT does, so its image processor is ViT's: the PIL backend, or the torchvision
-    backend where torchvision is installed. Detection checkpoints save Deformable DETR's image processor, which
-    `AutoImageProcessor` finds by the type recorded in `preprocessor_config.json`.
+    Both read images as ViT does, so their image processor is ViT's: the PIL backend, or the torchvision backend
+    where torchvision is installed. Checkpoints that carry another processor (a castled source's own, Deformable
+    DETR's for the detector) are found by the type recorded in `preprocessor_config.json`.
     """
-    AutoConfig.register(CastlingViTConfig.model_type, CastlingViTConfig, exist_ok=True)
-    AutoModel.register(CastlingViTConfig, CastlingViTModel, exist_ok=True)
-    AutoModelForImageClassification.register(CastlingViTConfig, CastlingViTForImageClassification, exist_ok=True)
-    AutoModelForObjectDetection.register(CastlingViTConfig, CastlingViTForObjectDetection, exist_ok=True)
-    AutoBackbone.register(CastlingViTConfig, CastlingViTBackbone, exist_ok=True)
     image_processor_classes = {"pil": ViTImageProcessorPil}
     if is_torchvision_available():
         from transformers import ViTImageProcessor
 
         image_processor_classes["torchvision"] = ViTImageProcessor
-    AutoImageProcessor.register(CastlingViTConfig, image_processor_classes=image_processor_classes, exist_ok=True)
+    for config_class, model_classes in FAMILY_AUTO_CLASSES.items():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for auto_class, model_class in model_classes.items():
+            auto_class.register(config_class, model_class, exist_ok=True)
+        AutoImageProcessor.register(config_class, image_processor_classes=image_processor_classes, exist_ok=True)
     register_pipeline_names()
 
 
@@ -52,7 +73,7 @@ def register_pipeline_names() -> None:
     )
 
 
-def image_processor_for(config: CastlingViTConfig) -> ViTImageProcessorPil:
-    """A ViT image processor that resizes to the model's `image_size` (ImageNet mean and std)."""
+def image_processor_for(config: CastlingAttentionConfig) -> ViTImageProcessorPil:
+    """A ViT image processor that resizes to a new model's `image_size` (ViT's 0.5 mean and std)."""
     height, width = (config.image_size,) * 2 if isinstance(config.image_size, int) else config.image_size
     return ViTImageProcessorPil(size={"height": height, "width": width})

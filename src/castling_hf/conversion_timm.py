@@ -1,0 +1,221 @@
+"""Castling timm's MViTv2 (`timm.models.mvitv2.MultiScaleVit`): its weights in a Castling-MViTv2 whose first forward
+pass is the source's (docs/design.md §10).
+
+timm keeps no config object on the model, so the architecture is read from the modules themselves (`mvitv2_config`),
+every field converted or refused by name; the weights follow one mapping table (`MVITV2_WEIGHTS`), as the
+`transformers` families' do in `conversion.FAMILIES`. A source is a `MultiScaleVit` (from `timm.create_model`), a
+folder or Hub name holding a timm checkpoint (`config.json` naming its `architecture`, loaded by timm), or
+`transformers`' `TimmWrapperForImageClassification` around one. timm is the optional extra `castling-hf[timm]`.
+"""
+
+import math
+import os
+
+from torch import nn
+from transformers import BitImageProcessorPil
+from transformers.image_utils import PILImageResampling
+
+from .conversion import EXACT_START, castling_key, check_and_load, labels_overridden
+from .models.castling_mvitv2 import (
+    CastlingMViTv2Backbone,
+    CastlingMViTv2Config,
+    CastlingMViTv2ForImageClassification,
+    CastlingMViTv2Model,
+)
+
+_WB = r"(weight|bias)"
+_BLOCK = r"stages\.(\d+)\.blocks\.(\d+)"
+_LAYER = r"encoder.stages.\1.layers.\2"
+MVITV2_WEIGHTS = (
+    (rf"patch_embed\.proj\.{_WB}", r"embeddings.projection.\1"),
+    (r"cls_token", r"embeddings.cls_token"),
+    (r"pos_embed", r"embeddings.position_embeddings"),
+    (rf"{_BLOCK}\.norm1\.{_WB}", rf"{_LAYER}.layernorm_before.\3"),
+    (rf"{_BLOCK}\.norm2\.{_WB}", rf"{_LAYER}.layernorm_after.\3"),
+    (rf"{_BLOCK}\.attn\.qkv\.{_WB}", rf"{_LAYER}.attention.qkv_proj.\3"),
+    (rf"{_BLOCK}\.attn\.proj\.{_WB}", rf"{_LAYER}.attention.o_proj.\3"),
+    (rf"{_BLOCK}\.attn\.pool_q\.weight", rf"{_LAYER}.attention.pool_query.weight"),
+    (rf"{_BLOCK}\.attn\.pool_k\.weight", rf"{_LAYER}.attention.pool_key.weight"),
+    (rf"{_BLOCK}\.attn\.pool_v\.weight", rf"{_LAYER}.attention.pool_value.weight"),
+    (rf"{_BLOCK}\.attn\.norm_q\.{_WB}", rf"{_LAYER}.attention.norm_query.\3"),
+    (rf"{_BLOCK}\.attn\.norm_k\.{_WB}", rf"{_LAYER}.attention.norm_key.\3"),
+    (rf"{_BLOCK}\.attn\.norm_v\.{_WB}", rf"{_LAYER}.attention.norm_value.\3"),
+    (rf"{_BLOCK}\.attn\.rel_pos_h", rf"{_LAYER}.attention.relative_position_rows"),
+    (rf"{_BLOCK}\.attn\.rel_pos_w", rf"{_LAYER}.attention.relative_position_columns"),
+    (rf"{_BLOCK}\.shortcut_proj_attn\.{_WB}", rf"{_LAYER}.shortcut_proj_attention.\3"),
+    (rf"{_BLOCK}\.shortcut_proj_mlp\.{_WB}", rf"{_LAYER}.shortcut_proj_mlp.\3"),
+    (rf"{_BLOCK}\.mlp\.fc1\.{_WB}", rf"{_LAYER}.mlp.fc1.\3"),
+    (rf"{_BLOCK}\.mlp\.fc2\.{_WB}", rf"{_LAYER}.mlp.fc2.\3"),
+    (rf"norm\.{_WB}", r"layernorm.\1"),
+    (rf"head\.fc\.{_WB}", None),  # the classifier: mapped with the head below
+)
+
+
+class _Table:
+    """The weight table in the form `conversion.castling_key` reads."""
+
+    model_type, weights = "timm mvitv2", MVITV2_WEIGHTS
+
+
+def is_timm_mvitv2(model) -> bool:
+    return type(model).__name__ == "MultiScaleVit" and type(model).__module__.startswith("timm.")
+
+
+def import_timm():
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError(
+            "Castling a timm MViTv2 from a checkpoint needs timm: pip install 'castling-hf[timm]' (timm and its "
+            "torchvision)."
+        ) from error
+    return timm
+
+
+def load_timm_checkpoint(folder_or_name: str) -> nn.Module:
+    """The timm model a folder or Hub name holds (`config.json` with its `architecture` and `model_args`,
+    `model.safetensors`), built and loaded by timm itself (`local-dir:` / `hf-hub:`)."""
+    timm = import_timm()
+    source = "local-dir" if os.path.isdir(folder_or_name) else "hf-hub"
+    return timm.create_model(f"{source}:{folder_or_name}", pretrained=True).eval()
+
+
+def first_pooling(model, name: str) -> nn.Conv2d | None:
+    """The first `name` ("pool_q", "pool_k") conv of any block: MViTv2's pooling kernel."""
+    for stage in model.stages:
+        for block in stage.blocks:
+            if getattr(block.attn, name, None) is not None:
+                return getattr(block.attn, name)
+    return None
+
+
+def stride_of(conv: nn.Conv2d | None) -> tuple[int, int]:
+    return tuple(conv.stride) if conv is not None else (1, 1)
+
+
+def mvitv2_config(model) -> dict:
+    """Castling-MViTv2 config fields read from a timm `MultiScaleVit`'s modules; what Castling-MViTv2 cannot express
+    is refused by name."""
+    first = model.stages[0].blocks[0]
+    refused = []
+    if type(first.attn).__name__ != "MultiScaleAttention":
+        refused.append("pool_first=True (q, k, v pooled before their projections)")
+    if first.attn.mode != "conv":
+        refused.append(f"mode={first.attn.mode!r} (pooling other than per-head depthwise convs)")
+    if first.attn.rel_pos_type not in ("spatial", ""):
+        refused.append(f"rel_pos_type={first.attn.rel_pos_type!r}")
+    if not isinstance(model.norm, nn.LayerNorm):
+        refused.append(f"norm_layer {type(model.norm).__name__}")
+    activation = first.mlp.act
+    if not (isinstance(activation, nn.GELU) and activation.approximate == "none"):
+        refused.append(f"act_layer {activation}")
+    if model.global_pool not in ("avg", "token"):
+        refused.append(f"global_pool={model.global_pool!r}")
+    if refused:
+        raise ValueError(
+            f"This timm MultiScaleVit uses {', '.join(refused)}, which Castling-MViTv2 does not support; nothing was "
+            "converted."
+        )
+    stage_outputs = [stage.blocks[-1].dim_out for stage in model.stages]
+    width = model.patch_embed.proj.out_channels
+    hidden_sizes = stage_outputs if model.expand_attn else [width, *stage_outputs[:-1]]
+    patch = model.patch_embed.proj
+    pooling = first_pooling(model, "pool_q") or first_pooling(model, "pool_k")
+    return dict(
+        image_size=source_image_size(model),
+        num_channels=patch.in_channels,
+        patch_kernel_size=list(patch.kernel_size),
+        patch_stride=list(patch.stride),
+        patch_padding=list(patch.padding),
+        hidden_sizes=hidden_sizes,
+        depths=list(model.depths),
+        num_attention_heads=[stage.blocks[0].attn.num_heads for stage in model.stages],
+        mlp_ratio=first.mlp.fc1.out_features / first.mlp.fc1.in_features,
+        qkv_bias=first.attn.qkv.bias is not None,
+        expand_attention=bool(model.expand_attn),
+        use_cls_token=model.cls_token is not None,
+        use_absolute_position_embeddings=model.pos_embed is not None,
+        residual_pooling=bool(first.attn.residual_pooling),
+        pooling_kernel_size=list(pooling.kernel_size) if pooling is not None else [1, 1],
+        query_strides=[list(stride_of(stage.blocks[0].attn.pool_q)) for stage in model.stages],
+        key_value_strides=[list(stride_of(stage.blocks[0].attn.pool_k)) for stage in model.stages],
+        relative_position_embeddings=first.attn.rel_pos_type == "spatial",
+        layer_norm_eps=model.norm.eps,
+        drop_path_rate=getattr(model.stages[-1].blocks[-1].drop_path1, "drop_prob", 0.0),
+        classifier_dropout_prob=model.drop_rate,
+        classifier_pooling="mean" if model.global_pool == "avg" else "cls",
+    )
+
+
+def source_image_size(model) -> int:
+    """The resolution the source's relative position tables (else its position embeddings, else its pretrained
+    config) were made for: timm does not keep it on the model."""
+    first = model.stages[0].blocks[0].attn
+    stride = model.patch_embed.proj.stride[0]
+    if getattr(first, "rel_pos_h", None) is not None:
+        # 2·max(query side, key side) − 1 positions, the sides the first grid over each pooling stride
+        side = (first.rel_pos_h.shape[0] + 1) // 2
+        return side * min(stride_of(first.pool_q)[1], stride_of(first.pool_k)[1]) * stride
+    if model.pos_embed is not None:
+        return int(round((model.pos_embed.shape[1] - (model.cls_token is not None)) ** 0.5)) * stride
+    return model.pretrained_cfg["input_size"][-1]
+
+
+def castle_mvitv2(source, labels: dict | None = None, model_class=None, **overrides):
+    """A Castling-MViTv2 (a classifier where the source has a head, else the bare model) from a timm
+    `MultiScaleVit`, with its weights and the exact start of `conversion.EXACT_START`; `labels` names the classes (a
+    `TimmWrapperForImageClassification`'s id2label)."""
+    fields = mvitv2_config(source)
+    fixed = sorted(set(overrides) & set(fields) - {"drop_path_rate", "classifier_dropout_prob"})
+    if fixed:
+        raise ValueError(
+            f"Cannot override {fixed} when converting: the source's weights and modules fix them. Override "
+            "Castling-MViTv2's own fields instead (e.g. residual_conv)."
+        )
+    has_head = source.num_classes > 0
+    model_class = model_class or (CastlingMViTv2ForImageClassification if has_head else CastlingMViTv2Model)
+    if has_head and not labels_overridden(overrides):
+        labels = labels or {index: f"LABEL_{index}" for index in range(source.num_classes)}
+        fields.update(id2label=dict(labels), label2id={name: int(index) for index, name in labels.items()})
+    target = model_class(CastlingMViTv2Config(**{**fields, **EXACT_START, **overrides}))
+    prefix = f"{target.base_model_prefix}." if isinstance(target, CastlingMViTv2ForImageClassification) else ""
+    mapped = {}
+    for key, tensor in source.state_dict().items():
+        name, _ = castling_key(_Table, key)
+        if name is not None:
+            mapped[prefix + name] = tensor
+        elif key.startswith("head.fc.") and "classifier.weight" in target.state_dict():
+            if not labels_overridden(overrides):
+                mapped[key.replace("head.fc.", "classifier.")] = tensor
+    if isinstance(target, CastlingMViTv2Backbone):  # it keeps the stages up to its last map, no final norm
+        mapped = {key: tensor for key, tensor in mapped.items() if key in target.state_dict()}
+    check_and_load(target, mapped, type(source).__name__)
+    reference = next(source.parameters())
+    return target.to(device=reference.device, dtype=reference.dtype).eval()
+
+
+def timm_image_processor(model) -> BitImageProcessorPil:
+    """The evaluation preprocessing of a timm model's pretrained config as a `transformers` PIL processor: resize the
+    shortest edge to input_size / crop_pct (bicubic or bilinear), centre-crop input_size, normalise with its mean and
+    std (timm's `resolve_data_config` + `create_transform`)."""
+    settings = model.pretrained_cfg
+    size = settings["input_size"][-1]
+    resample = PILImageResampling.BICUBIC if settings.get("interpolation") == "bicubic" else PILImageResampling.BILINEAR
+    return BitImageProcessorPil(
+        size={"shortest_edge": math.floor(size / settings.get("crop_pct", 0.875))},
+        crop_size={"height": size, "width": size},
+        resample=resample,
+        image_mean=list(settings["mean"]),
+        image_std=list(settings["std"]),
+        do_convert_rgb=True,
+    )
+
+
+__all__ = [
+    "MVITV2_WEIGHTS",
+    "castle_mvitv2",
+    "is_timm_mvitv2",
+    "load_timm_checkpoint",
+    "mvitv2_config",
+    "timm_image_processor",
+]
