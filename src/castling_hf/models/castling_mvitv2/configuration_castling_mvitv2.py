@@ -13,10 +13,11 @@ from transformers.backbone_utils import BackboneConfigMixin
 
 from ...configuration_utils import CastlingAttentionConfig, as_pair
 
-# timm's mvitv2_tiny / small / base (their `MultiScaleVitCfg`s, 224 px), and `nano` for tests and demos on a CPU.
+# timm's mvitv2_tiny / small / base (their `MultiScaleVitCfg`s, 224 px), and `nano` (tiny's depths at a sixth of its
+# width: about the plain Castling-ViT nano's MACs on the focus task) for tests and demos on a CPU.
 STAGE_FIELDS = ("hidden_sizes", "depths", "num_attention_heads")
 CASTLING_MVITV2_SIZES: dict[str, dict] = {
-    "nano": dict(hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_attention_heads=(1, 2, 4, 8)),
+    "nano": dict(hidden_sizes=(16, 32, 64, 128), depths=(1, 2, 5, 2), num_attention_heads=(1, 2, 4, 8)),
     "tiny": dict(hidden_sizes=(96, 192, 384, 768), depths=(1, 2, 5, 2), num_attention_heads=(1, 2, 4, 8)),
     "small": dict(hidden_sizes=(96, 192, 384, 768), depths=(1, 2, 11, 2), num_attention_heads=(1, 2, 4, 8)),
     "base": dict(hidden_sizes=(96, 192, 384, 768), depths=(2, 3, 16, 3), num_attention_heads=(1, 2, 4, 8)),

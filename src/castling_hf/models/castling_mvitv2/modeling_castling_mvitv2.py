@@ -63,11 +63,11 @@ def pool_tokens(tokens: torch.Tensor, grid: Grid, prefix: int, pool: nn.Module |
     layer norm. Returns the pooled tokens and their grid."""
     if pool is not None:
         batch, heads, _, head_dim = tokens.shape
-        maps = tokens[:, :, prefix:].reshape(batch * heads, *grid, head_dim).permute(0, 3, 1, 2)
-        maps = pool(maps)
+        # Channels-last maps: the conv reads (and writes) them without a transposing copy.
+        maps = pool(tokens[:, :, prefix:].reshape(batch * heads, *grid, head_dim).permute(0, 3, 1, 2))
         grid = tuple(maps.shape[-2:])
-        pooled = maps.reshape(batch, heads, head_dim, -1).transpose(2, 3)
-        tokens = torch.cat([tokens[:, :, :prefix], pooled], dim=2)
+        pooled = maps.permute(0, 2, 3, 1).reshape(batch, heads, -1, head_dim)
+        tokens = torch.cat([tokens[:, :, :prefix], pooled], dim=2) if prefix else pooled
     return (norm(tokens) if norm is not None else tokens), grid
 
 
@@ -251,7 +251,7 @@ class CastlingMViTv2Layer(GradientCheckpointingLayer):
         prefix = self.attention.prefix
         patches = hidden_states[:, prefix:].transpose(1, 2).unflatten(2, grid)
         patches = self.shortcut_pool(patches).flatten(2).transpose(1, 2)
-        return torch.cat([hidden_states[:, :prefix], patches], dim=1)
+        return torch.cat([hidden_states[:, :prefix], patches], dim=1) if prefix else patches
 
     def forward(self, hidden_states: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         normed = self.layernorm_before(hidden_states)
