@@ -90,7 +90,7 @@ VARIANTS = {
         if name != "castling"
     },
 }
-# The multiscale family at about the nano's MACs (Castling-MViTv2 nano: 10.0 M against 9.5 M on the focus task), with
+# The multiscale family at about the nano's MACs (Castling-MViTv2 nano: 10.8 M against 11.6 M on the focus task), with
 # its own defaults: a comparison of families, run on its own (`--variants castling castling_mvitv2`), not a default
 # variant of the study.
 VARIANTS["castling_mvitv2"] = dict(model="mvitv2")

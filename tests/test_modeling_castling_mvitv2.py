@@ -52,13 +52,13 @@ def test_the_stages_halve_the_grid_and_the_backbone_gives_maps_at_strides_4_to_3
     backbone = CastlingMViTv2Backbone(nano(out_features=stages)).eval()
     maps = backbone(pixel_values=images(128)).feature_maps
     assert [tuple(feature.shape[1:]) for feature in maps] == [
-        (16, 32, 32),
-        (16, 32, 32),
-        (32, 16, 16),
-        (64, 8, 8),
-        (128, 4, 4),
+        (20, 32, 32),
+        (20, 32, 32),
+        (40, 16, 16),
+        (80, 8, 8),
+        (160, 4, 4),
     ]
-    assert backbone.channels == [16, 16, 32, 64, 128]
+    assert backbone.channels == [20, 20, 40, 80, 160]
     early = CastlingMViTv2Backbone(nano(out_features=["stage2"]))
     assert len(early.encoder.stages) == 2  # the stages after its last map are not built
 
@@ -118,7 +118,7 @@ def test_the_residual_conv_term_is_brought_to_the_query_grid():
 def test_upernet_trains_a_step_on_the_backbone_and_reloads_in_the_linear_form(tmp_path):
     backbone = nano(out_features=["stage1", "stage2", "stage3", "stage4"])
     model = UperNetForSemanticSegmentation(
-        UperNetConfig(backbone_config=backbone, hidden_size=16, num_labels=3, auxiliary_in_channels=64)
+        UperNetConfig(backbone_config=backbone, hidden_size=16, num_labels=3, auxiliary_in_channels=80)
     )
     labels = torch.randint(0, 3, (2, 64, 64))
     loss = model(pixel_values=images(), labels=labels).loss
