@@ -2,10 +2,10 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run (speed benchmark)
-TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training and distillation benchmarks take --quick too
+TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training, distillation and MViTv2 benchmarks take --quick
 
 .PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation bench-castle \
-	bench-distill
+	bench-distill bench-mvitv2
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -28,6 +28,7 @@ bench: install
 	$(PYTHON) benchmarks/speed.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
 	$(PYTHON) benchmarks/distillation.py $(TRAINING_BENCH_ARGS)
+	$(PYTHON) benchmarks/mvitv2.py $(TRAINING_BENCH_ARGS)
 
 bench-training: install
 	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
@@ -46,3 +47,6 @@ bench-castle: install
 
 bench-distill: install
 	$(PYTHON) benchmarks/distillation.py $(BENCH_ARGS)
+
+bench-mvitv2: install
+	$(PYTHON) benchmarks/mvitv2.py $(BENCH_ARGS)

@@ -46,6 +46,18 @@ def tables() -> dict[str, str]:
     for name in ("detection", "segmentation", "castle"):
         if (RESULTS / f"{name}.json").exists():
             rendered[name] = _benchmark(name).markdown_table(json.loads((RESULTS / f"{name}.json").read_text()))
+    segmentation = (
+        json.loads((RESULTS / "segmentation.json").read_text()) if (RESULTS / "segmentation.json").exists() else {}
+    )
+    if "families" in segmentation:
+        rendered["segmentation-families"] = _benchmark("segmentation").families_table(segmentation)
+    if (RESULTS / "mvitv2.json").exists():
+        mvitv2, study = _benchmark("mvitv2"), json.loads((RESULTS / "mvitv2.json").read_text())
+        rendered["mvitv2"] = mvitv2.markdown_table(study)
+        rendered["mvitv2-targets"] = mvitv2.targets_table(study)
+    if (RESULTS / "mvitv2" / "accuracy.json").exists():
+        study = json.loads((RESULTS / "mvitv2" / "accuracy.json").read_text())
+        rendered["accuracy-mvitv2"] = _benchmark("accuracy").markdown_table(study["summary"])
     if (RESULTS / "distillation.json").exists():
         distillation, study = _benchmark("distillation"), json.loads((RESULTS / "distillation.json").read_text())
         rendered["distillation"] = distillation.markdown_table(study)

@@ -4,7 +4,8 @@ backbone saves at high resolution.
 
 1. Accuracy: `examples/semantic-segmentation/run_semantic_segmentation.py` with the recipe below on generated shape
    masks (`--num_generated_images` images, a fifth held out), mean IoU before and after the switch, the wall time of
-   the run, and the loss and mean IoU during it.
+   the run, and the loss and mean IoU during it; and the same run on the multiscale Castling-MViTv2 `nano` backbone
+   (`--backbone_family castling_mvitv2`), same recipe and budget, for the families' comparison.
 2. Latency and peak memory: `UperNetForSemanticSegmentation` on `CastlingViTBackbone` in the inference form against
    the same UperNet on `Dinov2Backbone` of the same dimensions with SDPA attention (transformers' plain ViT backbone),
    the same head configuration on both (UperNet's defaults, four maps on the patch grid), batch 1: the backbone alone
@@ -72,17 +73,20 @@ def example_module():
     return example
 
 
-def train(args) -> dict:
+def train(args, family: str = "castling_vit") -> dict:
+    """The example's run with the recipe, on a new `nano` backbone of `family`: the plain Castling-ViT (its maps
+    through the simple pyramid) or Castling-MViTv2 (its four stages)."""
     example = example_module()
+    run_dir = Path(args.run_dir) / family
     command = (
-        f"--output_dir {args.run_dir} --num_generated_images {args.num_generated_images} --image_size "
+        f"--output_dir {run_dir} --num_generated_images {args.num_generated_images} --image_size "
         f"{args.image_size} --max_steps {args.max_steps} --eval_strategy steps --eval_steps {args.eval_steps} "
-        f"{RECIPE}"
+        f"{RECIPE} --backbone_family {family}"
     ).split()
     started = time.perf_counter()
     results = example.main(command)
     seconds = time.perf_counter() - started
-    history = json.loads((Path(args.run_dir) / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     shown = " ".join(command)
     return {
         "command": f"python {EXAMPLE.relative_to(EXAMPLE.parents[2])} {shown}",
@@ -91,6 +95,7 @@ def train(args) -> dict:
         "linear": results["linear"],
         "labels": results["labels"],
         "held_out_images": results["eval_samples"],
+        "steps": args.max_steps,
         "history": history,
     }
 
@@ -115,6 +120,23 @@ def latency_and_memory(args) -> list[dict]:
         )
     progress.close()
     return entries
+
+
+def families_table(results: dict) -> str:
+    """UperNet on each family's `nano` backbone, trained with the same recipe and budget."""
+    lines = [
+        "| backbone (nano) | maps for UperNet | mean IoU, castling form | mean IoU after the switch | steps "
+        "| training run (wall) |",
+        "|---|---|---|---|---|---|",
+    ]
+    maps = {"castling_vit": "simple pyramid, strides 4-32 px", "castling_mvitv2": "its four stages, strides 4-32 px"}
+    for family, training in results["families"].items():
+        lines.append(
+            f"| {family} | {maps[family]} | {training['castling']['eval_castling_mean_iou']:.3f} "
+            f"| {training['linear']['eval_linear_mean_iou']:.3f} | {training['steps']} "
+            f"| {training['wall_seconds']:.0f} s |"
+        )
+    return "\n".join(lines)
 
 
 def ratio(values: dict) -> float:
@@ -194,6 +216,13 @@ def main(argv=None):
     parser.add_argument("--max_steps", type=int, default=700)
     parser.add_argument("--eval_steps", type=int, default=175)
     parser.add_argument("--size", default="small", help="the backbone size timed for latency and memory")
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=["castling_vit", "castling_mvitv2"],
+        choices=["castling_vit", "castling_mvitv2"],
+        help="the backbones UperNet is trained on, same recipe and budget (castling_vit's run is the main table's)",
+    )
     parser.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--run_dir", default="outputs/segmentation_benchmark")
@@ -204,13 +233,15 @@ def main(argv=None):
         args.num_generated_images, args.max_steps, args.eval_steps = 40, 4, 2
         args.size, args.resolutions, args.repeats = "nano", [64, 128], 2
 
-    results = {"training": train(args), "latency": latency_and_memory(args)}
+    families = {family: train(args, family) for family in args.families}
+    results = {"training": families["castling_vit"], "families": families, "latency": latency_and_memory(args)}
     directory = Path(args.output_dir)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "segmentation.json").write_text(json.dumps(results, indent=2))
-    (directory / "segmentation.md").write_text(markdown_table(results) + "\n")
+    (directory / "segmentation.md").write_text(markdown_table(results) + "\n\n" + families_table(results) + "\n")
     plot(results, directory / "segmentation.png")
     print(markdown_table(results))
+    print(families_table(results))
     print(f"wrote {directory / 'segmentation.json'}, {directory / 'segmentation.md'}, {directory / 'segmentation.png'}")
     return results
 

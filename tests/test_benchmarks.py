@@ -34,6 +34,10 @@ def test_readme_tables_are_rendered_from_the_benchmark_json():
         "castle",
         "distillation",
         "distillation-targets",
+        "segmentation-families",
+        "mvitv2",
+        "mvitv2-targets",
+        "accuracy-mvitv2",
     }
     readme = (ROOT / "README.md").read_text()
     for name, table in tables.items():
@@ -143,3 +147,16 @@ def test_distillation_benchmark_smoke_run_scores_every_route(tmp_path):
     assert set(results["sources"]) == {"focus", "segmentation"}
     assert "| focus | no_labels | no | no |" in distillation.markdown_table(results)
     assert (tmp_path / "distillation.png").stat().st_size > 0
+
+
+def test_mvitv2_benchmark_smoke_run_measures_every_model(tmp_path):
+    mvitv2 = load_benchmark("mvitv2")
+    results = mvitv2.main(["--quick", "--output_dir", str(tmp_path)])
+    assert [entry["resolution"] for entry in results["inference"]] == [64, 128]
+    for entry in results["inference"]:
+        assert set(entry["latency_s"]) == set(entry["macs"]) == set(mvitv2.INFERENCE)
+    (training,) = results["training"]
+    assert set(training["step_s"]) == set(training["peak_activation_bytes"]) == set(mvitv2.TRAINING)
+    assert all(value > 0 for value in training["peak_activation_bytes"].values())
+    assert "| 128 |" in mvitv2.markdown_table(results)
+    assert (tmp_path / "mvitv2.png").stat().st_size > 0

@@ -342,6 +342,22 @@ def scene_parse_folder(folder: Path, id2label: dict | None, palette: bool = Fals
     return folder
 
 
+def test_segmentation_example_trains_upernet_on_a_multiscale_backbone(tmp_path):
+    from transformers import AutoModelForSemanticSegmentation
+
+    example = load_module(SEGMENTATION)
+    results = example.main(
+        f"--output_dir {tmp_path} --do_train --max_steps 2 --num_generated_images 12 {SEGMENTATION_ARGS} "
+        "--backbone_family castling_mvitv2 --image_size 64".split()
+    )
+    assert results["castling"]["eval_castling_mean_iou"] == results["linear"]["eval_linear_mean_iou"]
+    model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "inference")
+    assert type(model.backbone).__name__ == "CastlingMViTv2Backbone"
+    assert model.backbone.config.attention_mode == "linear"
+    card = ModelCard.load(tmp_path / "inference" / "README.md")
+    assert "stage widths / depths / heads" in card.text
+
+
 @pytest.mark.parametrize(
     "id2label, palette, expected",
     [

@@ -48,7 +48,14 @@ from transformers import (
     set_seed,
 )
 
-from castling_hf import CASTLING_VIT_SIZES, CastlingViTBackbone, CastlingViTConfig
+from castling_hf import (
+    CASTLING_MVITV2_SIZES,
+    CASTLING_VIT_SIZES,
+    CastlingMViTv2Config,
+    CastlingViTBackbone,
+    CastlingViTConfig,
+)
+from castling_hf.configuration_utils import CastlingAttentionConfig
 from castling_hf.data import SEGMENTATION_CLASSES, shape_masks
 from castling_hf.metrics import MeanIoU
 
@@ -79,6 +86,13 @@ class ModelArguments(CastlingModelArguments):
         metadata={"help": "UperNet's channel width (a new model); default: twice the backbone's width, at most 512."},
     )
     use_auxiliary_head: bool = field(default=True, metadata={"help": "UperNet's FCN auxiliary head (a new model)."})
+    backbone_family: str = field(
+        default="castling_vit",
+        metadata={
+            "help": "The family of a new backbone: 'castling_vit' (plain, its maps through the simple pyramid) or "
+            "'castling_mvitv2' (multiscale: its four stages are the maps at strides 4-32 px)."
+        },
+    )
 
 
 @dataclass
@@ -189,8 +203,9 @@ def stage_indices(depth: int) -> list[int]:
 
 def decode_width(backbone_config, decode_hidden_size: int | None) -> int:
     """UperNet's width: as asked, else sized to the backbone (UperNet's 512 is for ViT-B's 768 channels; a narrow
-    backbone's maps do not need 512-channel convs)."""
-    return decode_hidden_size or min(512, 2 * backbone_config.hidden_size)
+    backbone's maps do not need 512-channel convs): twice its width, a multiscale backbone's widest stage."""
+    width = getattr(backbone_config, "hidden_size", None) or max(backbone_config.hidden_sizes)
+    return decode_hidden_size or min(512, 2 * width)
 
 
 def upernet_on(backbone_config, model_args: ModelArguments, labels: list[str]) -> UperNetForSemanticSegmentation:
@@ -225,6 +240,22 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataTraining
     """A new UperNet on a new Castling-ViT of a named size; a new UperNet on the encoder of a Castling-ViT checkpoint
     (e.g. a classifier); or a segmentation checkpoint whose backbone is Castling-ViT (e.g. this example's)."""
     name_or_path = model_args.model_name_or_path
+    if model_args.backbone_family == "castling_mvitv2":
+        if name_or_path not in CASTLING_MVITV2_SIZES:
+            raise ValueError(
+                f"--backbone_family castling_mvitv2 builds a new backbone of a named size, one of "
+                f"{sorted(CASTLING_MVITV2_SIZES)}; got {name_or_path!r}. A checkpoint brings its own family."
+            )
+        overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+        stages = [f"stage{index}" for index in range(1, 5)]
+        backbone_config = CastlingMViTv2Config.from_size(
+            name_or_path, image_size=model_args.image_size, out_features=stages, **overrides
+        )
+        return upernet_on(backbone_config, model_args, labels), new_processor(model_args, data_args)
+    if model_args.backbone_family != "castling_vit":
+        raise ValueError(
+            f"--backbone_family is 'castling_vit' or 'castling_mvitv2', got {model_args.backbone_family!r}."
+        )
     if name_or_path in CASTLING_VIT_SIZES:
         depth = new_castling_config(model_args).num_hidden_layers
         backbone_config = new_castling_config(
@@ -245,7 +276,7 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataTraining
         model = upernet_on(backbone.config, model_args, labels)
         model.backbone = backbone
         return model, new_processor(model_args, data_args, saved_image_processor(name_or_path))
-    if not isinstance(getattr(config, "backbone_config", None), CastlingViTConfig):
+    if not isinstance(getattr(config, "backbone_config", None), CastlingAttentionConfig):
         raise ValueError(
             f"{name_or_path!r} is a {config.model_type!r} checkpoint without a Castling-ViT backbone. This example "
             "trains semantic segmentation on Castling-ViT: give a size name, a Castling-ViT checkpoint (its encoder "

@@ -11,6 +11,7 @@ import os
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_utils import CastlingAttentionConfig
+from .models.castling_mvitv2 import CastlingMViTv2PreTrainedModel
 from .models.castling_vit import CastlingViTPreTrainedModel
 
 PAPER = "https://arxiv.org/abs/2211.10526"
@@ -26,6 +27,9 @@ TAGS = ["castling-vit", "vision", "linear-attention", "efficient-attention"]
 
 
 PIPELINE_TAGS = {
+    "CastlingMViTv2Model": "image-feature-extraction",
+    "CastlingMViTv2Backbone": "image-feature-extraction",
+    "CastlingMViTv2ForImageClassification": "image-classification",
     "CastlingViTModel": "image-feature-extraction",
     "CastlingViTBackbone": "image-feature-extraction",
     "CastlingViTForImageClassification": "image-classification",
@@ -39,7 +43,8 @@ PIPELINE_TAGS = {
 # that take Castling-ViT as their backbone (these load through the package only: their code is transformers').
 AUTO_CLASSES = {
     model_class.__name__: auto_class
-    for auto_class, model_class in CastlingViTPreTrainedModel.remote_auto_classes.items()
+    for family in (CastlingViTPreTrainedModel, CastlingMViTv2PreTrainedModel)
+    for auto_class, model_class in family.remote_auto_classes.items()
 }
 BACKBONE_TASK_AUTO_CLASSES = {
     "UperNetForSemanticSegmentation": "AutoModelForSemanticSegmentation",
@@ -218,6 +223,28 @@ def mask_threshold_text(config: CastlingAttentionConfig) -> str:
     return f"{config.softmax_mask_threshold:g} (absolute)"
 
 
+def architecture_rows(config: CastlingAttentionConfig) -> list[tuple[str, object]]:
+    """The card's rows on a family's architecture: the plain family's width, depth and patches, or the multiscale
+    family's stages."""
+    if hasattr(config, "hidden_sizes"):  # Castling-MViTv2
+        return [
+            (
+                "stage widths / depths / heads",
+                f"{list(config.hidden_sizes)} / {list(config.depths)} / {list(config.num_attention_heads)}",
+            ),
+            ("MLP ratio", config.mlp_ratio),
+            ("image size / patch stride", f"{config.image_size} / {config.patch_stride}"),
+        ]
+    return [
+        (
+            "hidden size / layers / heads",
+            f"{config.hidden_size} / {config.num_hidden_layers} / {config.num_attention_heads}",
+        ),
+        ("MLP size", config.intermediate_size),
+        ("image size / patch size", f"{config.image_size} / {config.patch_size}"),
+    ]
+
+
 def _description(config: CastlingAttentionConfig) -> str:
     mode = (
         '**inference form** (`attention_mode="linear"`): linear-angular attention and the residual conv only, '
@@ -227,12 +254,7 @@ def _description(config: CastlingAttentionConfig) -> str:
         "auxiliary masked softmax attention weighted by each layer's softmax mask scale α"
     )
     rows = [
-        (
-            "hidden size / layers / heads",
-            f"{config.hidden_size} / {config.num_hidden_layers} / {config.num_attention_heads}",
-        ),
-        ("MLP size", config.intermediate_size),
-        ("image size / patch size", f"{config.image_size} / {config.patch_size}"),
+        *architecture_rows(config),
         ("angular normalisation", config.angular_normalization),
         ("residual conv", f"{config.residual_conv} (kernel {config.residual_kernel_size})"),
         ("softmax mask threshold τ (training form)", mask_threshold_text(config)),
