@@ -14,9 +14,9 @@ from transformers.backbone_utils import BackboneConfigMixin
 from ...configuration_utils import CastlingAttentionConfig, as_pair
 
 # timm's mvitv2_tiny / small / base (their `MultiScaleVitCfg`s, 224 px), and `nano` for tests and demos on a CPU, at
-# about the plain Castling-ViT nano's MACs on the focus task (10.8 M against 11.6 M). Tiny's depths at a sixth of its
-# width stayed at chance on that task in two seeds of three, softmax MViTv2 as well; one block fewer per stage, three
-# in the third, and heads of 10 channels learn it in every seed measured (docs/design.md §10).
+# about the plain Castling-ViT nano's inference MACs on the focus task (9.9 M against 9.5 M). Tiny's depths at a sixth
+# of its width stayed at chance on that task in two seeds of three, softmax MViTv2 as well; one block fewer per stage,
+# three in the third, and heads of 10 channels learn it in every seed measured (docs/design.md §10).
 STAGE_FIELDS = ("hidden_sizes", "depths", "num_attention_heads")
 CASTLING_MVITV2_SIZES: dict[str, dict] = {
     "nano": dict(hidden_sizes=(20, 40, 80, 160), depths=(1, 1, 3, 1), num_attention_heads=(2, 4, 8, 16)),
