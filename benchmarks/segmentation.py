@@ -186,13 +186,14 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = results["training"]["history"]
     figure, (loss_axis, iou_axis, latency_axis, memory_axis) = plt.subplots(1, 4, figsize=(20, 4.5))
-    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-    loss_axis.plot(*zip(*losses, strict=True))
+    for family, training in results["families"].items():
+        history = training["history"]
+        losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+        loss_axis.plot(*zip(*losses, strict=True), label=f"{family} nano")
+        ious = [(entry["step"], entry["eval_mean_iou"]) for entry in history if "eval_mean_iou" in entry]
+        iou_axis.plot(*zip(*ious, strict=True), marker="o", label=f"{family} nano")
     loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title="cross-entropy (+ auxiliary head)")
-    ious = [(entry["step"], entry["eval_mean_iou"]) for entry in history if "eval_mean_iou" in entry]
-    iou_axis.plot(*zip(*ious, strict=True), marker="o")
     iou_axis.set(xlabel="step", ylabel="held-out mean IoU", ylim=(0, 1), title="mean IoU during training (castling)")
     entries = results["latency"]
     resolutions = [entry["resolution"] for entry in entries]
@@ -209,6 +210,8 @@ def plot(results: dict, path: Path) -> None:
     memory_axis.set_title("peak activation memory, batch 1")
     for axis in (loss_axis, iou_axis, latency_axis, memory_axis):
         axis.grid(True, alpha=0.3)
+    for axis in (loss_axis, iou_axis):
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
