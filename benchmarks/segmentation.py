@@ -237,6 +237,8 @@ def main(argv=None):
     parser.add_argument("--output_dir", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="40 images, 4 steps, 64/128 pixels: a smoke run")
     args = parser.parse_args(argv)
+    if "castling_vit" not in args.families:
+        parser.error("--families needs castling_vit: its run is the benchmark's main table, the others compare to it")
     if args.quick:
         args.num_generated_images, args.max_steps, args.eval_steps = 40, 4, 2
         args.size, args.resolutions, args.repeats = "nano", [64, 128], 2

@@ -358,6 +358,24 @@ def test_segmentation_example_trains_upernet_on_a_multiscale_backbone(tmp_path):
     assert "stage widths / depths / heads" in card.text
 
 
+def test_segmentation_example_puts_upernet_on_a_castled_timm_mvitv2(tmp_path):
+    from transformers import AutoModelForSemanticSegmentation
+
+    from castling_hf import castle
+
+    timm = load_module(Path(__file__).parents[1] / "benchmarks" / "timm_without_torchvision.py").import_timm()
+    source = timm.models.mvitv2.MultiScaleVit(timm.models.mvitv2.MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=16))
+    castle(source.eval()).save_pretrained(tmp_path / "castled")
+    example = load_module(SEGMENTATION)
+    example.main(
+        f"--output_dir {tmp_path / 'out'} --do_train --max_steps 1 --num_generated_images 12 {SEGMENTATION_ARGS} "
+        f"--image_size 64 --model_name_or_path {tmp_path / 'castled'}".split()
+    )
+    model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "out" / "inference")
+    assert type(model.backbone).__name__ == "CastlingMViTv2Backbone"
+    assert model.backbone.config.hidden_sizes == [16, 32, 64, 128]
+
+
 @pytest.mark.parametrize(
     "id2label, palette, expected",
     [
@@ -462,7 +480,7 @@ def test_segmentation_example_puts_a_new_upernet_on_a_castling_encoder_checkpoin
         tmp_path / "vit"
     )
     arguments.model_name_or_path = str(tmp_path / "vit")
-    with pytest.raises(ValueError, match="'vit' checkpoint without a Castling-ViT backbone"):
+    with pytest.raises(ValueError, match="'vit' checkpoint without a Castling backbone"):
         example.load_model_and_processor(arguments, example.DataTrainingArguments(), ["a", "b"])
 
 

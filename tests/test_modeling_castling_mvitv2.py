@@ -40,6 +40,7 @@ def images(size: int = 64, batch: int = 2) -> torch.Tensor:
         (dict(residual_conv="sequence"), "spatial"),
         (dict(depths=(1, 1, 1)), "one entry per stage"),
         (dict(hidden_sizes=(16, 31, 64, 128)), "Stage 2: `hidden_sizes` 31 must be a positive multiple"),
+        (dict(classifier_pooling="cls"), "needs `use_cls_token=True`"),
     ],
 )
 def test_invalid_configs_say_what_was_expected(fields, message):
@@ -61,6 +62,14 @@ def test_the_stages_halve_the_grid_and_the_backbone_gives_maps_at_strides_4_to_3
     assert backbone.channels == [20, 20, 40, 80, 160]
     early = CastlingMViTv2Backbone(nano(out_features=["stage2"]))
     assert len(early.encoder.stages) == 2  # the stages after its last map are not built
+
+
+def test_non_square_images_give_each_axis_of_the_relative_bias_its_own_table_length():
+    model = CastlingMViTv2ForImageClassification(nano(softmax_mask_threshold=None)).eval()
+    for height, width in ((64, 128), (128, 64)):
+        with torch.no_grad():
+            logits = model(pixel_values=torch.randn(1, 3, height, width)).logits
+        assert logits.shape == (1, 3) and torch.isfinite(logits).all()
 
 
 def test_a_spent_branch_computes_what_the_linear_form_computes_and_does_no_more_work():

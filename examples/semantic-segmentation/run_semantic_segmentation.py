@@ -51,6 +51,7 @@ from transformers import (
 from castling_hf import (
     CASTLING_MVITV2_SIZES,
     CASTLING_VIT_SIZES,
+    CastlingMViTv2Backbone,
     CastlingMViTv2Config,
     CastlingViTBackbone,
     CastlingViTConfig,
@@ -72,6 +73,7 @@ from castling_examples import (  # noqa: E402
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255  # UperNetConfig.loss_ignore_index, and what do_reduce_labels turns class 0 into
+MVITV2_STAGES = [f"stage{index}" for index in range(1, 5)]  # Castling-MViTv2's maps at strides 4-32 px
 
 
 @dataclass
@@ -237,26 +239,21 @@ def saved_image_processor(name_or_path: str):
 
 
 def load_model_and_processor(model_args: ModelArguments, data_args: DataTrainingArguments, labels: list[str]):
-    """A new UperNet on a new Castling-ViT of a named size; a new UperNet on the encoder of a Castling-ViT checkpoint
-    (e.g. a classifier); or a segmentation checkpoint whose backbone is Castling-ViT (e.g. this example's)."""
+    """A new UperNet on a new backbone of a named size (Castling-ViT, or Castling-MViTv2 with `--backbone_family
+    castling_mvitv2`); a new UperNet on the encoder of a Castling-ViT or Castling-MViTv2 checkpoint (e.g. a classifier,
+    or a castled timm MViTv2); or a segmentation checkpoint with a Castling backbone (e.g. this example's)."""
     name_or_path = model_args.model_name_or_path
-    if model_args.backbone_family == "castling_mvitv2":
-        if name_or_path not in CASTLING_MVITV2_SIZES:
-            raise ValueError(
-                f"--backbone_family castling_mvitv2 builds a new backbone of a named size, one of "
-                f"{sorted(CASTLING_MVITV2_SIZES)}; got {name_or_path!r}. A checkpoint brings its own family."
-            )
+    if model_args.backbone_family == "castling_mvitv2" and name_or_path in CASTLING_MVITV2_SIZES:
         overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
-        stages = [f"stage{index}" for index in range(1, 5)]
         backbone_config = CastlingMViTv2Config.from_size(
-            name_or_path, image_size=model_args.image_size, out_features=stages, **overrides
+            name_or_path, image_size=model_args.image_size, out_features=MVITV2_STAGES, **overrides
         )
         return upernet_on(backbone_config, model_args, labels), new_processor(model_args, data_args)
     if model_args.backbone_family != "castling_vit":
         raise ValueError(
             f"--backbone_family is 'castling_vit' or 'castling_mvitv2', got {model_args.backbone_family!r}."
         )
-    if name_or_path in CASTLING_VIT_SIZES:
+    if name_or_path in CASTLING_VIT_SIZES and model_args.backbone_family == "castling_vit":
         depth = new_castling_config(model_args).num_hidden_layers
         backbone_config = new_castling_config(
             model_args,
@@ -276,11 +273,17 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataTraining
         model = upernet_on(backbone.config, model_args, labels)
         model.backbone = backbone
         return model, new_processor(model_args, data_args, saved_image_processor(name_or_path))
+    if isinstance(config, CastlingMViTv2Config):  # its four stages under a new UperNet
+        backbone = CastlingMViTv2Backbone.from_pretrained(name_or_path, out_features=MVITV2_STAGES)
+        model = upernet_on(backbone.config, model_args, labels)
+        model.backbone = backbone
+        return model, new_processor(model_args, data_args, saved_image_processor(name_or_path))
     if not isinstance(getattr(config, "backbone_config", None), CastlingAttentionConfig):
         raise ValueError(
-            f"{name_or_path!r} is a {config.model_type!r} checkpoint without a Castling-ViT backbone. This example "
-            "trains semantic segmentation on Castling-ViT: give a size name, a Castling-ViT checkpoint (its encoder "
-            "gets a new UperNet), or a segmentation checkpoint whose backbone_config is Castling-ViT."
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint without a Castling backbone. This example "
+            "trains semantic segmentation on Castling-ViT or Castling-MViTv2: give a size name, a Castling-ViT or "
+            "Castling-MViTv2 checkpoint (its encoder gets a new UperNet), or a segmentation checkpoint whose "
+            "backbone_config is one of them."
         )
     model = model_from_checkpoint(model_args, labels, AutoModelForSemanticSegmentation)
     processor = AutoImageProcessor.from_pretrained(name_or_path, do_reduce_labels=data_args.do_reduce_labels)

@@ -4,12 +4,12 @@ pass is the source's (docs/design.md §10).
 timm keeps no config object on the model, so the architecture is read from the modules themselves (`mvitv2_config`),
 every field converted or refused by name; the weights follow one mapping table (`MVITV2_WEIGHTS`), as the
 `transformers` families' do in `conversion.FAMILIES`. A source is a `MultiScaleVit` (from `timm.create_model`), a
-folder or Hub name holding a timm checkpoint (`config.json` naming its `architecture`, loaded by timm), or
-`transformers`' `TimmWrapperForImageClassification` around one. timm is the optional extra `castling-hf[timm]`.
+local folder holding a timm checkpoint (`config.json` naming its `architecture`, loaded by timm), or `transformers`'
+`TimmWrapperForImageClassification` around one (what `castle` makes of a timm checkpoint's Hub name). timm is the
+optional extra `castling-hf[timm]`.
 """
 
 import math
-import os
 
 from torch import nn
 from transformers import BitImageProcessorPil
@@ -40,8 +40,8 @@ MVITV2_WEIGHTS = (
     (rf"{_BLOCK}\.attn\.norm_q\.{_WB}", rf"{_LAYER}.attention.norm_query.\3"),
     (rf"{_BLOCK}\.attn\.norm_k\.{_WB}", rf"{_LAYER}.attention.norm_key.\3"),
     (rf"{_BLOCK}\.attn\.norm_v\.{_WB}", rf"{_LAYER}.attention.norm_value.\3"),
-    (rf"{_BLOCK}\.attn\.rel_pos_h", rf"{_LAYER}.attention.relative_position_rows"),
-    (rf"{_BLOCK}\.attn\.rel_pos_w", rf"{_LAYER}.attention.relative_position_columns"),
+    (rf"{_BLOCK}\.attn\.rel_pos_h", rf"{_LAYER}.attention.softmax_branch.relative_position_rows"),
+    (rf"{_BLOCK}\.attn\.rel_pos_w", rf"{_LAYER}.attention.softmax_branch.relative_position_columns"),
     (rf"{_BLOCK}\.shortcut_proj_attn\.{_WB}", rf"{_LAYER}.shortcut_proj_attention.\3"),
     (rf"{_BLOCK}\.shortcut_proj_mlp\.{_WB}", rf"{_LAYER}.shortcut_proj_mlp.\3"),
     (rf"{_BLOCK}\.mlp\.fc1\.{_WB}", rf"{_LAYER}.mlp.fc1.\3"),
@@ -64,7 +64,9 @@ def is_timm_mvitv2(model) -> bool:
 def import_timm():
     try:
         import timm
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name != "timm":
+            raise ImportError(f"timm is installed but does not import: {error}. timm needs torchvision.") from error
         raise ImportError(
             "Castling a timm MViTv2 from a checkpoint needs timm: pip install 'castling-hf[timm]' (timm and its "
             "torchvision)."
@@ -72,12 +74,10 @@ def import_timm():
     return timm
 
 
-def load_timm_checkpoint(folder_or_name: str) -> nn.Module:
-    """The timm model a folder or Hub name holds (`config.json` with its `architecture` and `model_args`,
-    `model.safetensors`), built and loaded by timm itself (`local-dir:` / `hf-hub:`)."""
-    timm = import_timm()
-    source = "local-dir" if os.path.isdir(folder_or_name) else "hf-hub"
-    return timm.create_model(f"{source}:{folder_or_name}", pretrained=True).eval()
+def load_timm_checkpoint(folder: str) -> nn.Module:
+    """The timm model a local folder holds (`config.json` with its `architecture` and `model_args`,
+    `model.safetensors`), built and loaded by timm itself (`local-dir:`)."""
+    return import_timm().create_model(f"local-dir:{folder}", pretrained=True).eval()
 
 
 def first_pooling(model, name: str) -> nn.Conv2d | None:

@@ -15,8 +15,8 @@ from ...configuration_utils import CastlingAttentionConfig, as_pair
 
 # timm's mvitv2_tiny / small / base (their `MultiScaleVitCfg`s, 224 px), and `nano` for tests and demos on a CPU, at
 # about the plain Castling-ViT nano's inference MACs on the focus task (9.9 M against 9.5 M). Tiny's depths at a sixth
-# of its width stayed at chance on that task in two seeds of three, softmax MViTv2 as well; one block fewer per stage,
-# three in the third, and heads of 10 channels learn it in every seed measured (docs/design.md §10).
+# of its width stayed at chance on that task in two seeds of three, softmax MViTv2 as well; depths (1, 1, 3, 1) at a
+# fifth of tiny's width with heads of 10 channels learn it in every seed measured (docs/design.md §10).
 STAGE_FIELDS = ("hidden_sizes", "depths", "num_attention_heads")
 CASTLING_MVITV2_SIZES: dict[str, dict] = {
     "nano": dict(hidden_sizes=(20, 40, 80, 160), depths=(1, 1, 3, 1), num_attention_heads=(2, 4, 8, 16)),
@@ -175,6 +175,11 @@ class CastlingMViTv2Config(BackboneConfigMixin, CastlingAttentionConfig):
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"`drop_path_rate` is a probability in [0, 1), got {self.drop_path_rate}.")
+        if self.classifier_pooling == "cls" and not self.use_cls_token:
+            raise ValueError(
+                "`classifier_pooling='cls'` pools the [CLS] token, which needs `use_cls_token=True`; without one, "
+                "use `classifier_pooling='mean'`."
+            )
 
 
 __all__ = ["CASTLING_MVITV2_SIZES", "CastlingMViTv2Config"]

@@ -118,6 +118,27 @@ def resampled_to_grid(tokens: torch.Tensor, grid: Grid, target: Grid) -> torch.T
     return maps.permute(0, 2, 3, 1).reshape(batch, -1, heads, head_dim)
 
 
+class CastlingMViTv2SoftmaxBranch(CastlingSoftmaxBranch):
+    """The softmax branch with MViTv2's relative position tables (rows and columns of the key grid, `length`
+    positions each at the config's image size): only the branch uses them, so they go with it at the switch."""
+
+    def __init__(self, config, length: int, head_dim: int):
+        super().__init__(config, config.attention_probs_dropout_prob)
+        self.relative_position_rows = self.relative_position_columns = None
+        if config.relative_position_embeddings:
+            self.relative_position_rows = nn.Parameter(torch.zeros(length, head_dim))
+            self.relative_position_columns = nn.Parameter(torch.zeros(length, head_dim))
+
+    def relative_position_bias(self, query, query_grid: Grid, key_grid: Grid, prefix: int):
+        """B for this input (None without tables): each table resized to 2·max(query side, key side) − 1 positions
+        along its own axis, which is its length at the config's image size."""
+        if self.relative_position_rows is None:
+            return None
+        rows = resized_table(self.relative_position_rows, 2 * max(query_grid[0], key_grid[0]) - 1)
+        columns = resized_table(self.relative_position_columns, 2 * max(query_grid[1], key_grid[1]) - 1)
+        return relative_position_bias(query, query_grid, key_grid, rows, columns, prefix)
+
+
 class CastlingMViTv2Attention(nn.Module):
     """MViTv2's pooling attention, castled (see the module's docstring). `grid` is the block's input grid at
     `config.image_size`, which sizes the relative position tables (other inputs resize them)."""
@@ -143,22 +164,17 @@ class CastlingMViTv2Attention(nn.Module):
         self.pool_query, self.norm_query = pooling(self.query_stride)
         self.pool_key, self.norm_key = pooling(self.key_value_stride)
         self.pool_value, self.norm_value = pooling(self.key_value_stride)
-        self.relative_position_rows = self.relative_position_columns = None
-        if config.relative_position_embeddings:
-            length = self.table_length(grid)
-            self.relative_position_rows = nn.Parameter(torch.zeros(length, self.head_dim))
-            self.relative_position_columns = nn.Parameter(torch.zeros(length, self.head_dim))
         self.residual_conv = None
         if config.residual_conv is not None:
             self.residual_conv = CastlingResidualConv("spatial", width_out, heads, config.residual_kernel_size)
         self.linear_branch_scale = nn.Parameter(torch.full((heads,), float(config.linear_branch_scale_init)))
         self.softmax_branch = None
         if config.attention_mode == "castling":
-            self.softmax_branch = CastlingSoftmaxBranch(config, config.attention_probs_dropout_prob)
+            self.softmax_branch = CastlingMViTv2SoftmaxBranch(config, self.table_length(grid), self.head_dim)
 
     def table_length(self, grid: Grid) -> int:
-        """Positions a relative position table needs for an input grid: 2·max(query side, key side) − 1, the sides
-        as timm counts them (the grid's rows over the column strides)."""
+        """Positions of a relative position table at the config's image size, as timm sizes both of its tables:
+        2·max(query side, key side) − 1, the sides counted as the grid's rows over the column strides."""
         query_side, key_side = grid[0] // self.query_stride[1], grid[0] // self.key_value_stride[1]
         return 2 * max(query_side, key_side) - 1
 
@@ -179,14 +195,7 @@ class CastlingMViTv2Attention(nn.Module):
             conv = self.residual_conv(value_t, self.prefix, key_grid, scale)
             attended[:, self.prefix :] += resampled_to_grid(conv, key_grid, query_grid)
         if branch is not None and branch.active:
-            bias = None
-            if self.relative_position_rows is not None:
-                length = self.table_length(grid)
-                rows, columns = (
-                    resized_table(table, length)
-                    for table in (self.relative_position_rows, self.relative_position_columns)
-                )
-                bias = relative_position_bias(query, query_grid, key_grid, rows, columns, self.prefix)
+            bias = branch.relative_position_bias(query, query_grid, key_grid, self.prefix)
             attended += branch(query_t, key_t, value_t, bias)
         elif branch is not None:
             branch(query_t, key_t, value_t)  # spent: it does no work, and forgets its kept share
@@ -373,7 +382,7 @@ class CastlingMViTv2PreTrainedModel(CastlingModelMixin, PreTrainedModel):
         super()._init_weights(module)  # normal(initializer_range) weights and zero biases; LayerNorm at 1 and 0
         init_castling_tensors(module, self.config)
         std = self.config.initializer_range
-        if isinstance(module, CastlingMViTv2Attention) and module.relative_position_rows is not None:
+        if isinstance(module, CastlingMViTv2SoftmaxBranch) and module.relative_position_rows is not None:
             init.trunc_normal_(module.relative_position_rows, std=std)
             init.trunc_normal_(module.relative_position_columns, std=std)
         elif isinstance(module, CastlingMViTv2Embeddings):
@@ -461,7 +470,7 @@ class CastlingMViTv2Backbone(BackboneMixin, CastlingMViTv2PreTrainedModel):
     """Castling-MViTv2 as a backbone for `transformers`' task models (`AutoBackbone`, `backbone_config=` in UperNet,
     Mask2Former, DETR-family configs): the outputs of the stages in `config.out_features` as `(batch, channels, rows,
     columns)` maps, "stem" at the patch stride (4 px) and "stage1" … "stage4" at 4, 8, 16 and 32 px with the
-    defaults, unnormalised as timm's feature maps; [CLS] dropped. It computes only the stages it returns."""
+    defaults, unnormalised as timm's feature maps; [CLS] dropped. It stops after the last stage it returns."""
 
     def __init__(self, config: CastlingMViTv2Config):
         super().__init__(config)
