@@ -72,6 +72,20 @@ def test_non_square_images_give_each_axis_of_the_relative_bias_its_own_table_len
         assert logits.shape == (1, 3) and torch.isfinite(logits).all()
 
 
+def test_output_hidden_states_selects_stages_by_index_on_the_model_and_the_backbone():
+    model = CastlingMViTv2Model(nano()).eval()
+    backbone = CastlingMViTv2Backbone(nano(out_features=["stage2"])).eval()
+    with torch.no_grad():
+        every = model(pixel_values=images(), output_hidden_states=True).hidden_states
+        chosen = model(pixel_values=images(), output_hidden_states=[1, -1]).hidden_states
+        in_backbone = backbone(pixel_values=images(), output_hidden_states=[0]).hidden_states
+    assert len(every) == len(chosen) == 5 and [state is None for state in chosen] == [True, False, True, True, False]
+    torch.testing.assert_close(chosen[1], every[1])
+    torch.testing.assert_close(chosen[4], every[4])
+    assert len(in_backbone) == 3 and in_backbone[1:] == (None, None)  # the backbone stops after stage 2
+    torch.testing.assert_close(in_backbone[0], every[0])
+
+
 def test_a_spent_branch_computes_what_the_linear_form_computes_and_does_no_more_work():
     castling = CastlingMViTv2ForImageClassification(nano()).eval()
     linear = CastlingMViTv2ForImageClassification(nano(attention_mode="linear")).eval()

@@ -33,7 +33,12 @@ from ...attention import (
     linear_branch_weight,
 )
 from ...configuration_utils import as_pair
-from ...modeling_utils import CastlingModelMixin, check_no_attentions_asked, init_castling_tensors
+from ...modeling_utils import (
+    CastlingModelMixin,
+    check_no_attentions_asked,
+    init_castling_tensors,
+    kept_hidden_states,
+)
 from .configuration_castling_mvitv2 import CastlingMViTv2Config
 
 Grid = tuple[int, int]
@@ -366,6 +371,13 @@ class CastlingMViTv2Encoder(nn.Module):
         return hidden_states, grid, stages
 
 
+def hidden_states_tuple(stages: list, kept: set[int], asked: set[int], count: int) -> tuple:
+    """The `count` hidden states as `output_hidden_states` asked for them: the encoder's outputs of the `asked`
+    stages, None in the places of the others (`stages` holds the `kept` ones, in order)."""
+    by_index = dict(zip(sorted(kept), (stage for stage, _ in stages), strict=True))
+    return tuple(by_index[index] if index in asked else None for index in range(count))
+
+
 class CastlingMViTv2PreTrainedModel(CastlingModelMixin, PreTrainedModel):
     """Weight initialisation; α, the switch and the inference checkpoint come from `CastlingModelMixin`."""
 
@@ -413,15 +425,16 @@ class CastlingMViTv2Model(CastlingMViTv2PreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         r"""
-        output_hidden_states (`bool`, *optional*):
+        output_hidden_states (`bool`, an index or a list of indices, *optional*):
             Also return the embeddings' and every stage's output as `hidden_states` (token sequences, before the
-            final norm; each stage at its own width and grid).
+            final norm; each stage at its own width and grid); given indices, those alone (None for the others).
         """
         check_pixel_values(pixel_values, self.config)
         check_no_attentions_asked(kwargs, self.config)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        kept = set(range(self.config.num_stages + 1)) if output_hidden_states else set()
+        count = self.config.num_stages + 1
+        kept = kept_hidden_states(self, output_hidden_states, count)
         tokens, grid = self.embeddings(pixel_values.to(self.embeddings.projection.weight.dtype))
         tokens, grid, stages = self.encoder(tokens, grid, kept)
         sequence_output = self.layernorm(tokens)
@@ -432,7 +445,7 @@ class CastlingMViTv2Model(CastlingMViTv2PreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=sequence_output,
             pooler_output=pooled,
-            hidden_states=tuple(stage for stage, _ in stages) if output_hidden_states else None,
+            hidden_states=hidden_states_tuple(stages, kept, kept, count) if output_hidden_states else None,
         )
 
 
@@ -494,15 +507,18 @@ class CastlingMViTv2Backbone(BackboneMixin, CastlingMViTv2PreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> BackboneOutput:
         r"""
-        output_hidden_states (`bool`, *optional*):
-            Also return every computed stage's output as `hidden_states` (token sequences).
+        output_hidden_states (`bool`, an index or a list of indices, *optional*):
+            Also return every computed stage's output as `hidden_states` (token sequences); given indices, those
+            alone (None for the others).
         """
         check_pixel_values(pixel_values, self.config)
         check_no_attentions_asked(kwargs, self.config)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         wanted = {self.stage_names.index(name) for name in self.out_features}
-        kept = wanted | (set(range(len(self.encoder.stages) + 1)) if output_hidden_states else set())
+        count = len(self.encoder.stages) + 1
+        asked = kept_hidden_states(self, output_hidden_states, count)
+        kept = wanted | asked
         tokens, grid = self.embeddings(pixel_values.to(self.embeddings.projection.weight.dtype))
         _, _, stages = self.encoder(tokens, grid, kept)
         prefix = int(self.config.use_cls_token)
@@ -511,7 +527,7 @@ class CastlingMViTv2Backbone(BackboneMixin, CastlingMViTv2PreTrainedModel):
             for index, (stage, stage_grid) in zip(sorted(kept), stages, strict=True)
             if index in wanted
         )
-        hidden_states = tuple(stage for stage, _ in stages) if output_hidden_states else None
+        hidden_states = hidden_states_tuple(stages, kept, asked, count) if output_hidden_states else None
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
 
 
