@@ -13,7 +13,6 @@ new model is touched, so a source that does not fit raises and nothing is half-c
 
 import copy
 import inspect
-import json
 import os
 import re
 from collections.abc import Callable
@@ -568,12 +567,11 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
     the source with `CastlingDistillationTrainer`, then `switch_to_inference()`.
     The source is left as it was; the castled model is on its device, in its dtype, in eval mode.
     """
-    from .conversion_timm import castle_mvitv2, is_timm_mvitv2, load_timm_checkpoint
+    from .conversion_timm import castle_mvitv2, is_timm_mvitv2, timm_mvitv2_source
 
-    if isinstance(model_or_path, (str, os.PathLike)) and is_timm_checkpoint(model_or_path):
-        model_or_path = load_timm_checkpoint(str(model_or_path))
-    if isinstance(model_or_path, nn.Module) and is_timm_mvitv2(model_or_path):
-        return castle_mvitv2(model_or_path, model_class=model_class, **overrides)
+    timm_source = timm_mvitv2_source(model_or_path)
+    if timm_source is not None:
+        return castle_mvitv2(timm_source, model_class=model_class, **overrides)
     source = load_source(model_or_path)
     if source.config.model_type == "timm_wrapper" and is_timm_mvitv2(source.timm_model):
         return castle_mvitv2(source.timm_model, source.config.id2label, model_class, **overrides)
@@ -587,17 +585,6 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
     return target.to(device=reference.device, dtype=reference.dtype).eval()
 
 
-def is_timm_checkpoint(folder_or_name) -> bool:
-    """Whether a local folder holds a timm checkpoint: a `config.json` that names an `architecture` and no
-    `transformers` `model_type`."""
-    path = os.path.join(folder_or_name, "config.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path) as file:
-        config = json.load(file)
-    return "architecture" in config and "model_type" not in config
-
-
 def source_image_processor(model_or_path):
     """The image processor that prepares images as the source (anything `castle` takes) was trained on them, to
     save with its castled model: the one saved with the source (a folder or Hub name holding
@@ -605,12 +592,11 @@ def source_image_processor(model_or_path):
     DeiT, Dinov2 and DINOv3, 0.5 for ViT), in the class `transformers` gives its model type (a task model's own:
     UperNet's, DPT's, ...). A processor class that needs torchvision where it is not installed (DINOv3's) becomes
     ViT's PIL processor with the same size, mean and std: both resize, rescale and normalise."""
-    from .conversion_timm import is_timm_mvitv2, load_timm_checkpoint, timm_image_processor
+    from .conversion_timm import timm_image_processor, timm_mvitv2_source
 
-    if isinstance(model_or_path, (str, os.PathLike)) and is_timm_checkpoint(model_or_path):
-        model_or_path = load_timm_checkpoint(str(model_or_path))
-    if isinstance(model_or_path, nn.Module) and is_timm_mvitv2(model_or_path):
-        return timm_image_processor(model_or_path)
+    timm_source = timm_mvitv2_source(model_or_path)
+    if timm_source is not None:
+        return timm_image_processor(timm_source)
     if isinstance(model_or_path, (str, os.PathLike)):
         try:
             settings, _ = ImageProcessingMixin.get_image_processor_dict(model_or_path)

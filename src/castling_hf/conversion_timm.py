@@ -9,7 +9,9 @@ local folder holding a timm checkpoint (`config.json` naming its `architecture`,
 optional extra `castling-hf[timm]`.
 """
 
+import json
 import math
+import os
 
 from torch import nn
 from transformers import BitImageProcessorPil
@@ -59,6 +61,25 @@ class _Table:
 
 def is_timm_mvitv2(model) -> bool:
     return type(model).__name__ == "MultiScaleVit" and type(model).__module__.startswith("timm.")
+
+
+def is_timm_checkpoint(folder) -> bool:
+    """Whether a local folder holds a timm checkpoint: a `config.json` that names an `architecture` and no
+    `transformers` `model_type`."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as file:
+        config = json.load(file)
+    return "architecture" in config and "model_type" not in config
+
+
+def timm_mvitv2_source(model_or_path) -> nn.Module | None:
+    """The timm MViTv2 that `castle` was given, as an object or as a local timm checkpoint folder (loaded by timm);
+    None for any other source."""
+    if isinstance(model_or_path, (str, os.PathLike)) and is_timm_checkpoint(model_or_path):
+        model_or_path = load_timm_checkpoint(str(model_or_path))
+    return model_or_path if isinstance(model_or_path, nn.Module) and is_timm_mvitv2(model_or_path) else None
 
 
 def import_timm():
