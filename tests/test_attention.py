@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_module_tensor_to_device
 from torch.utils.flop_counter import FlopCounterMode
 
 from castling_hf import CastlingViTForImageClassification
@@ -200,7 +201,10 @@ def test_convex_blend_weighs_the_linear_term_by_one_minus_alpha_and_trains_gamma
     if alpha == 1.0:  # the branch alone: softmax attention, whatever γ is
         assert torch.allclose(output, merged(attention, softmax), atol=1e-5, rtol=0)
     output.sum().backward()
-    assert attention.linear_branch_scale.grad is None  # γ is held while the branch lives
+    # γ is held while the branch lives: in the graph (every parameter takes part in every backward pass, as DDP
+    # without find_unused_parameters needs), with a gradient of exactly 0.
+    assert torch.equal(attention.linear_branch_scale.grad, torch.zeros(config.num_attention_heads))
+    attention.linear_branch_scale.grad = None
     attention.softmax_branch.set_scale(0.0)
     attention(hidden_states, 1, (8, 8)).sum().backward()
     assert attention.linear_branch_scale.grad.abs().sum() > 0  # and learns once it is gone
@@ -218,6 +222,25 @@ def test_the_host_knows_whether_alpha_is_zero_after_every_way_of_setting_it(make
     model.set_softmax_mask_scale(0.5)
     reloaded.load_state_dict(model.state_dict())
     assert all(layer.attention.softmax_branch.active for layer in reloaded.castling_vit.encoder.layers)
+
+    # Writes that bypass the model's own paths: in place, and the buffer replaced (as accelerate loads big models).
+    branch = branches[0]
+    branch.softmax_mask_scale.fill_(0.0)
+    assert not branch.active
+    branch.softmax_mask_scale.copy_(torch.tensor(0.25))
+    assert branch.active
+    set_module_tensor_to_device(branch, "softmax_mask_scale", "cpu", value=torch.tensor(0.0))
+    assert not branch.active
+    set_module_tensor_to_device(branch, "softmax_mask_scale", "cpu", value=torch.tensor(0.5))
+    assert branch.active
+    # And what the layers compute follows: α written in place to 0 gives the linear form.
+    pixel_values = torch.randn(2, 3, 32, 32)
+    linear = CastlingViTForImageClassification(make_config(attention_mode="linear"))
+    linear.load_state_dict(model.state_dict(), strict=False)
+    for branch in branches:
+        branch.softmax_mask_scale.mul_(0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).logits, linear(pixel_values).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("zeroed", [0, 1])  # the query or the key third of the fused projection

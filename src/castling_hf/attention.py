@@ -251,11 +251,17 @@ class CastlingSoftmaxBranch(nn.Module):
     """The auxiliary masked softmax attention of the training form, scaled by the layer's softmax mask scale α.
 
     α is a persistent buffer, so that a checkpoint taken in the middle of the mask decay reloads with the α it had,
-    and it enters the arithmetic as that tensor, never read back to the host. Whether α is 0 is mirrored on the host
-    (`active`) by every path that writes α (`set_scale`, `load_state_dict`, `from_pretrained`), so that the skip at
-    α = 0 is a Python branch on a flag: no device sync per layer, and `torch.compile` and `torch.export` see a
-    constant rather than a data-dependent condition. Once α is 0 the branch does no work at all and returns None
-    (adding it would add exactly 0).
+    and it enters the arithmetic as that tensor. Once α is 0 the branch does no work at all and returns None (adding
+    it would add exactly 0); whether α is 0 is a host-side flag (`active`), so that the skip is a Python branch: no
+    device sync per layer and step, and `torch.compile` / `torch.export` see a constant rather than a data-dependent
+    condition.
+
+    The flag cannot fall behind α, however α is written: it is read from the buffer again whenever the buffer is
+    another tensor or autograd's version counter says it was written in place since the flag was last read
+    (`set_scale`, `load_state_dict`, `from_pretrained`, `.fill_`, `.copy_`, accelerate's
+    `set_module_tensor_to_device`, a move to another device), one sync per write, none per step. A compiled graph
+    guards on the flag as it was when traced; `set_scale` (the decay's path) updates it, and so does any eager
+    forward pass.
 
     `kept_share` is the share of softmax probabilities the mask kept in the last forward pass: whether the branch is
     alive. It is measured only while `measure_kept_share` is True (`measure_softmax_mask_kept_shares`;
@@ -268,27 +274,36 @@ class CastlingSoftmaxBranch(nn.Module):
         self.threshold_type = config.softmax_mask_threshold_type
         self.dropout_p = dropout_p
         self.register_buffer("softmax_mask_scale", torch.tensor(1.0))
-        self.active = True
+        self._active, self._read_from = True, (None, -1)  # the flag, and the α tensor and version it was read from
         self.measure_kept_share = False
         self.kept_share: torch.Tensor | None = None
 
+    @property
+    def active(self) -> bool:
+        """Whether α is not 0: the branch still contributes."""
+        if not torch.compiler.is_compiling():
+            self._read_scale()
+        return self._active
+
+    def _read_scale(self) -> None:
+        """Re-read the flag from α if α was replaced or written in place since it was last read."""
+        scale = self.softmax_mask_scale
+        if scale.device.type == "meta":  # a model being built has no values yet
+            return
+        if scale.is_inference():  # no version counter to consult
+            self._active = bool(scale != 0)
+            return
+        if self._read_from[0] is not scale or self._read_from[1] != scale._version:
+            self._active, self._read_from = bool(scale != 0), (scale, scale._version)
+
     def set_scale(self, alpha: float) -> None:
-        """Set α (a float in [0, 1]) and its host-side mirror."""
+        """Set α (a float in [0, 1]) and its host-side flag, with no read back from the device."""
         self.softmax_mask_scale.fill_(alpha)
-        self.active = alpha != 0.0
+        self._active, self._read_from = alpha != 0.0, (self.softmax_mask_scale, self.softmax_mask_scale._version)
 
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name == "softmax_mask_scale":  # `from_pretrained` replaces the buffer by assignment
-            self._mirror_scale()
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)  # `load_state_dict` copies into the buffer
-        self._mirror_scale()
-
-    def _mirror_scale(self) -> None:
-        if self.softmax_mask_scale.device.type != "meta":  # a model being built has no values yet
-            self.active = bool(self.softmax_mask_scale != 0)
+    def live_scale(self) -> torch.Tensor | None:
+        """α as the tensor that enters the arithmetic while the branch contributes, None once α is 0."""
+        return self.softmax_mask_scale if self.active else None
 
     def forward(
         self,
@@ -323,23 +338,34 @@ class CastlingSoftmaxBranch(nn.Module):
         )
 
 
+def live_softmax_mask_scale(branch: CastlingSoftmaxBranch | None) -> torch.Tensor | None:
+    """α of a layer's softmax branch while it contributes; None for a spent branch or a layer without one."""
+    return branch.live_scale() if branch is not None else None
+
+
 def linear_branch_weight(gamma: torch.Tensor, alpha: torch.Tensor | None, blend: str) -> torch.Tensor:
     """The per-head weight of the linear term γ ⊙ (LA + DWConv):
 
         "additive":  γ                 (the paper: the branch is added on top, α·(M⊙S)V)
-        "convex":    (1 − α)·sg(γ)     (the branch and the linear term share the layer: at α = 1 the output is the
+        "convex":    (1 − α)·held(γ)   (the branch and the linear term share the layer: at α = 1 the output is the
                                         branch alone, at α = 0 the linear term alone; what `castle` uses)
 
-    sg is stop-gradient: in the convex blend γ learns only once the branch is gone. Were it to learn while α > 0, a
-    castled model would shrink γ to keep its softmax attention in use (and grow V to make up for the small α), which
-    it then loses at the switch (docs/design.md §9 measures it). `alpha` is None when the layer has no live branch
-    (α = 0 or the inference form): the weight is then γ either way.
+    held(γ) is γ in value; its gradient is exactly 0 while α > 0 and γ's own once α = 0: in the convex blend γ learns
+    only once the branch is gone. Were it to learn while α > 0, a castled model would shrink γ to keep its softmax
+    attention in use (and grow V to make up for the small α), which it then loses at the switch (docs/design.md §9
+    measures it). γ stays in the graph with a zero gradient rather than being detached, so that every parameter takes
+    part in every backward pass, as `DistributedDataParallel` without `find_unused_parameters` requires; the mask
+    decay keeps it out of weight decay (`CastlingMaskDecayCallback`). `alpha` is None when the layer has no live
+    branch (α = 0 or the inference form): the weight is then γ either way.
     """
     if blend not in ("additive", "convex"):
         raise ValueError(f"Unknown linear branch blend {blend!r}; expected 'additive' or 'convex'.")
     if alpha is None or blend == "additive":
         return gamma
-    return gamma.detach() * (1.0 - alpha.to(gamma.dtype))
+    alpha = alpha.to(gamma.dtype)
+    released = (alpha == 0).to(gamma.dtype)  # a pure function of α, so a traced graph needs no flag for it
+    frozen = gamma.detach()
+    return (frozen + released * (gamma - frozen)) * (1.0 - alpha)
 
 
 __all__ = [
@@ -347,6 +373,7 @@ __all__ = [
     "CastlingSoftmaxBranch",
     "linear_angular_attention",
     "linear_branch_weight",
+    "live_softmax_mask_scale",
     "masked_softmax_attention",
     "reduction_dtype",
     "rotary_position_embedding",
