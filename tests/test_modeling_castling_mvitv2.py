@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_without_castling_hf
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from model_checks import assert_builds_on_the_meta_device, assert_exports_with_a_dynamic_batch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoBackbone, AutoModelForSemanticSegmentation, UperNetConfig, UperNetForSemanticSegmentation
@@ -20,6 +21,7 @@ from castling_hf import (
 from castling_hf.models.castling_mvitv2.modeling_castling_mvitv2 import (
     CastlingMViTv2Attention,
     relative_distances,
+    relative_position_bias,
     resampled_to_grid,
 )
 
@@ -65,8 +67,23 @@ def test_the_stages_halve_the_grid_and_the_backbone_gives_maps_at_strides_4_to_3
 
 
 def test_non_square_images_give_each_axis_of_the_relative_bias_its_own_table_length():
-    model = CastlingMViTv2ForImageClassification(nano(softmax_mask_threshold=None)).eval()
-    for height, width in ((64, 128), (128, 64)):
+    # A model made for 64 × 128 px: its first block's grid is 16 × 32 patches, its keys pooled by 4 to 4 × 8.
+    model = CastlingMViTv2ForImageClassification(nano(image_size=(64, 128), softmax_mask_threshold=None)).eval()
+    attention = model.castling_mvitv2.encoder.stages[0].layers[0].attention
+    branch = attention.softmax_branch
+    assert branch.relative_position_rows.shape[0] == 2 * 16 - 1  # 2·max(query side, key side) − 1 per axis
+    assert branch.relative_position_columns.shape[0] == 2 * 32 - 1
+    # At the size it was made for, each table is read as it is, not resampled.
+    query = torch.randn(1, attention.num_heads, 16 * 32, attention.head_dim)
+    torch.testing.assert_close(
+        branch.relative_position_bias(query, (16, 32), (4, 8), 0),
+        relative_position_bias(
+            query, (16, 32), (4, 8), branch.relative_position_rows, branch.relative_position_columns, 0
+        ),
+        rtol=0,
+        atol=0,
+    )
+    for height, width in ((64, 128), (128, 64), (96, 160)):  # its own size, transposed, and larger on both axes
         with torch.no_grad():
             logits = model(pixel_values=torch.randn(1, 3, height, width)).logits
         assert logits.shape == (1, 3) and torch.isfinite(logits).all()
@@ -159,8 +176,20 @@ def test_upernet_trains_a_step_on_the_backbone_and_reloads_in_the_linear_form(tm
 
 
 def test_backbone_reloads_through_auto_backbone_config(tmp_path):
-    config = nano(out_features=["stage4"])
-    assert isinstance(AutoBackbone.from_config(config), CastlingMViTv2Backbone)
+    config = nano(out_features=["stage2", "stage4"])
+    backbone = AutoBackbone.from_config(config).eval()
+    assert isinstance(backbone, CastlingMViTv2Backbone)
+    backbone.save_pretrained(tmp_path)
+    # AutoBackbone.from_pretrained asks the Hub whether a local folder is a repository (transformers 5.24): the
+    # folder's config goes through AutoBackbone.from_config, its weights through the class.
+    reloaded = type(AutoBackbone.from_config(CastlingMViTv2Config.from_pretrained(tmp_path)))
+    reloaded = reloaded.from_pretrained(tmp_path).eval()
+    assert reloaded.out_features == ["stage2", "stage4"]
+    with torch.no_grad():
+        for got, expected in zip(
+            reloaded(pixel_values=images()).feature_maps, backbone(pixel_values=images()).feature_maps, strict=True
+        ):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 REMOTE = """
@@ -194,3 +223,17 @@ def test_the_base_model_pools_the_mean_patch_token_or_cls():
             torch.testing.assert_close(output.pooler_output, expected)
             assert len(output.hidden_states) == 5 and output.hidden_states[-1].shape[1] == 4 + int(cls)
     assert math.isclose(nano().mlp_ratio, 4.0)
+
+
+MVITV2_CLASSES = [CastlingMViTv2Model, CastlingMViTv2ForImageClassification, CastlingMViTv2Backbone]
+
+
+@pytest.mark.parametrize("model_class", MVITV2_CLASSES)
+def test_every_class_builds_on_the_meta_device(model_class):
+    assert_builds_on_the_meta_device(model_class, nano(drop_path_rate=0.1), images())
+
+
+@pytest.mark.parametrize("mode", ["castling", "linear"])
+@pytest.mark.parametrize("model_class", MVITV2_CLASSES)
+def test_every_class_exports_with_a_dynamic_batch_size(model_class, mode):
+    assert_exports_with_a_dynamic_batch(model_class(nano(attention_mode=mode)), images(batch=2))

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from model_checks import assert_builds_on_the_meta_device, assert_exports_with_a_dynamic_batch
 from safetensors import safe_open
 from transformers import AutoModel
 
@@ -305,3 +306,25 @@ def test_output_attentions_is_refused_with_the_reason(model_class, mode, make_co
     model.config.output_attentions = True
     with pytest.raises(ValueError, match="no attention maps to return"):
         model(pixels())
+
+
+# Learned position embeddings, and DINOv3's layout: rotary embeddings (a buffer `_init_weights` must recompute),
+# registers, LayerScale and stochastic depth.
+LAYOUTS = {
+    "learned": dict(drop_path_rate=0.1),
+    "rope_registers": dict(
+        position_embedding_type="rope", num_register_tokens=2, layerscale_value=0.5, drop_path_rate=0.1
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("model_class", [*MODEL_CLASSES, CastlingViTBackbone])
+def test_every_class_builds_on_the_meta_device(model_class, layout, make_config):
+    assert_builds_on_the_meta_device(model_class, make_config(**LAYOUTS[layout]), pixels())
+
+
+@pytest.mark.parametrize("mode", ["castling", "linear"])
+@pytest.mark.parametrize("model_class", [*MODEL_CLASSES, CastlingViTBackbone])
+def test_every_class_exports_with_a_dynamic_batch_size(model_class, mode, make_config):
+    assert_exports_with_a_dynamic_batch(model_class(make_config(attention_mode=mode)), pixels())

@@ -42,6 +42,26 @@ def kept_hidden_states(model, output_hidden_states, count: int) -> set[int]:
     return resolve_hidden_states_indices(model, selected, num_hidden_states=count)
 
 
+class CastlingDropPath(nn.Module):
+    """Stochastic depth (`drop_path_rate`): in training, a residual branch is zeroed for a whole image with probability
+    `drop_prob` and the kept ones are scaled by 1/(1 − p), so that its expected value is unchanged; the identity in
+    evaluation."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return hidden_states
+        keep = 1.0 - self.drop_prob
+        mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
 def init_fan_in_uniform_(weight: torch.Tensor) -> torch.Tensor:
     """U(-1/√fan_in, 1/√fan_in), PyTorch's default for linear and conv weights; fan_in = the inputs of one output."""
     bound = weight[0].numel() ** -0.5
@@ -122,11 +142,10 @@ def switch_to_inference(model: nn.Module, force: bool = False) -> nn.Module:
     return model
 
 
-class CastlingModelMixin:
-    """The softmax mask scale α, the switch and the inference checkpoint as methods of a Castling family's
-    `PreTrainedModel` (which lists its model classes by Auto class in `remote_auto_classes`)."""
-
-    remote_auto_classes: dict[str, type] = {}
+class CastlingMethods:
+    """The softmax mask scale α, the switch and the inference checkpoint as methods of a model that holds Castling
+    layers: a Castling family's `PreTrainedModel` (`CastlingModelMixin`), or a `transformers` task model that `castle`
+    returned (`with_castling_methods`)."""
 
     def softmax_mask_scales(self) -> dict[str, float]:
         """α of every layer, by the name of its softmax branch module (empty in the inference form)."""
@@ -144,16 +163,43 @@ class CastlingModelMixin:
         """Set α, the weight of the auxiliary softmax branch, on every layer. α must lie in [0, 1]."""
         set_softmax_mask_scale(self, alpha)
 
-    def switch_to_inference(self, force: bool = False) -> "CastlingModelMixin":
+    def switch_to_inference(self, force: bool = False):
         """Drop the softmax branch of every layer and set `attention_mode="linear"`, in place; returns the model.
         Refuses while any α is not 0, unless `force=True` (see the function)."""
         return switch_to_inference(self, force=force)
 
-    def inference_copy(self, force: bool = False) -> "CastlingModelMixin":
+    def inference_copy(self, force: bool = False):
         """A copy of this model in the inference form; this model is left as it is."""
-        if self.config.attention_mode == "linear":
+        if not softmax_branches(self):
             return self
-        return copy.deepcopy(self).switch_to_inference(force=force)
+        return switch_to_inference(copy.deepcopy(self), force=force)
+
+    def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`; with `inference=True`, saves the inference form (`switch_to_inference`
+        on a copy: this model is left as it is), refusing while any α is not 0 unless `force=True`."""
+        if inference:
+            return self.inference_copy(force=force).save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *args, inference: bool = False, force: bool = False, **kwargs):
+        """`PreTrainedModel.push_to_hub`; with `inference=True`, pushes the inference form (see `switch_to_inference`)
+        in one commit through `hub.push_inference_checkpoint` (`commit_message`, `private` and `token` apply)."""
+        if inference:
+            options = {name: kwargs.pop(name) for name in ("commit_message", "private", "token") if name in kwargs}
+            if args or kwargs:
+                raise TypeError(
+                    f"push_to_hub(inference=True) takes repo_id, commit_message, private, token and force; got "
+                    f"{len(args)} more positional and {sorted(kwargs)}."
+                )
+            return push_inference_checkpoint(self, repo_id, force=force, **options)
+        return super().push_to_hub(repo_id, *args, **kwargs)
+
+
+class CastlingModelMixin(CastlingMethods):
+    """`CastlingMethods` for a Castling family's `PreTrainedModel` (which lists its model classes by Auto class in
+    `remote_auto_classes`); its checkpoints also carry the family's code."""
+
+    remote_auto_classes: dict[str, type] = {}
 
     def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained`; with `inference=True`, saves the inference form (`switch_to_inference`).
@@ -169,18 +215,29 @@ class CastlingModelMixin:
         write_remote_code(type(self), save_directory)
         return saved
 
-    def push_to_hub(self, repo_id: str, *args, inference: bool = False, force: bool = False, **kwargs):
-        """`PreTrainedModel.push_to_hub`; with `inference=True`, pushes the inference form (see `switch_to_inference`)
-        in one commit through `hub.push_inference_checkpoint` (`commit_message`, `private` and `token` apply)."""
-        if inference:
-            options = {name: kwargs.pop(name) for name in ("commit_message", "private", "token") if name in kwargs}
-            if args or kwargs:
-                raise TypeError(
-                    f"push_to_hub(inference=True) takes repo_id, commit_message, private, token and force; got "
-                    f"{len(args)} more positional and {sorted(kwargs)}."
-                )
-            return push_inference_checkpoint(self, repo_id, force=force, **options)
-        return super().push_to_hub(repo_id, *args, **kwargs)
+
+class CastledTaskModelMixin(CastlingMethods):
+    """What a `transformers` task model gains when `castle` castles its backbone: `CastlingMethods`, so that its
+    `save_pretrained(..., inference=True)` writes the inference form, as a Castling model's does, where
+    `transformers`' own would take the keyword in silently and save the training form."""
+
+
+_CASTLED_TASK_CLASSES: dict[type, type] = {}
+
+
+def with_castling_methods(model: nn.Module) -> nn.Module:
+    """`model` (a `transformers` task model holding Castling layers), its class made a subclass of its own class and
+    `CastledTaskModelMixin` under the same name and module, in place: it stays an instance of its class, saves the
+    same `architectures`, and gains `CastlingMethods`. A model reloaded with `from_pretrained` is the plain class
+    again; `castling_hf.hub.write_inference_checkpoint` writes any model's inference form."""
+    cls = type(model)
+    if isinstance(model, CastlingMethods):
+        return model
+    if cls not in _CASTLED_TASK_CLASSES:
+        attributes = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+        _CASTLED_TASK_CLASSES[cls] = type(cls.__name__, (CastledTaskModelMixin, cls), attributes)
+    model.__class__ = _CASTLED_TASK_CLASSES[cls]
+    return model
 
 
 # A package-relative import (`from ...attention import`, `from .configuration_castling_vit import`) and its parts.
@@ -237,10 +294,12 @@ def init_castling_tensors(module: nn.Module, config: CastlingAttentionConfig) ->
         init.constant_(module.linear_branch_scale, float(config.linear_branch_scale_init))
     if isinstance(module, CastlingSoftmaxBranch):
         init.ones_(module.softmax_mask_scale)  # skipped for a loaded α, which keeps its value
-        module._mirror_scale()
 
 
 __all__ = [
+    "CastledTaskModelMixin",
+    "CastlingDropPath",
+    "CastlingMethods",
     "CastlingModelMixin",
     "check_no_attentions_asked",
     "init_castling_tensors",
@@ -253,5 +312,6 @@ __all__ = [
     "softmax_mask_kept_shares",
     "softmax_mask_scales",
     "switch_to_inference",
+    "with_castling_methods",
     "write_remote_code",
 ]

@@ -31,9 +31,11 @@ from ...attention import (
     CastlingSoftmaxBranch,
     linear_angular_attention,
     linear_branch_weight,
+    live_softmax_mask_scale,
 )
 from ...configuration_utils import as_pair
 from ...modeling_utils import (
+    CastlingDropPath,
     CastlingModelMixin,
     check_no_attentions_asked,
     init_castling_tensors,
@@ -45,20 +47,16 @@ Grid = tuple[int, int]
 
 
 def check_pixel_values(pixel_values: torch.Tensor | None, config: CastlingMViTv2Config) -> None:
-    """Reject input the model cannot read, saying what was wrong and what was expected."""
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or not len(pixel_values):
+    """Reject input the model cannot read, saying what was wrong and what was expected. Any height and width will do:
+    each strided conv pools a grid of n positions to ⌈n / stride⌉, as timm's MViTv2 does. The batch size is read as a
+    size, never as a Python int, so that `torch.export` keeps it dynamic."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
         raise ValueError(f"`pixel_values` must be a non-empty (batch, channels, height, width) tensor, got {shape}.")
     if pixel_values.shape[1] != config.num_channels:
         raise ValueError(
             f"`pixel_values` has {pixel_values.shape[1]} channels, but the model expects {config.num_channels} "
             "(config.num_channels). Convert the images (e.g. to RGB) or use the model's image processor."
-        )
-    stride = math.prod(max(as_pair(s)) for s in config.query_strides) * max(as_pair(config.patch_stride))
-    if pixel_values.shape[-2] % stride or pixel_values.shape[-1] % stride:
-        raise ValueError(
-            f"Image size {pixel_values.shape[-2]}×{pixel_values.shape[-1]} is not a multiple of {stride} px, the "
-            "stride of the last stage; resize or pad the images (the model's image processor does this)."
         )
 
 
@@ -85,10 +83,13 @@ def relative_distances(queries: int, keys: int, device: torch.device) -> torch.T
     return distances.long()
 
 
-def resized_table(table: torch.Tensor, length: int) -> torch.Tensor:
-    """A relative position table `(positions, head_dim)` linearly resampled to `length` positions, as timm resizes
-    MViTv2's tables for another input size."""
-    if table.shape[0] == length:
+def table_for(table: torch.Tensor, length: int) -> torch.Tensor:
+    """A relative position table `(positions, head_dim)` for an input whose distances along its axis take `length`
+    values, as timm's MViTv2 reads it: as it is wherever it is long enough (at the size it was made for, and at
+    smaller ones, where timm indexes it from its start without resizing), else linearly resampled to `length`
+    positions, as timm's checkpoint filter resizes it for a model built for a larger size (timm itself would fail
+    there)."""
+    if table.shape[0] >= length:
         return table
     resampled = nn.functional.interpolate(table.T[None], size=length, mode="linear")
     return resampled[0].T
@@ -124,23 +125,24 @@ def resampled_to_grid(tokens: torch.Tensor, grid: Grid, target: Grid) -> torch.T
 
 
 class CastlingMViTv2SoftmaxBranch(CastlingSoftmaxBranch):
-    """The softmax branch with MViTv2's relative position tables (rows and columns of the key grid, `length`
-    positions each at the config's image size): only the branch uses them, so they go with it at the switch."""
+    """The softmax branch with MViTv2's relative position tables, one for the rows and one for the columns of the
+    key grid, `lengths` positions each (2·max(query side, key side) − 1 along its axis at the config's image size):
+    only the branch uses them, so they go with it at the switch."""
 
-    def __init__(self, config, length: int, head_dim: int):
+    def __init__(self, config, lengths: Grid, head_dim: int):
         super().__init__(config, config.attention_probs_dropout_prob)
         self.relative_position_rows = self.relative_position_columns = None
         if config.relative_position_embeddings:
-            self.relative_position_rows = nn.Parameter(torch.zeros(length, head_dim))
-            self.relative_position_columns = nn.Parameter(torch.zeros(length, head_dim))
+            self.relative_position_rows = nn.Parameter(torch.zeros(lengths[0], head_dim))
+            self.relative_position_columns = nn.Parameter(torch.zeros(lengths[1], head_dim))
 
     def relative_position_bias(self, query, query_grid: Grid, key_grid: Grid, prefix: int):
-        """B for this input (None without tables): each table resized to 2·max(query side, key side) − 1 positions
-        along its own axis, which is its length at the config's image size."""
+        """B for this input (None without tables), each table read for the 2·max(query side, key side) − 1
+        distances along its own axis (`table_for`)."""
         if self.relative_position_rows is None:
             return None
-        rows = resized_table(self.relative_position_rows, 2 * max(query_grid[0], key_grid[0]) - 1)
-        columns = resized_table(self.relative_position_columns, 2 * max(query_grid[1], key_grid[1]) - 1)
+        rows = table_for(self.relative_position_rows, 2 * max(query_grid[0], key_grid[0]) - 1)
+        columns = table_for(self.relative_position_columns, 2 * max(query_grid[1], key_grid[1]) - 1)
         return relative_position_bias(query, query_grid, key_grid, rows, columns, prefix)
 
 
@@ -175,13 +177,16 @@ class CastlingMViTv2Attention(nn.Module):
         self.linear_branch_scale = nn.Parameter(torch.full((heads,), float(config.linear_branch_scale_init)))
         self.softmax_branch = None
         if config.attention_mode == "castling":
-            self.softmax_branch = CastlingMViTv2SoftmaxBranch(config, self.table_length(grid), self.head_dim)
+            self.softmax_branch = CastlingMViTv2SoftmaxBranch(config, self.table_lengths(grid), self.head_dim)
 
-    def table_length(self, grid: Grid) -> int:
-        """Positions of a relative position table at the config's image size, as timm sizes both of its tables:
-        2·max(query side, key side) − 1, the sides counted as the grid's rows over the column strides."""
-        query_side, key_side = grid[0] // self.query_stride[1], grid[0] // self.key_value_stride[1]
-        return 2 * max(query_side, key_side) - 1
+    def table_lengths(self, grid: Grid) -> Grid:
+        """Positions of the row and the column table at the config's image size: 2·max(query side, key side) − 1
+        along each axis of the block's input `grid`, the sides its length over the query and key strides (timm's
+        sizes, which it defines for square images only)."""
+        return tuple(
+            2 * max(side // query, side // key) - 1
+            for side, query, key in zip(grid, self.query_stride, self.key_value_stride, strict=True)
+        )
 
     def forward(self, hidden_states: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         batch, tokens, _ = hidden_states.shape
@@ -193,13 +198,13 @@ class CastlingMViTv2Attention(nn.Module):
         query_t, key_t, value_t = (tensor.transpose(1, 2) for tensor in (query, key, value))  # token-major
 
         branch = self.softmax_branch
-        alpha = branch.softmax_mask_scale if branch is not None and branch.active else None
+        alpha = live_softmax_mask_scale(branch)
         scale = linear_branch_weight(self.linear_branch_scale, alpha, self.linear_branch_blend)
         attended = linear_angular_attention(query_t, key_t, value_t, "kernel", self.angular_eps, scale)
         if self.residual_conv is not None:
             conv = self.residual_conv(value_t, self.prefix, key_grid, scale)
             attended[:, self.prefix :] += resampled_to_grid(conv, key_grid, query_grid)
-        if branch is not None and branch.active:
+        if alpha is not None:
             bias = branch.relative_position_bias(query, query_grid, key_grid, self.prefix)
             attended += branch(query_t, key_t, value_t, bias)
         elif branch is not None:
@@ -218,22 +223,6 @@ class CastlingMViTv2MLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
-
-
-class CastlingMViTv2DropPath(nn.Module):
-    """Stochastic depth: a residual branch zeroed for a whole image with probability `drop_prob` in training, the
-    kept ones scaled by 1/(1 − p)."""
-
-    def __init__(self, drop_prob: float):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return hidden_states
-        keep = 1.0 - self.drop_prob
-        mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(keep)
-        return hidden_states * mask / keep
 
 
 class CastlingMViTv2Layer(GradientCheckpointingLayer):
@@ -257,7 +246,7 @@ class CastlingMViTv2Layer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(attention_width, eps=config.layer_norm_eps)
         self.shortcut_proj_mlp = nn.Linear(width_in, width_out) if widens and not expand else None
         self.mlp = CastlingMViTv2MLP(config, attention_width, width_out)
-        self.drop_path = CastlingMViTv2DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = CastlingDropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def pooled_shortcut(self, hidden_states: torch.Tensor, grid: Grid) -> torch.Tensor:
         if self.shortcut_pool is None:
@@ -337,7 +326,7 @@ class CastlingMViTv2Embeddings(nn.Module):
         grid = tuple(patches.shape[-2:])
         tokens = patches.flatten(2).transpose(1, 2)
         if self.cls_token is not None:
-            tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         if self.position_embeddings is not None:
             if grid != self.grid:
                 raise ValueError(
@@ -352,7 +341,9 @@ class CastlingMViTv2Encoder(nn.Module):
     def __init__(self, config: CastlingMViTv2Config, grid: Grid):
         super().__init__()
         total = sum(config.depths)
-        rates = torch.linspace(0, config.drop_path_rate, total).tolist()  # timm's: rising block by block
+        # timm's rates, rising block by block; computed on the host, so that a model built on the meta device (big
+        # models, `device_map`) needs no tensor values.
+        rates = [config.drop_path_rate * index / max(total - 1, 1) for index in range(total)]
         self.stages = nn.ModuleList()
         first = 0
         for stage in range(config.num_stages):

@@ -27,10 +27,17 @@ from ...attention import (
     CastlingSoftmaxBranch,
     linear_angular_attention,
     linear_branch_weight,
+    live_softmax_mask_scale,
     rotary_position_embedding,
 )
 from ...configuration_utils import as_pair
-from ...modeling_utils import CastlingModelMixin, check_no_attentions_asked, init_castling_tensors, kept_hidden_states
+from ...modeling_utils import (
+    CastlingDropPath,
+    CastlingModelMixin,
+    check_no_attentions_asked,
+    init_castling_tensors,
+    kept_hidden_states,
+)
 from .configuration_castling_vit import CastlingViTConfig
 
 
@@ -259,7 +266,7 @@ class CastlingViTAttention(nn.Module):
         if rotary is not None:
             query, key = (rotary_position_embedding(x, *rotary, num_prefix_tokens) for x in (query, key))
         branch = self.softmax_branch
-        alpha = branch.softmax_mask_scale if branch is not None and branch.active else None
+        alpha = live_softmax_mask_scale(branch)
         scale = linear_branch_weight(self.linear_branch_scale, alpha, self.linear_branch_blend)
         attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, scale)
         if self.residual_conv is not None:
@@ -293,25 +300,6 @@ class CastlingViTLayerScale(nn.Module):
         return hidden_states * self.lambda1
 
 
-class CastlingViTDropPath(nn.Module):
-    """Stochastic depth: in training, a residual branch is zeroed for a whole image with probability `drop_prob` and
-    the kept ones are scaled by 1/(1 − p), so that its expected value is unchanged; the identity in evaluation."""
-
-    def __init__(self, drop_prob: float):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return hidden_states
-        keep = 1.0 - self.drop_prob
-        mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(keep)
-        return hidden_states * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
-
-
 class CastlingViTLayer(GradientCheckpointingLayer):
     """A pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x)), each branch scaled by a LayerScale
     where the config has one (`layerscale_value`) and dropped by stochastic depth where it asks (`drop_path_rate`)."""
@@ -325,7 +313,7 @@ class CastlingViTLayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CastlingViTMLP(config)
         self.layer_scale2 = CastlingViTLayerScale(config) if scaled else nn.Identity()
-        self.drop_path = CastlingViTDropPath(config.drop_path_rate) if config.drop_path_rate > 0 else nn.Identity()
+        self.drop_path = CastlingDropPath(config.drop_path_rate) if config.drop_path_rate > 0 else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
