@@ -92,3 +92,6 @@ def let_transformers_use_timm():
     import_utils.BACKENDS_MAPPING["timm"] = (lambda: True, import_utils.BACKENDS_MAPPING["timm"][1])
     for module in (configuration_timm_wrapper, modeling_timm_wrapper):
         module.timm = timm
+    # What the config module imports from timm only where transformers counts timm as available: ImageNet's labels.
+    configuration_timm_wrapper.ImageNetInfo = timm.data.ImageNetInfo
+    configuration_timm_wrapper.infer_imagenet_subset = timm.data.infer_imagenet_subset

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -49,6 +50,7 @@ from castling_hf import (
     softmax_mask_scale,
     softmax_mask_scales,
     source_image_processor,
+    switch_to_inference,
 )
 from castling_hf.conversion import FAMILIES, castling_key, from_vit
 from castling_hf.hub import write_inference_checkpoint
@@ -430,16 +432,41 @@ def test_castled_checkpoint_computes_the_source_at_two_resolutions_and_reloads(n
     # backbone folder loads with its class.
     auto_class = type(castled) if auto_class is AutoBackbone else auto_class
     reloaded = auto_class.from_pretrained(str(tmp_path / "castled")).eval()
-    assert type(reloaded) is type(castled)
+    # A castled task model is its source's class (with the Castling methods added), under the same name.
+    assert isinstance(castled, type(reloaded)) and type(reloaded).__name__ == type(castled).__name__
     assert_same_outputs(run(reloaded, 32, False), run(source, 32, False))
 
     set_softmax_mask_scale(castled, 0.0)  # the decay's end: the softmax branches are spent
-    write_inference_checkpoint(castled, tmp_path / "inference")
-    saved = set().union(*(load_file(path).keys() for path in (tmp_path / "inference").glob("*.safetensors")))
-    assert saved and not [key for key in saved if "softmax" in key]
-    deployed = auto_class.from_pretrained(str(tmp_path / "inference")).eval()
-    assert not softmax_mask_scales(deployed)  # linear mode: no softmax branch at all
-    assert_same_outputs(run(deployed, 32, False), run(castled, 32, False))
+    # Both ways of writing the inference form, for every kind of model castle returns: the model's own
+    # save_pretrained(inference=True), which transformers' save_pretrained would take in silently, and the function.
+    castled.save_pretrained(tmp_path / "inference", inference=True)
+    write_inference_checkpoint(reloaded, tmp_path / "inference_of_reloaded", force=True)
+    for folder in ("inference", "inference_of_reloaded"):
+        saved = set().union(*(load_file(path).keys() for path in (tmp_path / folder).glob("*.safetensors")))
+        assert saved and not [key for key in saved if "softmax" in key]
+        deployed = auto_class.from_pretrained(str(tmp_path / folder)).eval()
+        assert not softmax_mask_scales(deployed)  # linear mode: no softmax branch at all
+        reference = castled if folder == "inference" else switch_to_inference(reloaded, force=True)
+        assert_same_outputs(run(deployed, 32, False), run(reference, 32, False))
+    assert softmax_mask_scales(castled)  # saving the inference form left the model in memory as it was
+
+
+def test_castle_refuses_or_names_the_overrides_that_lose_the_exact_start_or_the_linear_term():
+    source = pretrained(FAMILY_SOURCES["vit"][0])
+    with pytest.raises(ValueError, match=r"linear_branch_blend='additive'.*would not start as its source"):
+        castle(source, linear_branch_blend="additive")
+    with pytest.raises(ValueError, match=r"linear_branch_scale_init=0\) with the convex blend"):
+        castle(source, linear_branch_scale_init=0.0)
+    with pytest.warns(UserWarning, match=r"additive.*loses that at the switch"):
+        additive = castle(source, linear_branch_blend="additive", linear_branch_scale_init=0.0)
+    assert_same_outputs(run(additive, 32, False), run(source, 32, False))  # exact, as the first castling was
+    with pytest.warns(UserWarning, match=r"softmax_mask_threshold=1.3\) masks .* does not start exactly"):
+        masked = castle(source, softmax_mask_threshold=1.3)
+    assert (run(masked, 32, False).logits - run(source, 32, False).logits).abs().max() > 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # castle's own settings, and a γ it can start from, say nothing
+        castle(source)
+        castle(source, linear_branch_scale_init=0.5)
 
 
 def test_castle_takes_a_model_object_and_leaves_it_as_it_was():

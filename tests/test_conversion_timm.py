@@ -118,8 +118,21 @@ def test_castled_model_starts_exactly_and_the_linear_term_enters_as_alpha_falls(
     pixels = images(64)
     with torch.no_grad():
         expected = source(pixels)
+        assert set(castled.softmax_mask_scales().values()) == {1.0}
+        assert (castled(pixel_values=pixels).logits - expected).abs().max() <= 1e-4  # α = 1: the source itself
         castled.set_softmax_mask_scale(0.5)
         assert (castled(pixel_values=pixels).logits - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("height, width", [(48, 48), (40, 40), (64, 40), (44, 52)])
+def test_at_sizes_the_source_runs_below_its_own_the_castled_model_computes_what_timm_computes(height, width):
+    # timm indexes its relative position tables without resizing them at inputs smaller than the size it was built
+    # for, and pools any height and width (a strided conv gives ⌈n / stride⌉): the castled model does the same, so it
+    # equals its source wherever the source runs, not only at multiples of the last stage's stride (32 px).
+    source = perturbed(SOURCES["mvitv2_tiny"][0](64))
+    castled = castle(source)
+    pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height * width))
+    assert_close_outputs(castled, source, pixels)
 
 
 def test_a_timm_checkpoint_folder_and_a_timm_wrapper_castle_exactly(tmp_path):
@@ -139,6 +152,60 @@ def test_a_timm_checkpoint_folder_and_a_timm_wrapper_castle_exactly(tmp_path):
     pixels = images(224, batch=1)
     with torch.no_grad():
         assert (castled(pixel_values=pixels).logits - wrapper(pixel_values=pixels).logits).abs().max() <= 1e-4
+
+
+def timm_hub_cache(cache: Path, repo_id: str, model) -> None:
+    """The Hub's cache of a timm repository, as a download leaves it: `refs/main` naming a snapshot that holds the
+    files `timm.models.push_to_hf_hub` uploads (config.json with the architecture, model.safetensors)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    snapshot = repo / "snapshots" / revision
+    timm.models.save_for_hf(model, snapshot)
+    config = json.loads((snapshot / "config.json").read_text())
+    del config["model_args"]  # what create_model was given here; the Hub's timm repositories carry none
+    (snapshot / "config.json").write_text(json.dumps(config))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_a_timm_hub_name_castles_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    timm_helper().let_transformers_use_timm()
+    source = perturbed(timm.create_model("mvitv2_tiny", num_classes=1000))
+    timm_hub_cache(tmp_path / "hub", "timm/mvitv2_tiny.fb_in1k", source)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    castled = castle("timm/mvitv2_tiny.fb_in1k")  # its config.json names no transformers class
+    assert_close_outputs(castled, source, images(224, batch=1))
+    assert castled.config.id2label[0] == "tench, Tinca tinca"  # ImageNet's names, as transformers gives them
+    processor = source_image_processor("timm/mvitv2_tiny.fb_in1k")
+    assert dict(processor.crop_size) == {"height": 224, "width": 224}
+
+
+def test_timm_sources_keep_their_class_names_and_processing_however_they_were_built():
+    # Built by create_model: ImageNet's class names where it has ImageNet's classes, its own where its config names
+    # them.
+    imagenet = timm.create_model("mvitv2_tiny", num_classes=1000)
+    assert castle(imagenet).config.id2label[1] == "goldfish, Carassius auratus"
+    named = timm.create_model("mvitv2_tiny", num_classes=3, pretrained_cfg_overlay={"label_names": ["a", "b", "c"]})
+    assert castle(named).config.id2label == {0: "a", 1: "b", 2: "c"}
+    # Built from its class, without a pretrained config: no relative position tables or position embeddings to tell
+    # its size, so timm's default; any size runs.
+    bare = perturbed(
+        MultiScaleVit(MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=8, num_heads=1, rel_pos_type=""), num_classes=3)
+    )
+    assert not hasattr(bare, "pretrained_cfg")
+    castled = castle(bare)
+    assert castled.config.image_size == 224 and castled.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert_close_outputs(castled, bare, images(64))
+    assert dict(source_image_processor(bare).crop_size) == {"height": 224, "width": 224}
+    # A transformers TimmWrapper object: its own labels, and timm's processing of its architecture.
+    timm_helper().let_transformers_use_timm()
+    wrapper = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="mvitv2_tiny", num_labels=2))
+    processor = source_image_processor(wrapper)
+    assert list(processor.image_mean) == [0.485, 0.456, 0.406] and dict(processor.crop_size)["height"] == 224
 
 
 def test_base_model_and_backbone_castles_give_the_source_features():

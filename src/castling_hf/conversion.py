@@ -15,6 +15,7 @@ import copy
 import inspect
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
+from .modeling_utils import with_castling_methods
 from .models.castling_vit import (
     CastlingViTBackbone,
     CastlingViTConfig,
@@ -38,6 +40,45 @@ from .models.castling_vit.configuration_castling_vit import SIZE_FIELDS
 # With these and α = 1, a castled layer is the source's softmax attention: the convex blend weighs the linear term by
 # 1 − α = 0, and the branch is dense. (γ = 1, so that the linear term is whole once α reaches 0.)
 EXACT_START = dict(linear_branch_blend="convex", linear_branch_scale_init=1.0, softmax_mask_threshold=None)
+
+
+def castling_start(overrides: dict) -> dict:
+    """`EXACT_START` with `overrides` on top, as a castled config takes them. Refuses the overrides that lose the
+    castled model's exact start or leave it without a linear term, and warns, by name, for those that change the
+    start or the switch (docs/design.md §9)."""
+    fields = {**EXACT_START, **overrides}
+    blend, gamma = fields["linear_branch_blend"], fields["linear_branch_scale_init"]
+    if blend == "additive" and gamma != 0:
+        raise ValueError(
+            f"castle(..., linear_branch_blend='additive') with linear_branch_scale_init={gamma:g} adds γ·(LA + DWConv) "
+            "to the source's attention from the first step, so the castled model would not start as its source. "
+            "Leave the blend to castle (convex), or give linear_branch_scale_init=0 for the additive blend of the "
+            "first castling (which measured far below its source after the switch: docs/design.md §9)."
+        )
+    if blend == "additive":
+        warnings.warn(
+            "castle(..., linear_branch_blend='additive', linear_branch_scale_init=0) starts exactly, but a model "
+            "castled with it keeps leaning on its softmax branch by shrinking γ and loses that at the switch "
+            "(measured: docs/design.md §9). Leave the blend to castle (convex) unless you are measuring that.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if blend == "convex" and gamma == 0:
+        raise ValueError(
+            "castle(..., linear_branch_scale_init=0) with the convex blend weighs the linear term by (1 − α)·γ = 0 "
+            "while γ is held, so the layers lose their attention as α falls and have none at the switch. Leave "
+            "linear_branch_scale_init to castle (1.0)."
+        )
+    if fields["softmax_mask_threshold"] is not None:
+        warnings.warn(
+            f"castle(..., softmax_mask_threshold={fields['softmax_mask_threshold']}) masks the softmax branch from the "
+            "first step, so the castled model does not start exactly as its source (with None, the default, it does).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return fields
+
+
 # Fields the source's weight shapes and token layout fix, so that castling cannot override them.
 SHAPE_FIELDS = (
     *SIZE_FIELDS,
@@ -339,7 +380,7 @@ def castling_config(
         del fields["id2label"], fields["label2id"]
         if "id2label" in overrides and "label2id" not in overrides:
             overrides = {**overrides, "label2id": {label: int(i) for i, label in overrides["id2label"].items()}}
-    return CastlingViTConfig(**{**fields, **EXACT_START, **overrides})
+    return CastlingViTConfig(**{**fields, **castling_start(overrides)})
 
 
 def labels_overridden(overrides: dict) -> bool:
@@ -433,20 +474,26 @@ def _head_weights(state: dict, table: dict[str, str]) -> dict:
     return renamed
 
 
-def load_source(model_or_path) -> PreTrainedModel:
-    """The source as a model; a directory or Hub name is loaded with the class its config records, strictly."""
-    if isinstance(model_or_path, PreTrainedModel):
-        return model_or_path
+def load_source(model_or_path) -> nn.Module:
+    """The source as a model: a model object as it is; a local timm checkpoint folder built by timm; a directory or
+    Hub name with a `transformers` config loaded strictly with the class that config records (a timm checkpoint on
+    the Hub, whose config records none, with `TimmWrapperForImageClassification`, as `transformers` reads it)."""
+    from .conversion_timm import timm_mvitv2_source
+
+    timm_source = timm_mvitv2_source(model_or_path)
+    if timm_source is not None:
+        return timm_source
     if isinstance(model_or_path, nn.Module):
+        if isinstance(model_or_path, PreTrainedModel):
+            return model_or_path
         raise TypeError(f"castle converts {SUPPORTED}; got a {type(model_or_path).__name__}.")
     config = AutoConfig.from_pretrained(model_or_path)
     refuse_castled(config)
-    architectures = config.architectures or []
-    source_class = getattr(transformers, architectures[0], None) if len(architectures) == 1 else None
+    source_class = source_model_class(config)
     if source_class is None:
         raise TypeError(
-            f"{model_or_path!r} names its model class {architectures or 'nowhere'} in its config; castle needs one "
-            "transformers class there to load it with."
+            f"{model_or_path!r} names its model class {config.architectures or 'nowhere'} in its config; castle needs "
+            "one transformers class there to load it with."
         )
     model, info = source_class.from_pretrained(model_or_path, output_loading_info=True)
     pooler_only = info["missing_keys"] and all(".pooler." in f".{key}" for key in info["missing_keys"])
@@ -461,6 +508,18 @@ def load_source(model_or_path) -> PreTrainedModel:
             + ". Converting it would leave those weights random, so nothing was converted."
         )
     return model
+
+
+def source_model_class(config: PreTrainedConfig) -> type | None:
+    """The `transformers` class a saved source's config records (`architectures`), or for a timm checkpoint, which
+    records none, the one `transformers` reads it with: `TimmWrapperForImageClassification`, or `TimmWrapperModel`
+    for one without a classifier."""
+    architectures = config.architectures or []
+    if len(architectures) == 1:
+        return getattr(transformers, architectures[0], None)
+    if config.model_type == "timm_wrapper" and not architectures:
+        return transformers.TimmWrapperForImageClassification if config.num_labels else transformers.TimmWrapperModel
+    return None
 
 
 def castle_base_or_classifier(source: PreTrainedModel, model_class=None, add_pooling_layer=None, **overrides):
@@ -526,9 +585,15 @@ def task_model_backbone(source: PreTrainedModel) -> str:
     return backbones[0]
 
 
-def source_part(source: PreTrainedModel) -> nn.Module:
+def source_part(source: nn.Module) -> nn.Module:
     """The part of a source that castling converts: a classifier's base model, a task model's backbone, or the source
-    itself (a base model or a backbone)."""
+    itself (a base model or a backbone); for a timm MViTv2, its final norm, whose output is its final tokens (what a
+    Castling-MViTv2 base model returns)."""
+    from .conversion_timm import timm_model_of
+
+    timm_model = timm_model_of(source)
+    if timm_model is not None:
+        return timm_model.norm
     family = FAMILIES.get(source.config.model_type)
     if family is None:
         return source.get_submodule(task_model_backbone(source))
@@ -549,7 +614,7 @@ def castle_task_model(source: PreTrainedModel, **overrides) -> PreTrainedModel:
     # A source loaded with from_pretrained records how it renamed the Hub's weight names, and save_pretrained would
     # rename the castled backbone's tensors back with it; without the record, saving finds the castled model's own.
     target.__dict__.pop("_weight_conversions", None)
-    return target
+    return with_castling_methods(target)
 
 
 def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bool | None = None, **overrides):
@@ -564,17 +629,23 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
     `linear_branch_blend="convex"` and `softmax_mask_threshold=None`, so that with α = 1 every layer computes
     exactly the source's softmax attention; `overrides` apply on top (Castling-ViT's own fields, or a new label set,
     which starts the classifier fresh). Fine-tune with `CastlingMaskDecayCallback`, or without labels distil from
-    the source with `CastlingDistillationTrainer`, then `switch_to_inference()`.
+    the source with `CastlingDistillationTrainer`, then `switch_to_inference()`. A task model comes back as its
+    own class with `CastlingMethods` added (`save_pretrained(..., inference=True)`, `switch_to_inference()`, ...).
+    Overrides that would lose the exact start are refused, or warned of, by name (`castling_start`).
     The source is left as it was; the castled model is on its device, in its dtype, in eval mode.
     """
-    from .conversion_timm import castle_mvitv2, is_timm_mvitv2, timm_mvitv2_source
+    from .conversion_timm import castle_mvitv2, timm_labels, timm_model_of
 
-    timm_source = timm_mvitv2_source(model_or_path)
-    if timm_source is not None:
-        return castle_mvitv2(timm_source, model_class=model_class, **overrides)
     source = load_source(model_or_path)
-    if source.config.model_type == "timm_wrapper" and is_timm_mvitv2(source.timm_model):
-        return castle_mvitv2(source.timm_model, source.config.id2label, model_class, **overrides)
+    timm_model = timm_model_of(source)
+    if timm_model is not None:
+        labels = source.config.id2label if isinstance(source, PreTrainedModel) else timm_labels(timm_model)
+        return castle_mvitv2(timm_model, labels, model_class, **overrides)
+    if source.config.model_type == "timm_wrapper":
+        raise TypeError(
+            f"castle converts timm's MViTv2 among timm's models; got the timm architecture "
+            f"{source.config.architecture!r}."
+        )
     if type(source).__name__ in {family.backbone for family in FAMILIES.values()}:
         target = castle_backbone(source, **overrides)
     elif source.config.model_type in FAMILIES:
@@ -592,16 +663,16 @@ def source_image_processor(model_or_path):
     DeiT, Dinov2 and DINOv3, 0.5 for ViT), in the class `transformers` gives its model type (a task model's own:
     UperNet's, DPT's, ...). A processor class that needs torchvision where it is not installed (DINOv3's) becomes
     ViT's PIL processor with the same size, mean and std: both resize, rescale and normalise."""
-    from .conversion_timm import timm_image_processor, timm_mvitv2_source
+    from .conversion_timm import is_timm_checkpoint, timm_image_processor, timm_model_of
 
-    timm_source = timm_mvitv2_source(model_or_path)
-    if timm_source is not None:
-        return timm_image_processor(timm_source)
-    if isinstance(model_or_path, (str, os.PathLike)):
+    local_timm = isinstance(model_or_path, (str, os.PathLike)) and is_timm_checkpoint(model_or_path)
+    if isinstance(model_or_path, (str, os.PathLike)) and not local_timm:
         try:
             settings, _ = ImageProcessingMixin.get_image_processor_dict(model_or_path)
         except OSError:  # saved without a processor
             settings = None
+        if settings is not None and "data_config" in settings:  # a TimmWrapperImageProcessor: timm's settings
+            return timm_image_processor(None, settings["data_config"])
         if settings is not None:
             try:
                 return AutoImageProcessor.from_pretrained(model_or_path)
@@ -610,6 +681,9 @@ def source_image_processor(model_or_path):
                     raise
                 return _portable_image_processor(settings)
     source = load_source(model_or_path)
+    timm_model = timm_model_of(source)
+    if timm_model is not None:  # timm's evaluation preprocessing, from the checkpoint's pretrained config
+        return timm_image_processor(timm_model, getattr(getattr(source, "config", None), "pretrained_cfg", None))
     transformer = source_part(source)
     settings = FAMILIES[transformer.config.model_type].image_processor(transformer.config)
     if source.config.model_type not in FAMILIES:  # a task model: its processor's sizes, its backbone's normalisation

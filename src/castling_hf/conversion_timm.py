@@ -17,7 +17,7 @@ from torch import nn
 from transformers import BitImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
-from .conversion import EXACT_START, castling_key, check_and_load, labels_overridden
+from .conversion import castling_key, castling_start, check_and_load, labels_overridden
 from .models.castling_mvitv2 import (
     CastlingMViTv2Backbone,
     CastlingMViTv2Config,
@@ -61,6 +61,15 @@ class _Table:
 
 def is_timm_mvitv2(model) -> bool:
     return type(model).__name__ == "MultiScaleVit" and type(model).__module__.startswith("timm.")
+
+
+def timm_model_of(source) -> nn.Module | None:
+    """The timm MViTv2 that a source is or wraps (`TimmWrapperModel` / `TimmWrapperForImageClassification`); None for
+    any other source."""
+    if is_timm_mvitv2(source):
+        return source
+    wrapped = getattr(source, "timm_model", None)
+    return wrapped if wrapped is not None and is_timm_mvitv2(wrapped) else None
 
 
 def is_timm_checkpoint(folder) -> bool:
@@ -170,7 +179,7 @@ def mvitv2_config(model) -> dict:
 
 def source_image_size(model) -> int:
     """The resolution the source's relative position tables (else its position embeddings, else its pretrained
-    config) were made for: timm does not keep it on the model."""
+    config, else timm's default 224 px) were made for: timm does not keep it on the model."""
     first = model.stages[0].blocks[0].attn
     stride = model.patch_embed.proj.stride[0]
     if getattr(first, "rel_pos_h", None) is not None:
@@ -179,13 +188,28 @@ def source_image_size(model) -> int:
         return side * min(stride_of(first.pool_q)[1], stride_of(first.pool_k)[1]) * stride
     if model.pos_embed is not None:
         return int(round((model.pos_embed.shape[1] - (model.cls_token is not None)) ** 0.5)) * stride
-    return model.pretrained_cfg["input_size"][-1]
+    return (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+
+
+def timm_labels(model) -> dict[int, str] | None:
+    """The class names of a timm classifier, as `transformers` names a timm checkpoint's: its pretrained config's
+    `label_names`, else ImageNet's class descriptions where its number of classes is an ImageNet subset's (timm's
+    `infer_imagenet_subset`), else None."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if names is None and model.num_classes:
+        data = import_timm().data
+        subset = data.infer_imagenet_subset(model)
+        if subset:
+            info = data.ImageNetInfo(subset)
+            descriptions = info.label_descriptions(as_dict=True)
+            names = [descriptions[synset] for synset in info.label_names()]
+    return dict(enumerate(names)) if names is not None else None
 
 
 def castle_mvitv2(source, labels: dict | None = None, model_class=None, **overrides):
     """A Castling-MViTv2 (a classifier where the source has a head, else the bare model) from a timm
-    `MultiScaleVit`, with its weights and the exact start of `conversion.EXACT_START`; `labels` names the classes (a
-    `TimmWrapperForImageClassification`'s id2label)."""
+    `MultiScaleVit`, with its weights and the exact start of `conversion.castling_start`; `labels` names the classes
+    (`timm_labels`, or a `TimmWrapperForImageClassification`'s id2label), `LABEL_i` where None."""
     fields = mvitv2_config(source)
     fixed = sorted(set(overrides) & set(fields) - {"drop_path_rate", "classifier_dropout_prob"})
     if fixed:
@@ -198,7 +222,7 @@ def castle_mvitv2(source, labels: dict | None = None, model_class=None, **overri
     if has_head and not labels_overridden(overrides):
         labels = labels or {index: f"LABEL_{index}" for index in range(source.num_classes)}
         fields.update(id2label=dict(labels), label2id={name: int(index) for index, name in labels.items()})
-    target = model_class(CastlingMViTv2Config(**{**fields, **EXACT_START, **overrides}))
+    target = model_class(CastlingMViTv2Config(**{**fields, **castling_start(overrides)}))
     prefix = f"{target.base_model_prefix}." if isinstance(target, CastlingMViTv2ForImageClassification) else ""
     mapped = {}
     for key, tensor in source.state_dict().items():
@@ -215,19 +239,23 @@ def castle_mvitv2(source, labels: dict | None = None, model_class=None, **overri
     return target.to(device=reference.device, dtype=reference.dtype).eval()
 
 
-def timm_image_processor(model) -> BitImageProcessorPil:
-    """The evaluation preprocessing of a timm model's pretrained config as a `transformers` PIL processor: resize the
-    shortest edge to input_size / crop_pct (bicubic or bilinear), centre-crop input_size, normalise with its mean and
-    std (timm's `resolve_data_config` + `create_transform`)."""
-    settings = model.pretrained_cfg
-    size = settings["input_size"][-1]
-    resample = PILImageResampling.BICUBIC if settings.get("interpolation") == "bicubic" else PILImageResampling.BILINEAR
+def timm_image_processor(model, pretrained_cfg: dict | None = None) -> BitImageProcessorPil:
+    """The evaluation preprocessing of a timm model as a `transformers` PIL processor: resize the shortest edge to
+    input_size / crop_pct (bicubic or bilinear), centre-crop input_size, normalise with its mean and std. The settings
+    come from `pretrained_cfg` (a timm checkpoint's, or a `TimmWrapperImageProcessor`'s `data_config`) where given,
+    else from timm's own `resolve_data_config` for `model` (its pretrained config, or for a model built without one,
+    timm's defaults at the size it was built for)."""
+    if pretrained_cfg is None:
+        made_for = getattr(model, "pretrained_cfg", None) or {"input_size": (3, *(source_image_size(model),) * 2)}
+        pretrained_cfg = import_timm().data.resolve_data_config(pretrained_cfg=made_for, model=model)
+    size = pretrained_cfg["input_size"][-1]
+    bicubic = pretrained_cfg.get("interpolation", "bicubic") == "bicubic"
     return BitImageProcessorPil(
-        size={"shortest_edge": math.floor(size / settings.get("crop_pct", 0.875))},
+        size={"shortest_edge": math.floor(size / pretrained_cfg.get("crop_pct", 0.875))},
         crop_size={"height": size, "width": size},
-        resample=resample,
-        image_mean=list(settings["mean"]),
-        image_std=list(settings["std"]),
+        resample=PILImageResampling.BICUBIC if bicubic else PILImageResampling.BILINEAR,
+        image_mean=list(pretrained_cfg.get("mean", (0.485, 0.456, 0.406))),
+        image_std=list(pretrained_cfg.get("std", (0.229, 0.224, 0.225))),
         do_convert_rgb=True,
     )
 
@@ -239,4 +267,6 @@ __all__ = [
     "load_timm_checkpoint",
     "mvitv2_config",
     "timm_image_processor",
+    "timm_labels",
+    "timm_model_of",
 ]
