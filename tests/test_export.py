@@ -4,6 +4,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+import torch._dynamo.testing
 
 from castling_hf import CastlingViTForImageClassification
 
@@ -48,17 +49,24 @@ def test_onnx_export_runs_in_onnxruntime(linear_model, tmp_path):
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("blend", ["additive", "convex"])  # convex: what castle sets, γ held while α > 0
 @pytest.mark.parametrize("threshold", [None, 1.3], ids=["dense branch", "masked branch"])
-def test_training_form_exports_and_compiles_whole_as_alpha_changes(make_config, threshold):
+def test_training_form_exports_and_compiles_whole_as_alpha_changes(make_config, threshold, blend):
     # α enters the graph as a tensor and its skip at 0 is a host-side flag: no data-dependent branch, so the training
     # form exports, compiles into one graph, and changing α recompiles nothing until α reaches 0 (once).
-    model = CastlingViTForImageClassification(make_config(softmax_mask_threshold=threshold)).eval()
+    model = CastlingViTForImageClassification(
+        make_config(softmax_mask_threshold=threshold, linear_branch_blend=blend)
+    ).eval()
+    with torch.no_grad():  # γ away from 1, so that the held and the released γ give different gradients
+        for layer in model.castling_vit.encoder.layers:
+            layer.attention.linear_branch_scale.uniform_(0.5, 1.5)
     model.set_softmax_mask_scale(0.5)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         exported = torch.export.export(model, (pixel_values,))
         torch.testing.assert_close(exported.module()(pixel_values).logits, model(pixel_values).logits)
 
+    torch._dynamo.reset()  # the parametrisations compile the same code: each counts its own graphs
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     for alpha in (0.5, 0.25, 0.0):

@@ -1,3 +1,4 @@
+import copy
 import math
 import socket
 
@@ -6,7 +7,12 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
-from castling_hf import CastlingMaskDecayCallback, CastlingViTForImageClassification, softmax_mask_scale
+from castling_hf import (
+    CastlingMaskDecayCallback,
+    CastlingViTForImageClassification,
+    softmax_mask_scale,
+    switch_to_inference,
+)
 from castling_hf.modeling_utils import softmax_branches
 
 TOTAL_STEPS = 8
@@ -200,3 +206,92 @@ def test_resuming_in_the_middle_of_the_decay_matches_an_uninterrupted_run(make_c
     full, resumed = full_model.state_dict(), resumed_model.state_dict()
     assert full.keys() == resumed.keys()
     assert all(torch.allclose(full[name], resumed[name], atol=1e-5) for name in full)
+
+
+def test_a_held_gamma_leaves_the_optimizers_step_untouched_weight_decay_included(make_config, tmp_path):
+    # The convex blend (what castle sets) holds γ while α > 0: in the graph, with a zero gradient, which AdamW would
+    # still decay. The callback drops that gradient before the step, so γ stays exactly as it was until α is 0.
+    model = CastlingViTForImageClassification(make_config(linear_branch_blend="convex"))
+    seen = {}
+
+    class RecordGamma(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen[state.global_step] = torch.cat([p.detach().clone() for p in gammas(model)])
+
+    def gammas(model):
+        return [layer.attention.linear_branch_scale for layer in model.castling_vit.encoder.layers]
+
+    start = torch.cat([p.detach().clone() for p in gammas(model)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=TOTAL_STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        weight_decay=0.5,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=RandomImages(),
+        callbacks=[CastlingMaskDecayCallback(end=0.5, schedule="linear"), RecordGamma()],
+    ).train()
+    # α is 0 from step 4 on: γ is held through the optimizer steps of steps 1 … 4 (α of their forward passes > 0).
+    for step in range(1, 5):
+        assert torch.equal(seen[step], start), step
+    assert not torch.equal(seen[TOTAL_STEPS], start)  # released, it learns
+
+
+def test_evaluations_during_training_measure_the_switched_model_and_restore_alpha(make_config, tmp_path):
+    model = CastlingViTForImageClassification(make_config())
+    evaluated = {}
+
+    class CompareWithTheSwitch(TrainerCallback):
+        """Before each evaluation the decay callback has run: the loss a switched copy gives is what is measured."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_evaluate:
+                alphas = model.softmax_mask_scales()
+                switched = switch_to_inference(copy.deepcopy(model).eval(), force=True)
+                data = RandomImages()
+                with torch.no_grad():
+                    loss = switched(pixel_values=data.images, labels=data.labels).loss.item()
+                evaluated[state.global_step] = {"alphas": set(alphas.values()), "switched_loss": loss}
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            evaluated[state.global_step]["metrics"] = dict(metrics)
+            evaluated[state.global_step]["alpha_after"] = set(model.softmax_mask_scales().values())
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=TOTAL_STEPS,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=64,
+        learning_rate=3e-3,
+        eval_strategy="steps",
+        eval_steps=2,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    decay = CastlingMaskDecayCallback(start=0.0, end=0.75)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=RandomImages(),
+        eval_dataset=RandomImages(),
+        callbacks=[decay, CompareWithTheSwitch()],
+    )
+    trainer.train()
+    assert sorted(evaluated) == [2, 4, 6, 8]
+    for step, record in evaluated.items():
+        # Evaluated at α = 0 in every layer, whatever α the training had reached; α as it was afterwards.
+        assert record["metrics"]["eval_loss"] == pytest.approx(record["switched_loss"], rel=1e-5)
+        assert record["metrics"]["softmax_mask_scale"] == 0.0
+        assert record["alpha_after"] == {as_buffer(softmax_mask_scale(step, TOTAL_STEPS, end=0.75))}
+    assert 0 < softmax_mask_scale(2, TOTAL_STEPS, end=0.75) < 1  # the first evaluation lies inside the decay

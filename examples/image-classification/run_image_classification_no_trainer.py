@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from castling_hf import softmax_mask_scale
+from castling_hf import clear_held_gradients, softmax_mask_scale
 from castling_hf.hub import push_inference_checkpoint, write_inference_checkpoint
 from castling_hf.metrics import Accuracy
 from castling_hf.model_card import training_run_card
@@ -134,6 +134,7 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
+                clear_held_gradients(castling_model)  # a held γ (castled models) leaves the step untouched
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()

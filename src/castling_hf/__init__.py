@@ -34,7 +34,7 @@ from .models.castling_vit import (
     CastlingViTPreTrainedModel,
 )
 from .registration import image_processor_for, register_auto_classes
-from .training import CastlingMaskDecayCallback, softmax_mask_scale
+from .training import CastlingMaskDecayCallback, clear_held_gradients, softmax_mask_scale
 
 register_auto_classes()
 
@@ -53,6 +53,7 @@ __all__ = [
     "CastlingDistillationTrainer",
     "CastlingMaskDecayCallback",
     "castle",
+    "clear_held_gradients",
     "measure_softmax_mask_kept_shares",
     "set_softmax_mask_scale",
     "softmax_mask_kept_shares",

@@ -1,20 +1,24 @@
 """The mask decay (docs/design.md §4): α, the weight of the auxiliary softmax branch, goes from 1 to 0 during training.
 
 `softmax_mask_scale(step, total_steps, ...)` is the schedule as a plain function, for custom loops;
-`CastlingMaskDecayCallback` applies it on every step of a `transformers.Trainer` run.
+`CastlingMaskDecayCallback` applies it on every step of a `transformers.Trainer` run, keeps a held γ out of the
+optimizer's step, and evaluates during training the model the switch would give.
 """
 
 import math
 from numbers import Integral, Real
 
 from accelerate.utils import extract_model_from_parallel
+from torch import nn
 from transformers import TrainerCallback
 
+from .attention import live_softmax_mask_scale
 from .modeling_utils import (
     measure_softmax_mask_kept_shares,
     set_softmax_mask_scale,
     softmax_branches,
     softmax_mask_kept_shares,
+    softmax_mask_scales,
 )
 
 DECAY_SCHEDULES = {
@@ -86,6 +90,26 @@ def softmax_mask_scale(step: int, total_steps: int | None, start=0.0, end=0.75, 
     return DECAY_SCHEDULES[schedule]((step - start_step) / (end_step - start_step))
 
 
+def held_linear_branch_scales(model: nn.Module) -> list[nn.Parameter]:
+    """γ of every Castling attention in `model` that holds it: a layer of the convex blend whose branch still lives
+    (`attention.linear_branch_weight`). Its gradient is exactly 0."""
+    return [
+        module.linear_branch_scale
+        for module in model.modules()
+        if getattr(module, "linear_branch_blend", None) == "convex"
+        and live_softmax_mask_scale(getattr(module, "softmax_branch", None)) is not None
+    ]
+
+
+def clear_held_gradients(model: nn.Module) -> None:
+    """Set the gradient of every held γ in `model` to None, between the backward pass and the optimizer's step, so
+    that the optimizer leaves γ as it is: PyTorch's optimizers skip a parameter without a gradient, its weight decay
+    and moments included, where a zero gradient would still decay it. `CastlingMaskDecayCallback` does this in a
+    `Trainer` run; call it in a custom loop (after `accelerator.backward`, before `optimizer.step()`)."""
+    for scale in held_linear_branch_scales(model):
+        scale.grad = None
+
+
 def logs_step(args, state, step: int) -> bool:
     """Whether the Trainer writes training logs after optimizer step `step`, as its `DefaultFlowCallback` decides;
     every step under the epoch strategy, since which step ends an epoch is not known in advance, and for a custom
@@ -108,12 +132,23 @@ class CastlingMaskDecayCallback(TrainerCallback):
     from `softmax_mask_kept_shares(model)`), which shows whether the branch is alive. The layers count what they keep
     only on the steps that are logged, so that the other steps pay nothing for it. The model may be a Castling-ViT model
     or any model holding Castling layers (e.g. `UperNetForSemanticSegmentation` on a `CastlingViTBackbone`).
+
+    A held γ (the convex blend while α > 0) leaves the optimizer's step untouched, weight decay included
+    (`clear_held_gradients`).
+
+    With `evaluate_switched` (the default), the evaluations the Trainer runs during training measure the model the
+    switch would give at that step (α = 0 in every layer, restored afterwards): what a checkpoint chosen by them
+    keeps, so that `metric_for_best_model`, `load_best_model_at_end` and early stopping select the model that will be
+    deployed. A checkpoint loaded as the best may then still have α ≠ 0: its switch (`switch_to_inference(model,
+    force=True)`) gives exactly the model that was evaluated.
     """
 
-    def __init__(self, start=0.0, end=0.75, schedule: str = "cosine"):
+    def __init__(self, start=0.0, end=0.75, schedule: str = "cosine", evaluate_switched: bool = True):
         check_decay_arguments(start, end, schedule)
         self.start, self.end, self.schedule = start, end, schedule
+        self.evaluate_switched = evaluate_switched
         self.current_scale: float | None = None
+        self._scales_before_evaluation: dict[str, float] | None = None
 
     def _apply(self, state, model) -> None:
         total_steps = state.max_steps if state.max_steps and state.max_steps > 0 else None
@@ -138,14 +173,39 @@ class CastlingMaskDecayCallback(TrainerCallback):
             extract_model_from_parallel(model), logs_step(args, state, state.global_step + 1)
         )
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        clear_held_gradients(extract_model_from_parallel(model))
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # α for the next step; after the last one this is the final α (0 when `end` lies within the run).
         self._apply(state, model)
+        self._switch_for_evaluation(control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._switch_for_evaluation(control, model)
+
+    def _switch_for_evaluation(self, control, model) -> None:
+        """Before an evaluation the Trainer is about to run (`DefaultFlowCallback` has just asked for it), α = 0."""
+        if not (self.evaluate_switched and control.should_evaluate) or self._scales_before_evaluation is not None:
+            return
+        castling_model = extract_model_from_parallel(model)
+        self._scales_before_evaluation = softmax_mask_scales(castling_model)
+        set_softmax_mask_scale(castling_model, 0.0)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self._scales_before_evaluation is None:
+            return
+        branches = softmax_branches(extract_model_from_parallel(model))
+        for name, alpha in self._scales_before_evaluation.items():
+            branches[name].set_scale(alpha)  # before the checkpoint that may follow is saved
+        self._scales_before_evaluation = None
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or self.current_scale is None:
             return
-        added = {"softmax_mask_scale": self.current_scale}
+        # An evaluation's log is written before `on_evaluate`: one run switched reads α = 0.
+        switched = self._scales_before_evaluation is not None
+        added = {"softmax_mask_scale": 0.0 if switched else self.current_scale}
         kept = softmax_mask_kept_shares(extract_model_from_parallel(model)) if model is not None else {}
         if kept:
             added["softmax_mask_kept_share"] = sum(kept.values()) / len(kept)
@@ -158,6 +218,7 @@ class CastlingMaskDecayCallback(TrainerCallback):
 __all__ = [
     "CastlingMaskDecayCallback",
     "DECAY_SCHEDULES",
+    "clear_held_gradients",
     "decay_window",
     "softmax_mask_scale",
 ]
