@@ -1,9 +1,16 @@
 """Castling without labels: the distillation loss, the Trainer that minimises it, and the fidelity report."""
 
+import copy
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from transformers import (
     Dinov2Config,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
     TrainingArguments,
     UperNetConfig,
     UperNetForSemanticSegmentation,
@@ -19,8 +26,19 @@ from castling_hf.distillation import (
     castled_part,
     distillation_losses,
     relative_squared_error,
+    run_model,
     soft_label_divergence,
 )
+
+ROOT = Path(__file__).parents[1]
+
+
+def timm_helper():
+    spec = importlib.util.spec_from_file_location("timm_import", ROOT / "benchmarks" / "timm_without_torchvision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
@@ -102,8 +120,8 @@ def test_the_parts_compared_are_the_castled_encoder_and_the_sources_own():
     assert castled_part(castled) is castled.backbone
 
 
-def training_arguments(tmp_path, steps: int) -> TrainingArguments:
-    return TrainingArguments(
+def training_arguments(tmp_path, steps: int, **overrides) -> TrainingArguments:
+    settings = dict(
         output_dir=str(tmp_path),
         max_steps=steps,
         per_device_train_batch_size=16,
@@ -116,6 +134,7 @@ def training_arguments(tmp_path, steps: int) -> TrainingArguments:
         disable_tqdm=True,
         use_cpu=True,
     )
+    return TrainingArguments(**{**settings, **overrides})
 
 
 def test_distillation_without_labels_brings_the_switched_model_close_to_its_source(tmp_path):
@@ -162,17 +181,172 @@ def test_evaluation_reports_the_distillation_loss_on_held_out_images(tmp_path):
     assert metrics["eval_loss"] > 1e-3
 
 
-def test_fidelity_is_exact_at_the_start_and_measured_at_another_resolution():
-    teacher = pretrained(ViTForImageClassification(ViTConfig(**TINY, num_labels=5)))
-    student = castle(teacher)
+def test_fidelity_is_exact_at_the_start_measured_at_another_resolution_and_in_eval_mode():
+    # Dropout everywhere: a model left in training mode would not compute what its source computes.
+    noisy = dict(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    teacher = pretrained(ViTForImageClassification(ViTConfig(**TINY, **noisy, num_labels=5))).train()
+    student = castle(teacher).train()
     for size in (32, 64):  # 64: the position embeddings of both are resized
         report = fidelity(student, teacher, images(8, size))
+        assert report["resolution"] == [size, size]
         assert report["feature_cosine"] == pytest.approx(1.0, abs=1e-6)
         assert report["feature_relative_error"] < 1e-5 and report["output_relative_error"] < 1e-5
         assert report["prediction_agreement"] == 1.0
-    assert not student.training and not teacher.training
+    assert student.training and teacher.training  # ran in eval mode, left as they were
+
+
+class ElsewhereTensor(torch.Tensor):
+    """A tensor on another device than the model's, as a loader's batches are on a GPU run: moved to a device
+    (`.to(device)`) it is a plain tensor; any other operation but a slice or reading its shape fails, as one mixing
+    devices does (a change of dtype alone leaves it where it was)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = super().__torch_function__(func, types, args, kwargs)
+        if func is torch.Tensor.to:
+            moved = "device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args[1:])
+            return result.as_subclass(torch.Tensor) if moved else result
+        if func in (torch.Tensor.__getitem__, torch.Tensor.dim, torch.Tensor.size, torch.Tensor.__len__):
+            return result
+        if getattr(func, "__name__", "") == "__get__":  # shape, dtype, device
+            return result
+        raise RuntimeError(f"Expected all tensors to be on the same device, but {func} got one on another.")
+
+
+def test_fidelity_reads_batches_moves_them_to_the_models_device_and_scores_labels():
+    teacher = pretrained(ViTForImageClassification(ViTConfig(**TINY, num_labels=5)))
+    student = castle(teacher)
+    student.set_softmax_mask_scale(0.0)  # away from the source, so that the counts mean something
+    pixels, labels = images(10), torch.arange(10) % 5
+    with torch.no_grad():
+        predicted = {
+            name: model(pixel_values=pixels).logits.argmax(1)
+            for name, model in (("castled", student), ("source", teacher))
+        }
+    elsewhere = [{"pixel_values": pixels[i : i + 4], "labels": labels[i : i + 4]} for i in range(0, 10, 4)]
+    elsewhere = [{key: value.as_subclass(ElsewhereTensor) for key, value in batch.items()} for batch in elsewhere]
+    with pytest.raises(RuntimeError, match="same device"):  # what the source meets with the batches as they are
+        teacher(pixel_values=elsewhere[0]["pixel_values"])
+    streamed = fidelity(student, teacher, elsewhere)
+    whole = fidelity(student, teacher, pixels, labels, batch_size=3)
+    assert streamed == pytest.approx(whole, rel=1e-5)
+    for name, classes in predicted.items():
+        assert whole[f"{name}_accuracy"] == pytest.approx((classes == labels).float().mean().item())
+    agreement = (predicted["castled"] == predicted["source"]).float().mean().item()
+    assert whole["prediction_agreement"] == pytest.approx(agreement) and agreement < 1
 
 
 def test_the_trainer_needs_a_teacher():
     with pytest.raises(ValueError, match="needs teacher_model"):
         CastlingDistillationTrainer(model=castle(ViTModel(ViTConfig(**TINY))))
+
+
+def dinov3_with_its_training_noise():
+    """A DINOv3 whose training mode draws random numbers: RoPE augmentation (shift, jitter, rescale) and stochastic
+    depth, which castling carries over."""
+    return DINOv3ViTModel(
+        DINOv3ViTConfig(
+            **TINY,
+            num_register_tokens=2,
+            pos_embed_shift=0.2,
+            pos_embed_jitter=1.5,
+            pos_embed_rescale=2.0,
+            drop_path_rate=0.3,
+        )
+    )
+
+
+def test_the_student_sees_what_its_teacher_sees_so_the_loss_starts_at_zero(tmp_path):
+    teacher = pretrained(dinov3_with_its_training_noise())
+    student = castle(teacher)
+    args = training_arguments(tmp_path, 4, learning_rate=0.0, logging_steps=1)
+    trainer = CastlingDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=[{"pixel_values": pixels} for pixels in images(48)],
+        callbacks=[CastlingMaskDecayCallback(start=3, end=4)],  # α = 1 in every forward pass
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and max(losses) < 1e-10  # α = 1 and the same inputs: the castled model is its source
+
+    noisy = CastlingDistillationTrainer(
+        model=castle(teacher),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=trainer.train_dataset,
+        callbacks=[CastlingMaskDecayCallback(start=3, end=4)],
+        training_noise=True,
+    )
+    noisy.train()
+    assert max(entry["loss"] for entry in noisy.state.log_history if "loss" in entry) > 1e-6  # asked for: it differs
+
+
+def test_gradient_accumulation_of_batches_with_labels_steps_as_the_whole_batch_does(tmp_path):
+    teacher = pretrained(ViTForImageClassification(ViTConfig(**TINY, num_labels=5)))
+    data = [{"pixel_values": pixels, "labels": torch.tensor(0)} for pixels in images(16)]  # labels: ignored
+    start = switch_to_inference(castle(teacher), force=True)  # the linear form: away from the source, it learns
+    trained = {}
+    for accumulation in (1, 2):
+        student = copy.deepcopy(start)
+        args = training_arguments(
+            tmp_path / str(accumulation),
+            1,
+            per_device_train_batch_size=16 // accumulation,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=0.5,
+        )
+        CastlingDistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=data,
+            feature_loss_weight=0.0,  # the KL is a mean over images: two halves average to the whole batch's
+        ).train()
+        trained[accumulation] = dict(student.named_parameters())
+    assert max((trained[2][name] - value).abs().max().item() for name, value in start.named_parameters()) > 1e-3
+    for name, value in trained[1].items():
+        torch.testing.assert_close(trained[2][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_under_bf16_the_teacher_runs_in_the_students_autocast(tmp_path):
+    teacher = pretrained(ViTForImageClassification(ViTConfig(**TINY, num_labels=5)))
+    AcceleratorState._reset_state(True)  # the process's accelerate state, as a new run in its own process has it
+    args = training_arguments(tmp_path, 1, bf16=True)
+    trainer = CastlingDistillationTrainer(model=castle(teacher), teacher_model=teacher, args=args)
+    computed = []
+    first_projection = next(module for module in teacher.modules() if isinstance(module, torch.nn.Linear))
+    handle = first_projection.register_forward_hook(lambda module, args, output: computed.append(output.dtype))
+    run_model(trainer.teacher_model, images(2))
+    handle.remove()
+    assert computed == [torch.bfloat16]
+    assert next(teacher.parameters()).dtype == torch.float32  # computed in bf16, kept in fp32 as the student is
+
+
+def test_a_castled_timm_mvitv2_distils_and_is_scored(tmp_path):
+    timm = timm_helper().import_timm()
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    teacher = pretrained(
+        MultiScaleVit(
+            MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=8, num_heads=1, use_cls_token=True),
+            img_size=32,
+            num_classes=4,
+        )
+    )
+    assert timm and source_part(teacher) is teacher.norm  # its final tokens, as the castled base model returns them
+    student = castle(teacher)
+    report = fidelity(student, teacher, images(4))
+    assert report["feature_relative_error"] < 1e-5 and report["prediction_agreement"] == 1.0
+    trainer = CastlingDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=training_arguments(tmp_path, 4),
+        train_dataset=[{"pixel_values": pixels} for pixels in images(64)],
+    )
+    trainer.train()
+    assert set(student.softmax_mask_scales().values()) == {0.0}
+    assert {"loss_logits_kl", "loss_features"} <= set(trainer.state.log_history[0])

@@ -1,8 +1,8 @@
 """Castling without labels (docs/design.md §9): a castled model learns from its frozen source, on images alone.
 
 The student is what `castle` made of the teacher, so the two share their structure: the part castling converted
-(a base model, or a task model's backbone) returns the same features in the same layout, and the task head, if any,
-is the source's own. The loss compares what both compute:
+(a base model, a task model's backbone, or a timm MViTv2's stages up to its final norm) returns the same features in
+the same layout, and the task head, if any, is the source's own. The loss compares what both compute:
 
     KL(softmax(t/T) ‖ softmax(s/T))·T²   on the class logits (image or per-pixel), for a classifier or segmenter
     + ‖s − t‖² / ‖t‖²                     on the predicted depth, for a depth estimator
@@ -18,23 +18,46 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from torch import nn
-from transformers import Trainer
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+from transformers import PreTrainedModel, Trainer
+from transformers.modeling_outputs import ImageClassifierOutput
 
+from .attention import CastlingSoftmaxBranch
 from .conversion import source_part
-from .modeling_utils import softmax_branches
+from .metrics import segmentation_scores
+from .modeling_utils import CastlingDropPath, softmax_branches
+from .models.castling_mvitv2 import CastlingMViTv2Backbone, CastlingMViTv2Model
 from .models.castling_vit import CastlingViTBackbone, CastlingViTModel
+from .models.castling_vit.modeling_castling_vit import CastlingViTRotaryEmbedding
 from .training import CastlingMaskDecayCallback
+
+# The part castling converts, in each family: the encoder or the backbone.
+CASTLED_PARTS = (CastlingViTModel, CastlingViTBackbone, CastlingMViTv2Model, CastlingMViTv2Backbone)
+# Modules that draw random numbers in training mode: dropout, stochastic depth, DINOv3's augmentation of the rotary
+# positions, and the softmax branch (its attention dropout).
+RANDOM_IN_TRAINING = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    CastlingDropPath,
+    CastlingViTRotaryEmbedding,
+    CastlingSoftmaxBranch,
+)
 
 
 def castled_part(model: nn.Module) -> nn.Module:
-    """The Castling-ViT encoder or backbone inside `model` (a castled classifier, base model, backbone or task
-    model): the part castling converted, whose features the distillation compares."""
-    parts = [module for module in model.modules() if isinstance(module, (CastlingViTModel, CastlingViTBackbone))]
+    """The Castling encoder or backbone inside `model` (a castled classifier, base model, backbone or task model, of
+    either family): the part castling converted, whose features the distillation compares."""
+    parts = [module for module in model.modules() if isinstance(module, CASTLED_PARTS)]
     if not parts:
         raise TypeError(
-            f"{type(model).__name__} holds no Castling-ViT encoder or backbone; give the model castling_hf.castle "
-            "made of the source."
+            f"{type(model).__name__} holds no Castling encoder or backbone; give the model castling_hf.castle made "
+            "of the source."
         )
     return parts[0]
 
@@ -42,10 +65,14 @@ def castled_part(model: nn.Module) -> nn.Module:
 @contextmanager
 def captured_features(part: nn.Module):
     """Within the block, `features[0]` is the output of `part`'s last forward pass: its final hidden states
-    (`last_hidden_state`) or its feature maps (`feature_maps`), as a tuple of tensors."""
+    (`last_hidden_state`), its feature maps (`feature_maps`), or the tensor it returns (a timm model's final norm),
+    as a tuple of tensors."""
     features = []
 
     def keep(module, args, output):
+        if isinstance(output, torch.Tensor):
+            features[:] = [(output,)]
+            return
         maps = getattr(output, "feature_maps", None)
         features[:] = [tuple(maps) if maps is not None else (output.last_hidden_state,)]
 
@@ -54,6 +81,16 @@ def captured_features(part: nn.Module):
         yield features
     finally:
         handle.remove()
+
+
+def run_model(model: nn.Module, pixel_values: torch.Tensor):
+    """`model`'s outputs on `pixel_values`: a `transformers` model's own (its position embeddings resized for a
+    resolution other than its own, where its forward takes `interpolate_pos_encoding`), a timm model's logits as an
+    `ImageClassifierOutput`."""
+    if isinstance(model, PreTrainedModel):
+        accepts = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        return model(pixel_values=pixel_values, **({"interpolate_pos_encoding": True} if accepts else {}))
+    return ImageClassifierOutput(logits=model(pixel_values))
 
 
 def relative_squared_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -118,17 +155,22 @@ class CastlingDistillationTrainer(Trainer):
 
     The loss is `distillation_losses` summed: the KL divergence of the class logits at `temperature` (classifiers,
     segmenters), the relative squared error of the predicted depth (depth estimators), and that of the castled part's
-    features times `feature_loss_weight` (always, unless 0). Labels in the batch are ignored; only `pixel_values` is
-    read. Evaluation reports the same loss on the evaluation images (`eval_loss`) and its terms (`eval_logits_kl`,
-    ...).
+    features times `feature_loss_weight` (always, unless 0). It is a mean over the batch: labels in the batch are
+    ignored (only `pixel_values` is read), and with gradient accumulation the Trainer divides it by the accumulation
+    steps. Evaluation reports the same loss on the evaluation images (`eval_loss`) and its terms (`eval_logits_kl`,
+    ...); during training, of the model the switch would give (`CastlingMaskDecayCallback`'s `evaluate_switched`), so
+    that `load_best_model_at_end` keeps the best castled model, not the one closest to its source while α > 0.
 
     Unless `callbacks` holds a `CastlingMaskDecayCallback`, one is added that decays α from 1 to 0 over the first
     quarter of the run (`mask_decay_end=0.25`): with the convex blend `castle` sets, the layers are then the
     linear-angular term alone for the last three quarters. Without a decay the student would stay its teacher.
 
-    Unless `train_heads`, everything outside the castled part (a classifier, UperNet's heads, a depth head) keeps the
-    source's weights and runs as in evaluation (batch-norm statistics and dropout included), so that it stays the
-    head the source's users know.
+    The student sees what its teacher sees: unless `training_noise`, its dropout, stochastic depth and position
+    augmentation (DINOv3's RoPE) stay off, as they are in the teacher, which runs in evaluation mode; so at α = 1 the
+    loss is 0. Unless `train_heads`, everything outside the castled part (a classifier, UperNet's heads, a depth head)
+    keeps the source's weights and runs as in evaluation (batch-norm statistics included), so that it stays the head
+    the source's users know. The teacher is prepared as the student is (`accelerator.prepare_model(...,
+    evaluation_mode=True)`): on its device, and under `--bf16` / `--fp16` in the same autocast.
     """
 
     def __init__(
@@ -140,6 +182,7 @@ class CastlingDistillationTrainer(Trainer):
         mask_decay_end=0.25,
         train_heads=False,
         feature_loss_weight=1.0,
+        training_noise=False,
         **kwargs,
     ):
         if teacher_model is None:
@@ -153,18 +196,25 @@ class CastlingDistillationTrainer(Trainer):
         if not decays and model is not None and softmax_branches(model):
             callbacks.append(CastlingMaskDecayCallback(end=mask_decay_end))
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
-        self.teacher_model = teacher_model.eval().requires_grad_(False).to(self.args.device)
+        # The loss is a mean over the batch, never a sum for the Trainer to divide by a count of labels: it divides it
+        # by the accumulation steps only when told that the model does not take that count.
+        self.model_accepts_loss_kwargs = False
         self.temperature, self.feature_loss_weight = temperature, feature_loss_weight
         self.label_names = []  # no labels: the evaluation loss comes from the teacher
         self._student_part, self._teacher_part = castled_part(self.model), source_part(teacher_model)
-        self._frozen_heads = [] if train_heads else heads_outside(self.model, self._student_part)
-        for head in self._frozen_heads:
+        self.teacher_model = self.accelerator.prepare_model(
+            teacher_model.eval().requires_grad_(False), evaluation_mode=True
+        ).to(self.args.device)
+        heads = [] if train_heads else heads_outside(self.model, self._student_part)
+        for head in heads:
             head.requires_grad_(False)
-        self._logged_terms: dict[str, list[float]] = {}
+        noise = [] if training_noise else [m for m in self.model.modules() if isinstance(m, RANDOM_IN_TRAINING)]
+        self._kept_in_evaluation_mode = heads + noise
+        self._logged_terms: dict[str, list[torch.Tensor]] = {}
 
     def distillation_losses(self, model, pixel_values: torch.Tensor) -> tuple[dict[str, torch.Tensor], object]:
         with torch.no_grad(), captured_features(self._teacher_part) as teacher_features:
-            teacher_outputs = self.teacher_model(pixel_values=pixel_values)
+            teacher_outputs = run_model(self.teacher_model, pixel_values)
         with captured_features(self._student_part) as student_features:
             student_outputs = model(pixel_values=pixel_values)
         losses = distillation_losses(
@@ -178,11 +228,11 @@ class CastlingDistillationTrainer(Trainer):
         return losses, student_outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        for head in self._frozen_heads:  # the Trainer has just put the whole model in training mode
-            head.eval()
+        for module in self._kept_in_evaluation_mode:  # the Trainer has just put the whole model in training mode
+            module.eval()
         losses, outputs = self.distillation_losses(model, inputs["pixel_values"])
         for name, value in losses.items():
-            self._logged_terms.setdefault(name, []).append(value.item())
+            self._logged_terms.setdefault(name, []).append(value.detach())
         loss = sum(losses.values())
         return (loss, outputs) if return_outputs else loss
 
@@ -191,16 +241,17 @@ class CastlingDistillationTrainer(Trainer):
         with torch.no_grad():
             losses, _ = self.distillation_losses(model, inputs["pixel_values"])
         for name, value in losses.items():
-            self._logged_terms.setdefault(f"eval_{name}", []).append(value.item())
+            self._logged_terms.setdefault(f"eval_{name}", []).append(value.detach())
         return sum(losses.values()).detach(), None, None
 
     def log(self, logs: dict, *args, **kwargs):
-        """Adds the mean of each loss term since the last log (the evaluation's terms to an evaluation's log)."""
+        """Adds the mean of each loss term since the last log (the evaluation's terms to an evaluation's log), read
+        back from the device here rather than at every step."""
         evaluation = any(key.startswith("eval_") for key in logs)
         for name in list(self._logged_terms):
             if name.startswith("eval_") == evaluation:
                 values = self._logged_terms.pop(name)
-                logs[name if evaluation else f"loss_{name}"] = sum(values) / len(values)
+                logs[name if evaluation else f"loss_{name}"] = torch.stack(values).float().mean().item()
         super().log(logs, *args, **kwargs)
 
 
@@ -210,15 +261,28 @@ def heads_outside(model: nn.Module, part: nn.Module) -> list[nn.Module]:
     return [child for holder in holders for child in holder.children() if child not in inside and child not in holders]
 
 
+def image_batches(images, labels: torch.Tensor | None, batch_size: int):
+    """(pixel values, labels or None) batch by batch, from a tensor of images (and its labels) or from an iterable of
+    batches, each a dict with `pixel_values` and, where known, `labels` (e.g. a `DataLoader`)."""
+    if isinstance(images, torch.Tensor):
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size], None if labels is None else labels[start : start + batch_size]
+        return
+    for batch in images:
+        yield batch["pixel_values"], batch.get("labels")
+
+
 @torch.no_grad()
 def fidelity(
     student: nn.Module,
     teacher: nn.Module,
-    pixel_values: torch.Tensor,
+    images,
     labels: torch.Tensor | None = None,
+    scale: float = 1,
     batch_size: int = 32,
+    accelerator=None,
 ) -> dict:
-    """How closely `student` (a castled model) computes what `teacher` (its source) computes on `pixel_values`:
+    """How closely `student` (a castled model) computes what `teacher` (its source) computes on `images`:
 
     - `feature_cosine`: the mean cosine similarity of their castled parts' features, token by token (feature maps:
       position by position), in [−1, 1], 1 when they agree;
@@ -226,60 +290,119 @@ def fidelity(
     - `output_relative_error` (models with class logits or depth): the same for the task output;
     - `prediction_agreement` (models with class logits): the share of images (segmenters: pixels) whose predicted
       class is the teacher's;
-    - with `labels`, each model's task metric: `castled_accuracy` / `source_accuracy` for a classifier (labels: class
+    - with labels, each model's task metric: `castled_accuracy` / `source_accuracy` for a classifier (labels: class
       ids), `castled_mean_iou` / `source_mean_iou` for a segmenter (labels: `(images, height, width)` class maps,
-      255 ignored; logits resized to them).
+      255 ignored; logits resized to them);
+    - `resolution`: the (height, width) the models ran at.
 
-    Both run in eval mode, at the resolution of `pixel_values` (position embeddings resized where it is not theirs).
+    `images` is a tensor of pixel values (its class ids or label maps in `labels`), or an iterable of batches of
+    dicts with `pixel_values` and, where known, `labels` (a `DataLoader`): the images are read batch by batch, each
+    moved to the student's device; `scale` ≠ 1 resizes them (bicubically, label maps with them, nearest). With
+    `accelerator` every process scores its share of the batches and their counts are gathered, so that each returns
+    the whole report. Both models run in eval mode (as they were afterwards), position embeddings resized where the
+    resolution is not theirs.
     """
     student_part, teacher_part = castled_part(student), source_part(teacher)
+    device = next(student.parameters()).device
+    rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     modes = (student.training, teacher.training)
     student.eval(), teacher.eval()
-    totals = dict(cosine=0.0, positions=0, feature_error=0.0, feature_norm=0.0, output_error=0.0, output_norm=0.0)
-    predictions = {"castled": [], "source": []}
-    has_output = False
+    counts, batches, scored, last = {}, 0, 0, None
     try:
-        for batch in pixel_values.split(batch_size):
-            (student_outputs, student_features), (teacher_outputs, teacher_features) = (
-                run_capturing(model, part, batch) for model, part in ((student, student_part), (teacher, teacher_part))
-            )
-            for s, t in zip(student_features, teacher_features, strict=True):
-                s, t = s.float(), t.float()
-                channel_axis = -1 if s.dim() == 3 else 1  # token sequences are channels-last, feature maps first
-                cosine = F.cosine_similarity(s, t, dim=channel_axis)
-                totals["cosine"] += cosine.sum().item()
-                totals["positions"] += cosine.numel()
-                totals["feature_error"] += (s - t).pow(2).sum().item()
-                totals["feature_norm"] += t.pow(2).sum().item()
-            student_output, teacher_output = task_output(student_outputs), task_output(teacher_outputs)
-            if student_output is not None:
-                has_output = True
-                totals["output_error"] += (student_output.float() - teacher_output.float()).pow(2).sum().item()
-                totals["output_norm"] += teacher_output.float().pow(2).sum().item()
-                if class_logits(student_outputs) is not None:
-                    predictions["castled"].append(predicted_classes(student_output, labels))
-                    predictions["source"].append(predicted_classes(teacher_output, labels))
+        for pixels, batch_labels in image_batches(images, labels, batch_size):
+            batches += 1
+            if (batches - 1) % processes != rank:
+                continue
+            batch_labels = None if batch_labels is None else batch_labels.to(device)
+            pixels, batch_labels = resized(pixels.to(device), batch_labels, scale)
+            add_counts(counts, score_batch(student, teacher, student_part, teacher_part, pixels, batch_labels))
+            scored, last = scored + 1, (pixels, batch_labels)
+        # Every process runs as many forward passes (a sharded student needs every one at each): those with a batch
+        # fewer score their last one again, and throw the result away.
+        if last is not None and scored < math.ceil(batches / processes):
+            score_batch(student, teacher, student_part, teacher_part, *last)
     finally:
         student.train(modes[0]), teacher.train(modes[1])
+    if processes > 1:
+        gathered, counts = gather_object([counts]), {}
+        for part in gathered:
+            add_counts(counts, part)
+    return report_from_counts(counts)
+
+
+def resized(pixels: torch.Tensor, labels: torch.Tensor | None, scale: float):
+    """Images resized by `scale` (bicubically), and label maps with them (nearest); class ids stay."""
+    if scale == 1:
+        return pixels, labels
+    pixels = F.interpolate(pixels, scale_factor=scale, mode="bicubic", align_corners=False)
+    if labels is not None and labels.dim() == 3:
+        labels = F.interpolate(labels[:, None].float(), scale_factor=scale, mode="nearest")[:, 0].long()
+    return pixels, labels
+
+
+def score_batch(student, teacher, student_part, teacher_part, pixels, labels) -> dict:
+    """The counts behind `fidelity` for one batch: sums over its tokens, images or pixels, and the predictions' hits
+    (classifiers) or confusion matrices (segmenters) where there are labels."""
+    (student_outputs, student_features), (teacher_outputs, teacher_features) = (
+        run_capturing(model, part, pixels) for model, part in ((student, student_part), (teacher, teacher_part))
+    )
+    counts = {"resolution": tuple(pixels.shape[-2:]), "cosine": 0.0, "positions": 0, "error": 0.0, "norm": 0.0}
+    for s, t in zip(student_features, teacher_features, strict=True):
+        s, t = s.float(), t.float()
+        channel_axis = -1 if s.dim() == 3 else 1  # token sequences are channels-last, feature maps first
+        cosine = F.cosine_similarity(s, t, dim=channel_axis)
+        counts["cosine"] += cosine.sum().item()
+        counts["positions"] += cosine.numel()
+        counts["error"] += (s - t).pow(2).sum().item()
+        counts["norm"] += t.pow(2).sum().item()
+    student_output, teacher_output = task_output(student_outputs), task_output(teacher_outputs)
+    if student_output is None:
+        return counts
+    counts["output_error"] = (student_output.float() - teacher_output.float()).pow(2).sum().item()
+    counts["output_norm"] = teacher_output.float().pow(2).sum().item()
+    if class_logits(student_outputs) is None:
+        return counts
+    castled, source = (predicted_classes(output, labels) for output in (student_output, teacher_output))
+    counts["agreeing"], counts["predictions"] = (castled == source).sum().item(), castled.numel()
+    if labels is not None and castled.dim() == 1:
+        counts["castled_hits"], counts["source_hits"] = ((p == labels).sum().item() for p in (castled, source))
+    elif labels is not None:
+        classes = student_output.shape[1]
+        for name, predicted in (("castled", castled), ("source", source)):
+            counts[f"{name}_confusion"] = multiclass_confusion_matrix(
+                predicted, labels, classes, ignore_index=255
+            ).cpu()
+    return counts
+
+
+def add_counts(total: dict, counts: dict) -> None:
+    for name, value in counts.items():
+        total[name] = value if name == "resolution" or name not in total else total[name] + value
+
+
+def report_from_counts(counts: dict) -> dict:
+    """`fidelity`'s report from the counts of all its batches."""
     report = {
-        "feature_cosine": totals["cosine"] / totals["positions"],
-        "feature_relative_error": math.sqrt(totals["feature_error"] / max(totals["feature_norm"], 1e-12)),
+        "resolution": list(counts["resolution"]),
+        "feature_cosine": counts["cosine"] / counts["positions"],
+        "feature_relative_error": math.sqrt(counts["error"] / max(counts["norm"], 1e-12)),
     }
-    if has_output:
-        report["output_relative_error"] = math.sqrt(totals["output_error"] / max(totals["output_norm"], 1e-12))
-    if predictions["castled"]:
-        castled, source = (torch.cat(predictions[name]) for name in ("castled", "source"))
-        report["prediction_agreement"] = (castled == source).float().mean().item()
-        if labels is not None:
-            report.update(task_metric(castled, labels, "castled", student))
-            report.update(task_metric(source, labels, "source", student))
+    if "output_error" in counts:
+        report["output_relative_error"] = math.sqrt(counts["output_error"] / max(counts["output_norm"], 1e-12))
+    if "agreeing" in counts:
+        report["prediction_agreement"] = counts["agreeing"] / counts["predictions"]
+    for name in ("castled", "source"):
+        if f"{name}_hits" in counts:
+            report[f"{name}_accuracy"] = counts[f"{name}_hits"] / counts["predictions"]
+        if f"{name}_confusion" in counts:
+            report[f"{name}_mean_iou"] = segmentation_scores(counts[f"{name}_confusion"].double().numpy())["mean_iou"]
     return report
 
 
 def run_capturing(model: nn.Module, part: nn.Module, pixel_values: torch.Tensor):
-    """`model`'s outputs on `pixel_values` and the features of its `part`, resizing position embeddings as needed."""
+    """`model`'s outputs on `pixel_values` (`run_model`) and the features of its `part`."""
     with captured_features(part) as features:
-        outputs = model(pixel_values=pixel_values, **resize_positions(model, pixel_values))
+        outputs = run_model(model, pixel_values)
     return outputs, features[0]
 
 
@@ -291,51 +414,16 @@ def predicted_classes(logits: torch.Tensor, labels: torch.Tensor | None) -> torc
     return logits.argmax(1)
 
 
-def task_metric(predictions: torch.Tensor, labels: torch.Tensor, name: str, model: nn.Module) -> dict:
-    """Accuracy of class predictions against class ids, or mean IoU of predicted class maps against label maps (the
-    model's `num_labels` classes, 255 ignored), as `{name}_accuracy` / `{name}_mean_iou`."""
-    if predictions.dim() == 1:
-        return {f"{name}_accuracy": (predictions == labels).float().mean().item()}
-    from .metrics import MeanIoU
-
-    result = MeanIoU().compute(
-        predictions=list(predictions.numpy()),
-        references=list(labels.numpy()),
-        num_labels=model.config.num_labels,
-        ignore_index=255,
-    )
-    return {f"{name}_mean_iou": float(result["mean_iou"])}
-
-
-def fidelity_report(
-    student: nn.Module, teacher: nn.Module, pixel_values: torch.Tensor, labels=None, scales=(1, 2)
-) -> dict:
-    """`fidelity` at the resolution of `pixel_values` and at each of `scales` times it (the images resized
-    bicubically), keyed "1x", "2x", ...; each entry also gives its `resolution` (height, width). Label maps are
-    resized with the images (nearest), class ids stay."""
-    report = {}
-    for scale in scales:
-        pixels, scaled_labels = pixel_values, labels
-        if scale != 1:
-            pixels = F.interpolate(pixel_values, scale_factor=scale, mode="bicubic", align_corners=False)
-            if labels is not None and labels.dim() == 3:
-                scaled_labels = F.interpolate(labels[:, None].float(), scale_factor=scale, mode="nearest")[:, 0].long()
-        entry = fidelity(student, teacher, pixels, scaled_labels)
-        report[f"{scale}x"] = {"resolution": list(pixels.shape[-2:]), **entry}
-    return report
+def fidelity_report(student: nn.Module, teacher: nn.Module, images, labels=None, scales=(1, 2), **kwargs) -> dict:
+    """`fidelity` at the resolution of `images` and at each of `scales` times it, keyed "1x", "2x", ...; `kwargs`
+    as `fidelity` takes them (`batch_size`, `accelerator`). `images` is read once per scale."""
+    return {f"{scale}x": fidelity(student, teacher, images, labels, scale, **kwargs) for scale in scales}
 
 
 def task_output(outputs) -> torch.Tensor | None:
     """A model's task output: class logits or predicted depth; None for a base model or a backbone."""
     logits = class_logits(outputs)
     return logits if logits is not None else getattr(outputs, "predicted_depth", None)
-
-
-def resize_positions(model: nn.Module, pixel_values: torch.Tensor) -> dict:
-    """`interpolate_pos_encoding=True` for a model whose forward takes it (ViT, DeiT and Castling-ViT classifiers
-    refuse another resolution without it); nothing for the others, which resize on their own."""
-    accepts = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
-    return {"interpolate_pos_encoding": True} if accepts else {}
 
 
 __all__ = [

@@ -106,9 +106,6 @@ class CocoDetectionMAP(evaluate.Metric):
         return summary
 
 
-__all__ = ["Accuracy", "CocoDetectionMAP"]
-
-
 class MeanIoU(evaluate.Metric):
     """Semantic segmentation: intersection over union per class and its mean, with the keys and conventions of
     `evaluate`'s own "mean_iou" (a class absent from both predictions and references has IoU NaN and is left out of
@@ -141,15 +138,23 @@ class MeanIoU(evaluate.Metric):
                     f"{tuple(reference.shape)}; resize the predictions to the reference's size first."
                 )
             confusion.update(predicted.flatten(), reference.flatten())
-        counts = confusion.compute().double().numpy()  # rows: reference class, columns: predicted class
-        intersection, referenced, predicted_total = np.diag(counts), counts.sum(axis=1), counts.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_category_iou = intersection / (referenced + predicted_total - intersection)
-            per_category_accuracy = intersection / referenced
-        return {
-            "mean_iou": float(np.nanmean(per_category_iou)),
-            "mean_accuracy": float(np.nanmean(per_category_accuracy)),
-            "overall_accuracy": float(intersection.sum() / counts.sum()),
-            "per_category_iou": per_category_iou.tolist(),
-            "per_category_accuracy": per_category_accuracy.tolist(),
-        }
+        return segmentation_scores(confusion.compute().double().numpy())
+
+
+def segmentation_scores(counts: np.ndarray) -> dict:
+    """`MeanIoU`'s results from a confusion matrix of pixel counts (rows: reference class, columns: predicted class),
+    for code that counts batch by batch."""
+    intersection, referenced, predicted_total = np.diag(counts), counts.sum(axis=1), counts.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_category_iou = intersection / (referenced + predicted_total - intersection)
+        per_category_accuracy = intersection / referenced
+    return {
+        "mean_iou": float(np.nanmean(per_category_iou)),
+        "mean_accuracy": float(np.nanmean(per_category_accuracy)),
+        "overall_accuracy": float(intersection.sum() / counts.sum()),
+        "per_category_iou": per_category_iou.tolist(),
+        "per_category_accuracy": per_category_accuracy.tolist(),
+    }
+
+
+__all__ = ["Accuracy", "CocoDetectionMAP", "MeanIoU", "segmentation_scores"]
