@@ -8,7 +8,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from datasets import DatasetDict
+from datasets import DatasetDict, load_dataset
+from transformers.trainer_utils import get_last_checkpoint
 
 from castling_hf import (
     CASTLING_VIT_SIZES,
@@ -19,6 +20,8 @@ from castling_hf import (
 )
 from castling_hf.hub import push_inference_checkpoint, write_inference_checkpoint
 from castling_hf.model_card import training_run_card
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,21 +47,125 @@ class CastlingModelArguments:
     mask_decay_schedule: str = field(default="cosine", metadata={"help": "'cosine' or 'linear'."})
 
 
+@dataclass
+class HubArguments:
+    """How a checkpoint is read from the Hub, as `transformers`' examples take it."""
+
+    cache_dir: str | None = field(default=None, metadata={"help": "Where models and data sets from the Hub are kept."})
+    model_revision: str = field(default="main", metadata={"help": "The branch, tag or commit of the checkpoint."})
+    token: str | None = field(default=None, metadata={"help": "A Hub token, for private repositories."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run a checkpoint's own modeling code from the Hub (read it first)."}
+    )
+
+    def loading(self) -> dict:
+        """The keywords `from_pretrained` takes."""
+        return dict(
+            cache_dir=self.cache_dir,
+            revision=self.model_revision,
+            token=self.token,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+
+@dataclass
+class ImageDataArguments:
+    """Images, as `transformers`' image-classification example takes them: a data set (Hub name or local folder
+    `datasets` reads), or folders of images."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set, or a local folder of one."})
+    dataset_config_name: str | None = field(default=None)
+    train_dir: str | None = field(default=None, metadata={"help": "A folder of training images (imagefolder)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "A folder of held-out images."})
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Held out from `train` when the data set has no validation or test split."}
+    )
+    image_column_name: str = field(default="image")
+    label_column_name: str = field(default="label")
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+
+
+def load_image_folders(data_args: ImageDataArguments, hub_args: HubArguments | None = None):
+    """The data set `data_args` names (`dataset_name`), or the image folders it names (`train_dir`,
+    `validation_dir`), as `datasets` reads them; None when it names neither."""
+    cache_dir = hub_args.cache_dir if hub_args is not None else None
+    if data_args.dataset_name is not None:
+        token = hub_args.token if hub_args is not None else None
+        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir, token=token)
+    folders = {
+        split: folder
+        for split, folder in (("train", data_args.train_dir), ("validation", data_args.validation_dir))
+        if folder
+    }
+    if not folders:
+        return None
+    files = {split: os.path.join(folder, "**") for split, folder in folders.items()}
+    return load_dataset("imagefolder", data_files=files, cache_dir=cache_dir)
+
+
 def held_out_split(dataset: DatasetDict, data_args, seed: int) -> DatasetDict:
     """`DatasetDict(train=..., test=...)`: the data set's `train` split, and its `validation` split if it has one (a
-    Hub set's `test` split often has no labels), else its `test` split, else `data_args.eval_split_fraction` of
-    `train`; each cut to a random `data_args.max_train_samples` / `max_eval_samples` when given."""
+    Hub set's `test` split often has no labels), else its `test` split, else `data_args.train_val_split` of `train`;
+    each cut to a random `data_args.max_train_samples` / `max_eval_samples` when given."""
     if "train" not in dataset:
         raise ValueError(f"The data set has splits {sorted(dataset)}; a 'train' split is needed.")
     held_out = next((name for name in ("validation", "test") if name in dataset), None)
     if held_out is None:
-        dataset = dataset["train"].train_test_split(test_size=data_args.eval_split_fraction, seed=seed)
+        dataset = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
         held_out = "test"
     dataset = DatasetDict(train=dataset["train"], test=dataset[held_out])
     for split, limit in (("train", data_args.max_train_samples), ("test", data_args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].shuffle(seed=seed).select(range(min(limit, len(dataset[split]))))
     return dataset
+
+
+def last_checkpoint(training_args) -> str | None:
+    """The checkpoint to resume from: `--resume_from_checkpoint` where given, else the last one in `output_dir` (as
+    `transformers`' examples resume), said in the log."""
+    if training_args.resume_from_checkpoint is not None or not os.path.isdir(training_args.output_dir):
+        return training_args.resume_from_checkpoint
+    found = get_last_checkpoint(training_args.output_dir) if training_args.do_train else None
+    if found is not None:
+        logger.info(f"Checkpoint detected, resuming training at {found}; change --output_dir to train from the start.")
+    return found
+
+
+def hub_push_requested(training_args) -> bool:
+    """Whether `--push_to_hub` was given, taken from the Trainer: it would push the training form at every save, and
+    these examples push the inference checkpoint instead, once, at the end."""
+    requested, training_args.push_to_hub = training_args.push_to_hub, False
+    return requested
+
+
+def switch_after_training(trainer) -> bool:
+    """Switch the trained model (`trainer.model`) to the inference form as the run left it: once α is 0 in every
+    layer; or, for the best checkpoint loaded at the end (`--load_best_model_at_end`, early stopping), whose
+    evaluations measured the model its switch gives (`CastlingMaskDecayCallback(evaluate_switched=True)`), even
+    where α is not 0 there. Returns whether the model is in the inference form, and says why where it is not."""
+    model = trainer.model
+    alphas = [alpha for alpha in softmax_mask_scales(model).values() if alpha != 0]
+    if not alphas:
+        switch_to_inference(model)
+        return True
+    best = trainer.state.best_model_checkpoint
+    switched_evaluations = any(
+        isinstance(callback, CastlingMaskDecayCallback) and callback.evaluate_switched
+        for callback in trainer.callback_handler.callbacks
+    )
+    if trainer.args.load_best_model_at_end and best is not None and switched_evaluations:
+        logger.warning(
+            f"The best checkpoint ({best}) is from within the mask decay (α up to {max(alphas):g}); its evaluation "
+            "measured the model its switch gives, so that is the model switched and saved."
+        )
+        switch_to_inference(model, force=True)
+        return True
+    logger.warning(
+        f"The mask decay has not ended (α up to {max(alphas):g} after the run), so no inference checkpoint is written: "
+        "let it end within the run (--mask_decay_end at most the fraction of the steps run)."
+    )
+    return False
 
 
 def mask_decay_callbacks(model, model_args: CastlingModelArguments) -> list:
@@ -84,17 +191,17 @@ def new_castling_config(model_args, **fields) -> CastlingViTConfig:
     return CastlingViTConfig.from_size(model_args.model_name_or_path, **{**fields, **overrides})
 
 
-def model_from_size_or_checkpoint(model_args, labels: list[str], model_class, auto_class):
+def model_from_size_or_checkpoint(model_args, labels: list[str], model_class, auto_class, hub_args=None):
     """A new `model_class` of a named size (`CASTLING_VIT_SIZES`) with `model_args.config_overrides` (a JSON object
     of config fields), or the checkpoint `model_args.model_name_or_path` (path or Hub name) loaded with `auto_class`;
     either way with `labels` as its id2label.
     """
     if model_args.model_name_or_path in CASTLING_VIT_SIZES:
         return model_class(new_castling_config(model_args, **label_maps(labels)))
-    return model_from_checkpoint(model_args, labels, auto_class)
+    return model_from_checkpoint(model_args, labels, auto_class, hub_args)
 
 
-def model_from_checkpoint(model_args, labels: list[str], auto_class):
+def model_from_checkpoint(model_args, labels: list[str], auto_class, hub_args: HubArguments | None = None):
     """The checkpoint `model_args.model_name_or_path` (path or Hub name) loaded with `auto_class`, with `labels` as its
     id2label. A checkpoint whose head has another number of labels loads only with
     `model_args.ignore_mismatched_sizes` (the head then starts fresh), as in `transformers`' examples; config
@@ -107,8 +214,9 @@ def model_from_checkpoint(model_args, labels: list[str], auto_class):
             f"--model_name_or_path {name_or_path!r} is a checkpoint, whose config is its own. Drop the overrides, or "
             "edit the checkpoint's config.json."
         )
+    loading = hub_args.loading() if hub_args is not None else {}
     return auto_class.from_pretrained(
-        name_or_path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **label_maps(labels)
+        name_or_path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **label_maps(labels), **loading
     )
 
 
@@ -144,17 +252,18 @@ def plot_training_history(log_history: list[dict], path: str) -> None:
     plt.close(figure)
 
 
-def run_castling(trainer, image_processor, dataset_name: str) -> dict:
+def run_castling(trainer, image_processor, dataset_name: str, push_to_hub: bool = False) -> dict:
     """A castling run with a `Trainer`, as its arguments ask:
 
-    - with `do_train`, train (resuming from `resume_from_checkpoint` if given), save the model in its training form
-      and record the training metrics and state, as `transformers`' examples do, and plot the loss and the
-      evaluations during training (`training_history.png`);
+    - with `do_train`, train (resuming from `--resume_from_checkpoint`, else from the last checkpoint in
+      `output_dir`), save the model in its training form and record the training metrics and state, as `transformers`'
+      examples do, and plot the loss and the evaluations during training (`training_history.png`);
     - with `do_eval`, evaluate the model as it is (`eval_castling_*`, or `eval_linear_*` for a linear model);
-    - once α is 0 everywhere, switch it to the inference form in memory, and with `do_eval` evaluate it again
-      (`eval_linear_*`: equal to the castling numbers);
+    - switch it to the inference form (`switch_after_training`), and with `do_eval` evaluate it again (`eval_linear_*`:
+      equal to the castling numbers once α is 0);
     - with `do_train`, write the inference checkpoint with its image processor and a model card (the linear results on
-      `dataset_name`) to `<output_dir>/inference`, and with `push_to_hub` push that same checkpoint.
+      `dataset_name`) to `<output_dir>/inference`, and with `push_to_hub` (`hub_push_requested`) push that same
+      checkpoint.
 
     Returns the training metrics ("train"), the evaluations by form ("castling", "linear") and "inference_dir" when
     one was written.
@@ -166,7 +275,7 @@ def run_castling(trainer, image_processor, dataset_name: str) -> dict:
             "write the inference checkpoint), --do_eval to evaluate, or both, as in transformers' examples."
         )
     if args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=last_checkpoint(args))
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
@@ -175,19 +284,17 @@ def run_castling(trainer, image_processor, dataset_name: str) -> dict:
             plot_training_history(trainer.state.log_history, os.path.join(args.output_dir, "training_history.png"))
         results["train"] = train_result.metrics
     evaluations = {}
-    scales = softmax_mask_scales(model)  # empty for a model in the inference form
-    if args.do_eval and scales:
+    if args.do_eval and softmax_mask_scales(model):  # empty for a model in the inference form
         evaluations["castling"] = trainer.evaluate(metric_key_prefix="eval_castling")
-    if not any(scales.values()):  # else the decay has not ended: the branch still counts
-        switch_to_inference(model)
-        if args.do_eval:
-            evaluations["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
+    switched = switch_after_training(trainer)
+    if switched and args.do_eval:
+        evaluations["linear"] = trainer.evaluate(metric_key_prefix="eval_linear")
     for form, metrics in evaluations.items():
         trainer.log_metrics(f"eval_{form}", metrics)
     if evaluations:
         trainer.save_metrics("eval", {key: value for metrics in evaluations.values() for key, value in metrics.items()})
     results.update(evaluations)
-    if not args.do_train or softmax_mask_scales(model):
+    if not args.do_train or not switched:
         return results
 
     name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
@@ -196,6 +303,6 @@ def run_castling(trainer, image_processor, dataset_name: str) -> dict:
     results["inference_dir"] = os.path.join(args.output_dir, "inference")
     if trainer.is_world_process_zero():
         write_inference_checkpoint(model, results["inference_dir"], image_processor, card)
-        if args.push_to_hub:
+        if push_to_hub:
             push_inference_checkpoint(model, name, image_processor, card, token=args.hub_token)
     return results

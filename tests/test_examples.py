@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import socket
@@ -19,7 +20,8 @@ from transformers import AutoModelForImageClassification
 
 from castling_hf.data import shapes
 
-EXAMPLES = Path(__file__).parents[1] / "examples" / "image-classification"
+ROOT = Path(__file__).parents[1]
+EXAMPLES = ROOT / "examples" / "image-classification"
 DETECTION = Path(__file__).parents[1] / "examples" / "object-detection" / "run_object_detection.py"
 
 
@@ -485,32 +487,28 @@ def test_segmentation_example_puts_a_new_upernet_on_a_castling_encoder_checkpoin
 
 
 DISTILLATION = Path(__file__).parents[1] / "examples" / "distillation" / "run_castle_distillation.py"
+# No optimiser settings: the example's own defaults.
 DISTILLATION_ARGS = (
-    "--do_train --do_eval --max_steps 8 --per_device_train_batch_size 8 --learning_rate 2e-3 --logging_steps 4 "
-    "--save_strategy no --report_to none --disable_tqdm true"
+    "--do_train --do_eval --max_steps 8 --per_device_train_batch_size 8 --logging_steps 4 --save_strategy no "
+    "--report_to none --disable_tqdm true"
 )
 
 
-def images_only_folder(folder: Path, size: int = 32) -> Path:
-    """Train and test splits of images and nothing else: no label column."""
-    from PIL import Image
-
+def images_folder(folder: Path, size: int = 32, labels: bool = False) -> Path:
+    """Train and test splits of the bundled digits' images, and their labels only with `labels`."""
     from castling_hf.data import digits
 
     folder.mkdir()
     for split, data in digits().items():
         data = data.select(range(40)).map(lambda example: {"image": example["image"].resize((size, size))})
-        data.remove_columns("label").to_parquet(folder / f"{split}.parquet")
-    assert Image  # the images stay PIL images in the parquet files
+        (data if labels else data.remove_columns("label")).to_parquet(folder / f"{split}.parquet")
     return folder
 
 
-@pytest.fixture(scope="module")
-def vit_source(tmp_path_factory):
+def save_vit_source(folder: Path, id2label: dict) -> Path:
     """A tiny softmax ViT classifier with sharp attention, saved with an image processor of its own."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-    folder = tmp_path_factory.mktemp("vit_source")
     torch.manual_seed(0)
     source = ViTForImageClassification(
         ViTConfig(
@@ -520,7 +518,8 @@ def vit_source(tmp_path_factory):
             intermediate_size=64,
             image_size=32,
             patch_size=8,
-            id2label={i: f"class {i}" for i in range(4)},
+            id2label=id2label,
+            label2id={name: index for index, name in id2label.items()},
         )
     )
     with torch.no_grad():
@@ -533,12 +532,42 @@ def vit_source(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def vit_source(tmp_path_factory):
+    return save_vit_source(tmp_path_factory.mktemp("vit_source"), {i: f"class {i}" for i in range(4)})
+
+
+def recomputed_fidelity(castled_dir: Path, source_dir: Path, data_dir: Path, auto_class, label_column=None) -> dict:
+    """The fidelity report of a saved castled checkpoint against its saved source, computed here, in one process,
+    from the files, on the held-out split prepared as the example prepares it."""
+    from datasets import load_dataset
+    from torch.utils.data import DataLoader, default_collate
+
+    from castling_hf import source_image_processor
+    from castling_hf.conversion import load_source
+    from castling_hf.distillation import fidelity_report
+
+    example = load_module(DISTILLATION)
+    transform = example.make_transform(source_image_processor(str(source_dir)), "image", False, 0, label_column)
+    held_out = load_dataset(str(data_dir))["test"].with_transform(transform)
+    batches = DataLoader(held_out, batch_size=5, collate_fn=default_collate)
+    return fidelity_report(auto_class.from_pretrained(castled_dir), load_source(str(source_dir)), batches)
+
+
+def assert_same_report(report: dict, expected: dict) -> None:
+    assert report.keys() == expected.keys()
+    for scale, entry in expected.items():
+        assert report[scale].keys() == entry.keys(), scale
+        for name, value in entry.items():
+            assert report[scale][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (scale, name)
+
+
 def test_distillation_example_castles_a_classifier_on_images_without_labels(tmp_path, vit_source):
     import skimage
     from PIL import Image
     from transformers import pipeline
 
-    folder = images_only_folder(tmp_path / "images")
+    folder = images_folder(tmp_path / "images")
     example = load_module(DISTILLATION)
     output_dir = tmp_path / "castled"
     results = example.main(
@@ -561,11 +590,76 @@ def test_distillation_example_castles_a_classifier_on_images_without_labels(tmp_
 
     report = json.loads((output_dir / "fidelity.json").read_text())
     assert [entry["resolution"] for entry in report.values()] == [[32, 32], [64, 64]]
-    assert all(-1 <= entry["feature_cosine"] <= 1 and "castled_accuracy" not in entry for entry in report.values())
+    # The report is the saved model's, measured again here from the files; no accuracy without labels.
+    assert_same_report(report, recomputed_fidelity(output_dir, vit_source, folder, AutoModelForImageClassification))
+    assert not any("castled_accuracy" in entry for entry in report.values())
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.base_model is None  # a local folder: no Hub name to link
     assert str(vit_source) in card.text and "Fidelity to the source" in card.text
     assert f"{report['2x']['feature_cosine']:.4f}" in card.text
+
+
+def test_the_distillation_examples_defaults_are_the_routes_and_it_says_what_it_lacks(tmp_path, vit_source):
+    example = load_module(DISTILLATION)
+    required = f"--model_name_or_path x --dataset_name y --output_dir {tmp_path} --do_train --max_steps 1500"
+    *_, training_args = example.argument_parser().parse_args_into_dataclasses(args=required.split())
+    assert (training_args.learning_rate, str(training_args.lr_scheduler_type.value)) == (2e-3, "cosine")
+    assert (training_args.warmup_steps, training_args.weight_decay) == (0.03, 0.05)
+    with pytest.raises(ValueError, match="No images to distil on: give --dataset_name"):
+        example.main(f"--model_name_or_path {vit_source} --output_dir {tmp_path / 'out'} --do_train".split())
+
+
+def test_distillation_example_reports_accuracy_only_for_the_models_own_classes(tmp_path, vit_source):
+    folder = images_folder(tmp_path / "digits", labels=True)
+    example = load_module(DISTILLATION)
+    common = f"--dataset_name {folder} --max_eval_samples 20 --report_to none --disable_tqdm true --do_eval"
+    foreign = example.main(f"--model_name_or_path {vit_source} --output_dir {tmp_path / 'a'} {common}".split())
+    assert not any("castled_accuracy" in entry for entry in foreign["fidelity"].values())  # "0" … "9" ≠ "class 0" …
+    digit_source = save_vit_source(tmp_path / "digit_source", {i: str(i) for i in range(10)})
+    own = example.main(f"--model_name_or_path {digit_source} --output_dir {tmp_path / 'b'} {common}".split())
+    assert all(0 <= entry["castled_accuracy"] <= 1 for entry in own["fidelity"].values())
+    assert own["fidelity"]["1x"]["castled_accuracy"] == own["fidelity"]["1x"]["source_accuracy"]  # α = 1: untrained
+
+
+def test_distillation_example_keeps_the_best_model_resumes_and_pushes_only_the_inference_form(
+    tmp_path, vit_source, monkeypatch, caplog
+):
+    from huggingface_hub import HfApi
+
+    folder = images_folder(tmp_path / "images")
+    example = load_module(DISTILLATION)
+    uploads = []
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
+        uploads.append((repo_id, {path.name: path.read_bytes() for path in Path(folder_path).iterdir()}))
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: type("Url", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    output_dir = tmp_path / "castled"
+    # Evaluated every 2 steps, the decay ending at half the run: the best checkpoint's loss is measured after the
+    # switch it would get, so it is not one from before the decay (α = 1 gives a loss of 0 against the source).
+    arguments = (
+        f"--model_name_or_path {vit_source} --dataset_name {folder} --output_dir {output_dir} --do_train "
+        "--per_device_train_batch_size 8 --mask_decay_end 0.5 --eval_strategy steps --eval_steps 2 --save_steps 2 "
+        "--logging_steps 2 --load_best_model_at_end true --report_to none --disable_tqdm true --push_to_hub true "
+        "--hub_model_id me/castled"
+    )
+    results = example.main(f"{arguments} --max_steps 4".split())
+    assert (output_dir / "checkpoint-2" / "preprocessor_config.json").exists()  # checkpoints carry the processor
+    assert results["inference_dir"] == str(output_dir)
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    evaluated = {entry["step"]: entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry}
+    assert min(evaluated.values()) > 1e-4  # the switched model's loss, never the source's own
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{min(evaluated, key=evaluated.get)}")
+    (repo_id, files), *_ = uploads
+    assert repo_id == "me/castled" and len(uploads) == 1  # one push, of the inference checkpoint alone
+    assert json.loads(files["config.json"])["attention_mode"] == "linear" and "preprocessor_config.json" in files
+
+    with caplog.at_level(logging.INFO):
+        example.main(f"{arguments} --max_steps 6".split())  # the same folder, a longer run: it resumes
+    assert f"resuming training at {output_dir / 'checkpoint-4'}" in caplog.text
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [2, 4, 6]
 
 
 def test_distillation_example_keeps_a_segmenters_head_and_scores_its_label_maps(tmp_path):
@@ -605,10 +699,30 @@ def test_distillation_example_keeps_a_segmenters_head_and_scores_its_label_maps(
     for name, tensor in source.state_dict().items():
         if not name.startswith("backbone."):
             torch.testing.assert_close(model.state_dict()[name], tensor)  # UperNet's heads: unchanged
-    for entry in results["fidelity"].values():
-        assert 0 <= entry["castled_mean_iou"] <= 1 and 0 <= entry["source_mean_iou"] <= 1
+    expected = recomputed_fidelity(
+        tmp_path / "castled", tmp_path / "source", folder, AutoModelForSemanticSegmentation, "annotation"
+    )
+    assert_same_report(results["fidelity"], expected)
+    assert all("castled_mean_iou" in entry for entry in expected.values())
     segments = pipeline("image-segmentation", model=str(tmp_path / "castled"))(folder_image(folder))
     assert {segment["label"] for segment in segments} <= set(model.config.id2label.values())
+
+
+def test_distillation_example_castles_a_timm_mvitv2_checkpoint(tmp_path):
+    spec = importlib.util.spec_from_file_location("timm_import", ROOT / "benchmarks" / "timm_without_torchvision.py")
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    timm = helper.import_timm()
+    source = timm.create_model("mvitv2_tiny", img_size=32, num_classes=3)  # a folder timm builds: a registered model
+    timm.models.save_for_hf(source, tmp_path / "timm")
+    example = load_module(DISTILLATION)
+    results = example.main(
+        f"--model_name_or_path {tmp_path / 'timm'} --dataset_name {images_folder(tmp_path / 'images')} "
+        f"--output_dir {tmp_path / 'castled'} {DISTILLATION_ARGS}".split()
+    )
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "castled")
+    assert type(model).__name__ == "CastlingMViTv2ForImageClassification" and model.config.attention_mode == "linear"
+    assert results["fidelity"]["1x"]["resolution"] == [32, 32]
 
 
 def folder_image(folder: Path):
@@ -617,19 +731,70 @@ def folder_image(folder: Path):
     return load_dataset(str(folder))["test"][0]["image"]
 
 
-def test_distillation_example_under_accelerate_launch_with_two_processes(tmp_path, vit_source):
-    folder = images_only_folder(tmp_path / "images")
+def accelerate_launch(script: Path, arguments: str, tmp_path: Path) -> str:
+    """Run `script` in two CPU processes over gloo, as `accelerate launch --multi_gpu` starts them on GPUs (through
+    torchrun), with gradient checkpointing, accumulation and bf16 autocast; returns its output."""
     command = [
         sys.executable,
-        *f"-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+        *f"-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision bf16 "
         f"--dynamo_backend no --main_process_port {free_port()}".split(),
-        str(DISTILLATION),
-        *f"--model_name_or_path {vit_source} --dataset_name {folder} --output_dir {tmp_path / 'castled'} "
-        f"--use_cpu --ddp_backend gloo {DISTILLATION_ARGS}".split(),
+        str(script),
+        *f"{arguments} --use_cpu --ddp_backend gloo --bf16 --gradient_checkpointing "
+        "--gradient_accumulation_steps 2".split(),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-3000:]
-    results = json.loads((tmp_path / "castled" / "results.json").read_text())
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output[-3000:]
+    return output
+
+
+def test_distillation_example_under_accelerate_launch_as_on_gpus(tmp_path, vit_source):
+    from transformers import pipeline
+
+    folder = images_folder(tmp_path / "images")
+    output_dir = tmp_path / "castled"
+    accelerate_launch(
+        DISTILLATION,
+        f"--model_name_or_path {vit_source} --dataset_name {folder} --output_dir {output_dir} {DISTILLATION_ARGS}",
+        tmp_path,
+    )
+    results = json.loads((output_dir / "results.json").read_text())
     assert results["processes"] == 2 and results["train"]["softmax_mask_scale"] == 0.0
-    assert AutoModelForImageClassification.from_pretrained(tmp_path / "castled").config.attention_mode == "linear"
+    assert AutoModelForImageClassification.from_pretrained(output_dir).config.attention_mode == "linear"
+    assert json.loads((output_dir / "preprocessor_config.json").read_text())["image_mean"] == [0.1, 0.2, 0.3]
+    predictions = pipeline("image-classification", model=str(output_dir))(folder_image(folder).convert("RGB"))
+    assert {prediction["label"] for prediction in predictions} <= {f"class {i}" for i in range(4)}
+    # Each process scored half the held-out batches under bf16 autocast, their counts gathered: the report is the
+    # one process's report of the saved model, to bf16's rounding.
+    report, expected = (
+        results["fidelity"],
+        recomputed_fidelity(output_dir, vit_source, folder, AutoModelForImageClassification),
+    )
+    for scale in expected:
+        assert report[scale]["feature_cosine"] == pytest.approx(expected[scale]["feature_cosine"], abs=2e-2)
+        assert report[scale]["prediction_agreement"] == pytest.approx(expected[scale]["prediction_agreement"], abs=0.1)
+
+
+def test_classification_example_fine_tunes_a_castled_model_under_accelerate_launch_as_on_gpus(tmp_path, vit_source):
+    from transformers import pipeline
+
+    castle_vit = load_module(Path(__file__).parents[1] / "examples" / "castle_pretrained_vit.py")
+    castle_vit.castle(str(vit_source), str(tmp_path / "castled"), {})  # the convex blend: γ held during the decay
+    output_dir = tmp_path / "fine-tuned"
+    accelerate_launch(
+        EXAMPLES / "run_image_classification.py",
+        f"--model_name_or_path {tmp_path / 'castled'} --ignore_mismatched_sizes true --output_dir {output_dir} "
+        "--do_train --do_eval --max_steps 6 --max_train_samples 96 --max_eval_samples 32 "
+        "--per_device_train_batch_size 8 --learning_rate 2e-3 --save_strategy no --report_to none --disable_tqdm true",
+        tmp_path,
+    )
+    assert_inference_checkpoint(output_dir / "inference")
+    from castling_hf.data import digits
+
+    digit = digits()["test"][0]["image"].convert("RGB")
+    labels = {
+        prediction["label"]
+        for prediction in pipeline("image-classification", model=str(output_dir / "inference"))(digit)
+    }
+    assert labels <= {str(i) for i in range(10)}

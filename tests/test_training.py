@@ -1,6 +1,10 @@
 import copy
 import math
+import os
+import re
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -295,3 +299,53 @@ def test_evaluations_during_training_measure_the_switched_model_and_restore_alph
         assert record["metrics"]["softmax_mask_scale"] == 0.0
         assert record["alpha_after"] == {as_buffer(softmax_mask_scale(step, TOTAL_STEPS, end=0.75))}
     assert 0 < softmax_mask_scale(2, TOTAL_STEPS, end=0.75) < 1  # the first evaluation lies inside the decay
+
+
+FULLY_SHARDED = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from castling_hf import CastlingViTConfig, CastlingViTForImageClassification, clear_held_gradients
+from castling_hf import set_softmax_mask_scale, softmax_mask_scale
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = CastlingViTForImageClassification(
+    CastlingViTConfig.from_size("nano", num_hidden_layers=2, num_labels=3, linear_branch_blend="convex")
+)
+for layer in model.castling_vit.encoder.layers:
+    fully_shard(layer)
+fully_shard(model)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+gammas = lambda: torch.cat([l.attention.linear_branch_scale.full_tensor() for l in model.castling_vit.encoder.layers])
+start, held = gammas().clone(), []
+generator = torch.Generator().manual_seed(dist.get_rank())
+for step in range(6):
+    set_softmax_mask_scale(model, softmax_mask_scale(step, 6, end=0.5))
+    pixel_values = torch.randn(4, 3, 32, 32, generator=generator)
+    model(pixel_values=pixel_values, labels=torch.randint(0, 3, (4,), generator=generator)).loss.backward()
+    clear_held_gradients(model)
+    optimizer.step()
+    optimizer.zero_grad()
+    held.append(torch.equal(gammas(), start))
+print(f"rank {dist.get_rank()}: gamma held {held}", flush=True)
+"""
+
+
+def test_under_fsdp2_a_held_gamma_is_left_as_it_is_and_released_after(tmp_path):
+    # accelerate shards with FSDP only on accelerators (on CPUs it runs DDP); torch's own fully_shard, which it uses
+    # there, runs on CPUs over gloo: the parameters become DTensors, and γ is held and released as without sharding.
+    (tmp_path / "sharded.py").write_text(FULLY_SHARDED)
+    command = [
+        sys.executable,
+        *f"-m torch.distributed.run --nproc_per_node 2 --master_port {free_port()}".split(),
+        str(tmp_path / "sharded.py"),
+    ]
+    finished = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-3000:]
+    # α > 0 in the forward passes of steps 0 … 2 (the decay ends at step 3): γ unchanged through their steps, then it
+    # learns.
+    expected = "gamma held [True, True, True, False, False, False]"
+    reports = re.findall(r"rank (\d): (gamma held \[[^]]*\])", finished.stdout)
+    assert sorted(reports) == [("0", expected), ("1", expected)]

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import DatasetDict, load_dataset
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
@@ -46,7 +45,11 @@ from castling_hf.metrics import Accuracy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from castling_examples import (  # noqa: E402
     CastlingModelArguments,
+    HubArguments,
+    ImageDataArguments,
     held_out_split,
+    hub_push_requested,
+    load_image_folders,
     mask_decay_callbacks,
     model_from_size_or_checkpoint,
     run_castling,
@@ -61,40 +64,30 @@ class ModelArguments(CastlingModelArguments):
 
 
 @dataclass
-class DataTrainingArguments:
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "A Hub data set; without it the bundled scikit-learn digits are used."}
-    )
-    dataset_config_name: str | None = field(default=None)
-    image_column_name: str = field(default="image")
-    label_column_name: str = field(default="label")
-    eval_split_fraction: float = field(
-        default=0.15, metadata={"help": "Held out from `train` when the data set has no test or validation split."}
-    )
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
+class DataTrainingArguments(ImageDataArguments):
+    """The images (castling_examples.py), without a data set the bundled scikit-learn digits; this example adds
+    random crops for training."""
+
     augment: bool = field(default=True, metadata={"help": "Random crops of 80-100% of each training image."})
 
 
-def load_image_dataset(data_args: DataTrainingArguments, seed: int) -> DatasetDict:
-    if data_args.dataset_name is None:
-        dataset = digits()
-    else:
-        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-    dataset = held_out_split(dataset, data_args, seed)
+def load_image_dataset(data_args: DataTrainingArguments, seed: int, hub_args: HubArguments | None = None):
+    dataset = load_image_folders(data_args, hub_args)
+    dataset = held_out_split(digits() if dataset is None else dataset, data_args, seed)
     for column in (data_args.image_column_name, data_args.label_column_name):
         if column not in dataset["train"].column_names:
             raise ValueError(f"Column {column!r} not in the data set; it has {dataset['train'].column_names}.")
     return dataset
 
 
-def load_model_and_processor(model_args: ModelArguments, labels: list[str]):
+def load_model_and_processor(model_args: ModelArguments, labels: list[str], hub_args: HubArguments | None = None):
     model = model_from_size_or_checkpoint(
-        model_args, labels, CastlingViTForImageClassification, AutoModelForImageClassification
+        model_args, labels, CastlingViTForImageClassification, AutoModelForImageClassification, hub_args
     )
     if model_args.model_name_or_path in CASTLING_VIT_SIZES:
         return model, image_processor_for(model.config)
-    return model, AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    loading = hub_args.loading() if hub_args is not None else {}
+    return model, AutoImageProcessor.from_pretrained(model_args.model_name_or_path, **loading)
 
 
 def random_crop(image: Image.Image, rng: random.Random, min_fraction: float = 0.8) -> Image.Image:
@@ -132,16 +125,17 @@ def compute_metrics(prediction):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((ModelArguments, HubArguments, DataTrainingArguments, TrainingArguments))
+    model_args, hub_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     # The transforms read the raw image and label columns, which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False
     set_seed(training_args.seed)  # before the model is built, so its initial weights are reproducible
 
-    dataset = load_image_dataset(data_args, training_args.seed)
+    dataset = load_image_dataset(data_args, training_args.seed, hub_args)
     labels = dataset["train"].features[data_args.label_column_name].names
-    model, image_processor = load_model_and_processor(model_args, labels)
+    model, image_processor = load_model_and_processor(model_args, labels, hub_args)
+    push_to_hub = hub_push_requested(training_args)
 
     columns = (data_args.image_column_name, data_args.label_column_name)
     dataset["train"].set_transform(make_transform(image_processor, *columns, data_args.augment, training_args.seed))
@@ -158,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=mask_decay_callbacks(model, model_args),
     )
 
-    return run_castling(trainer, image_processor, data_args.dataset_name or "digits")
+    return run_castling(trainer, image_processor, data_args.dataset_name or "digits", push_to_hub)
 
 
 if __name__ == "__main__":

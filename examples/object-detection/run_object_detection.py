@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from castling_examples import (  # noqa: E402
     CastlingModelArguments,
     held_out_split,
+    hub_push_requested,
     mask_decay_callbacks,
     model_from_size_or_checkpoint,
     run_castling,
@@ -59,7 +60,7 @@ class DataTrainingArguments:
         default=None, metadata={"help": "A Hub data set or a local folder; default: generated shapes."}
     )
     num_generated_images: int = field(default=3000, metadata={"help": "Size of the generated shapes set."})
-    eval_split_fraction: float = field(default=0.2)
+    train_val_split: float = field(default=0.2)
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     score_threshold: float = field(default=0.0, metadata={"help": "Detections kept for mAP (COCO uses all)."})
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.remove_unused_columns = False  # the transform reads the raw image and objects columns
     training_args.eval_do_concat_batches = False  # detection targets differ in length per image
     set_seed(training_args.seed)
+    push_to_hub = hub_push_requested(training_args)
 
     dataset = load_detection_dataset(data_args, model_args.image_size, training_args.seed)
     labels = category_names(dataset["train"], data_args.dataset_name)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=image_processor,
         callbacks=mask_decay_callbacks(model, model_args),
     )
-    results = run_castling(trainer, image_processor, data_args.dataset_name or "shapes")
+    results = run_castling(trainer, image_processor, data_args.dataset_name or "shapes", push_to_hub)
     return {**results, "eval_samples": len(dataset["test"])}
 
 

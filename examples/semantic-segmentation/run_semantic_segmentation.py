@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from castling_examples import (  # noqa: E402
     CastlingModelArguments,
     held_out_split,
+    hub_push_requested,
     label_maps,
     mask_decay_callbacks,
     model_from_checkpoint,
@@ -106,7 +107,7 @@ class DataTrainingArguments:
     do_reduce_labels: bool = field(
         default=False, metadata={"help": "Ignore class 0 and shift the others down by one (scene_parse_150)."}
     )
-    eval_split_fraction: float = field(default=0.2)
+    train_val_split: float = field(default=0.2)
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
 
@@ -117,7 +118,7 @@ def load_segmentation_dataset(data_args: DataTrainingArguments, image_size: int,
             num_images=data_args.num_generated_images,
             image_size=image_size,
             seed=seed,
-            test_fraction=data_args.eval_split_fraction,
+            test_fraction=data_args.train_val_split,
         )
     else:
         dataset = load_dataset(data_args.dataset_name)
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     training_args.remove_unused_columns = False  # the transform reads the raw image and annotation columns
     set_seed(training_args.seed)
+    push_to_hub = hub_push_requested(training_args)
 
     dataset = load_segmentation_dataset(data_args, model_args.image_size, training_args.seed)
     labels = label_names(dataset, data_args)
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=image_processor,
         callbacks=mask_decay_callbacks(model, model_args),
     )
-    results = run_castling(trainer, image_processor, data_args.dataset_name or "shape_masks")
+    results = run_castling(trainer, image_processor, data_args.dataset_name or "shape_masks", push_to_hub)
     return {**results, "eval_samples": len(dataset["test"]), "labels": labels}
 
 

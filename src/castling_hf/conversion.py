@@ -474,10 +474,11 @@ def _head_weights(state: dict, table: dict[str, str]) -> dict:
     return renamed
 
 
-def load_source(model_or_path) -> nn.Module:
+def load_source(model_or_path, **loading) -> nn.Module:
     """The source as a model: a model object as it is; a local timm checkpoint folder built by timm; a directory or
     Hub name with a `transformers` config loaded strictly with the class that config records (a timm checkpoint on
-    the Hub, whose config records none, with `TimmWrapperForImageClassification`, as `transformers` reads it)."""
+    the Hub, whose config records none, with `TimmWrapperForImageClassification`, as `transformers` reads it).
+    `loading` goes to `from_pretrained` (`revision`, `cache_dir`, `token`, `trust_remote_code`)."""
     from .conversion_timm import timm_mvitv2_source
 
     timm_source = timm_mvitv2_source(model_or_path)
@@ -487,7 +488,7 @@ def load_source(model_or_path) -> nn.Module:
         if isinstance(model_or_path, PreTrainedModel):
             return model_or_path
         raise TypeError(f"castle converts {SUPPORTED}; got a {type(model_or_path).__name__}.")
-    config = AutoConfig.from_pretrained(model_or_path)
+    config = AutoConfig.from_pretrained(model_or_path, **loading)
     refuse_castled(config)
     source_class = source_model_class(config)
     if source_class is None:
@@ -495,11 +496,13 @@ def load_source(model_or_path) -> nn.Module:
             f"{model_or_path!r} names its model class {config.architectures or 'nowhere'} in its config; castle needs "
             "one transformers class there to load it with."
         )
-    model, info = source_class.from_pretrained(model_or_path, output_loading_info=True)
+    model, info = source_class.from_pretrained(model_or_path, output_loading_info=True, **loading)
     pooler_only = info["missing_keys"] and all(".pooler." in f".{key}" for key in info["missing_keys"])
     if pooler_only and "add_pooling_layer" in inspect.signature(source_class.__init__).parameters:
         # A base model saved without its pooler: load it as it was saved rather than with a random pooler.
-        model, info = source_class.from_pretrained(model_or_path, add_pooling_layer=False, output_loading_info=True)
+        model, info = source_class.from_pretrained(
+            model_or_path, add_pooling_layer=False, output_loading_info=True, **loading
+        )
     problems = {kind: keys for kind, keys in info.items() if keys and kind != "error_msgs"}
     if problems:
         raise ValueError(
@@ -656,31 +659,32 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
     return target.to(device=reference.device, dtype=reference.dtype).eval()
 
 
-def source_image_processor(model_or_path):
+def source_image_processor(model_or_path, **loading):
     """The image processor that prepares images as the source (anything `castle` takes) was trained on them, to
     save with its castled model: the one saved with the source (a folder or Hub name holding
     `preprocessor_config.json`), else the one its family's published checkpoints carry (ImageNet mean and std for
     DeiT, Dinov2 and DINOv3, 0.5 for ViT), in the class `transformers` gives its model type (a task model's own:
     UperNet's, DPT's, ...). A processor class that needs torchvision where it is not installed (DINOv3's) becomes
-    ViT's PIL processor with the same size, mean and std: both resize, rescale and normalise."""
+    ViT's PIL processor with the same size, mean and std: both resize, rescale and normalise. `loading` goes to
+    `from_pretrained` (`revision`, `cache_dir`, `token`, `trust_remote_code`)."""
     from .conversion_timm import is_timm_checkpoint, timm_image_processor, timm_model_of
 
     local_timm = isinstance(model_or_path, (str, os.PathLike)) and is_timm_checkpoint(model_or_path)
     if isinstance(model_or_path, (str, os.PathLike)) and not local_timm:
         try:
-            settings, _ = ImageProcessingMixin.get_image_processor_dict(model_or_path)
+            settings, _ = ImageProcessingMixin.get_image_processor_dict(model_or_path, **loading)
         except OSError:  # saved without a processor
             settings = None
         if settings is not None and "data_config" in settings:  # a TimmWrapperImageProcessor: timm's settings
             return timm_image_processor(None, settings["data_config"])
         if settings is not None:
             try:
-                return AutoImageProcessor.from_pretrained(model_or_path)
+                return AutoImageProcessor.from_pretrained(model_or_path, **loading)
             except (ImportError, ValueError):  # how transformers says that the class needs torchvision
                 if is_torchvision_available():
                     raise
                 return _portable_image_processor(settings)
-    source = load_source(model_or_path)
+    source = load_source(model_or_path, **loading)
     timm_model = timm_model_of(source)
     if timm_model is not None:  # timm's evaluation preprocessing, from the checkpoint's pretrained config
         return timm_image_processor(timm_model, getattr(getattr(source, "config", None), "pretrained_cfg", None))
