@@ -46,11 +46,14 @@ def castle(source: str, output_dir: str, config_overrides: dict) -> CastlingViTF
     return model
 
 
-def train_source_vit(output_dir: str, dataset, config: ViTConfig, training, seed: int, **arguments) -> float:
+def train_source_vit(
+    output_dir: str, dataset, config: ViTConfig, training, seed: int, return_curve: bool = False, **arguments
+):
     """A softmax `ViTForImageClassification` with `config`, trained with the `Trainer` on `dataset` (`train` and `test`
     splits with `image` and `label` columns) through the classification example's transforms (its random crops),
     `arguments` going to `TrainingArguments`: the stand-in for a Hub checkpoint. Saved with its image processor to
-    `output_dir`; returns its test accuracy."""
+    `output_dir`; returns its test accuracy, and with `return_curve` the (step, accuracy) of every evaluation during
+    training too (`eval_strategy` in `arguments`)."""
     set_seed(seed)
     model = ViTForImageClassification(config)
     image_processor = image_processor_for(config)
@@ -85,7 +88,10 @@ def train_source_vit(output_dir: str, dataset, config: ViTConfig, training, seed
     accuracy = trainer.evaluate()["eval_accuracy"]
     trainer.save_model()
     image_processor.save_pretrained(output_dir)
-    return accuracy
+    if not return_curve:
+        return accuracy
+    history = trainer.state.log_history
+    return accuracy, [(entry["step"], entry["eval_accuracy"]) for entry in history if "eval_accuracy" in entry]
 
 
 def digits_source_config(dataset) -> ViTConfig:

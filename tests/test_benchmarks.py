@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -126,26 +128,27 @@ def test_accuracy_benchmark_smoke_run_trains_every_variant(tmp_path):
     assert {row["variant"] for row in study["summary"]} >= {"vit", "castling", "softmax_conv"}
 
 
-def test_distillation_benchmark_smoke_run_scores_every_route(tmp_path):
+def test_distillation_benchmark_smoke_run_scores_every_route_over_seeds(tmp_path):
     # A subprocess, as a user runs it: its jobs run in spawned processes that import the script by its path.
     command = [sys.executable, str(ROOT / "benchmarks" / "distillation.py"), "--quick", "--output_dir", str(tmp_path)]
     command += ["--run_dir", str(tmp_path / "run")]
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     results = json.loads((tmp_path / "distillation.json").read_text())
     distillation = load_benchmark("distillation")
-    assert [(run["task"], run["route"]) for run in results["routes"]] == [
-        *(("focus", route) for route in distillation.FOCUS_ROUTES),
-        *(("segmentation", route) for route in distillation.SEGMENTATION_ROUTES),
-    ]
-    for run in results["routes"]:
+    expected = [("focus", route) for route in distillation.FOCUS_ROUTES]
+    expected += [("segmentation", route) for route in distillation.SEGMENTATION_ROUTES]
+    assert [(entry["task"], entry["route"]) for entry in results["summary"]] == expected
+    for entry in results["summary"]:  # two seeds in a smoke run, switching alone once
+        assert entry["seeds"] == ([0] if entry["route"] == "switch_only" else [0, 1])
+        assert len(entry["values"]) == len(entry["seeds"]) and entry["std"] >= 0
+    for run in results["runs"]:
         assert [entry["resolution"][0] for entry in run["fidelity"].values()] == [64, 128]
         name, castled, source = distillation.metric_of(run)
-        assert (
-            0 <= castled <= 1
-            and source == distillation.metric_of(results["routes"][0 if run["task"] == "focus" else -1])[2]
-        )
-    assert set(results["sources"]) == {"focus", "segmentation"}
-    assert "| focus | no_labels | no | no |" in distillation.markdown_table(results)
+        expected_source = results["sources"][run["task"]]["accuracy" if name == "accuracy" else "mean_iou"]
+        assert 0 <= castled <= 1 and source == pytest.approx(expected_source, abs=1e-6)
+    assert results["sources"]["focus"]["curve"]  # the source's held-out accuracy along its training
+    assert "| focus | no_labels | no | source's |" in distillation.markdown_table(results)
+    assert "few_different − few_different_fresh" in distillation.targets_table(results)
     assert (tmp_path / "distillation.png").stat().st_size > 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
@@ -133,6 +134,25 @@ def test_at_sizes_the_source_runs_below_its_own_the_castled_model_computes_what_
     castled = castle(source)
     pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height * width))
     assert_close_outputs(castled, source, pixels)
+
+
+def test_resizing_the_tables_below_the_sources_size_would_not_compute_the_source(monkeypatch):
+    # The choice the castled model makes (docs/design.md §11): resized to each input's length, the tables would give
+    # other logits than timm's at a size timm runs.
+    from castling_hf.models.castling_mvitv2 import modeling_castling_mvitv2
+
+    source = perturbed(SOURCES["mvitv2_tiny"][0](64))
+    castled = castle(source)
+    pixels = images(48)
+
+    def always_resized(table, length):
+        return table if len(table) == length else F.interpolate(table.T[None], size=length, mode="linear")[0].T
+
+    monkeypatch.setattr(modeling_castling_mvitv2, "table_for", always_resized)
+    with torch.no_grad():
+        expected = source(pixels)
+        difference = (castled(pixel_values=pixels).logits - expected).abs().max() / expected.abs().max()
+    assert difference > 1e-2
 
 
 def test_a_timm_checkpoint_folder_and_a_timm_wrapper_castle_exactly(tmp_path):

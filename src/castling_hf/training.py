@@ -186,7 +186,8 @@ class CastlingMaskDecayCallback(TrainerCallback):
 
     def _switch_for_evaluation(self, control, model) -> None:
         """Before an evaluation the Trainer is about to run (`DefaultFlowCallback` has just asked for it), α = 0."""
-        if not (self.evaluate_switched and control.should_evaluate) or self._scales_before_evaluation is not None:
+        asked = control is not None and control.should_evaluate
+        if not (self.evaluate_switched and asked) or self._scales_before_evaluation is not None:
             return
         castling_model = extract_model_from_parallel(model)
         self._scales_before_evaluation = softmax_mask_scales(castling_model)
