@@ -1,6 +1,8 @@
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +53,13 @@ def run_without_castling_hf(script: str, args: list[str], work_dir) -> str:
     )
     assert finished.returncode == 0, finished.stdout + finished.stderr[-3000:]
     return finished.stdout.strip().splitlines()[-1]
+
+
+def timm_helper():
+    """benchmarks/timm_without_torchvision.py as a module: `import_timm()` gives timm where torchvision does not
+    import beside this machine's PyTorch, `let_transformers_use_timm()` lets transformers' TimmWrapper use it."""
+    path = Path(__file__).parents[1] / "benchmarks" / "timm_without_torchvision.py"
+    spec = importlib.util.spec_from_file_location("timm_without_torchvision", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """Castling timm's MViTv2: every output of the castled model equals the source's, at its resolution and at others."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import timm_helper
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
@@ -20,16 +20,6 @@ from castling_hf import (
     source_image_processor,
 )
 from castling_hf.conversion_timm import mvitv2_config
-
-ROOT = Path(__file__).parents[1]
-
-
-def timm_helper():
-    spec = importlib.util.spec_from_file_location("timm_import", ROOT / "benchmarks" / "timm_without_torchvision.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 timm = timm_helper().import_timm()
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg, checkpoint_filter_fn  # noqa: E402

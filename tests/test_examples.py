@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import timm_helper
 from datasets import Features, List, Value, load_dataset
 from huggingface_hub import ModelCard
 from safetensors import safe_open
@@ -365,7 +366,7 @@ def test_segmentation_example_puts_upernet_on_a_castled_timm_mvitv2(tmp_path):
 
     from castling_hf import castle
 
-    timm = load_module(Path(__file__).parents[1] / "benchmarks" / "timm_without_torchvision.py").import_timm()
+    timm = timm_helper().import_timm()
     source = timm.models.mvitv2.MultiScaleVit(timm.models.mvitv2.MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=16))
     castle(source.eval()).save_pretrained(tmp_path / "castled")
     example = load_module(SEGMENTATION)
@@ -709,10 +710,7 @@ def test_distillation_example_keeps_a_segmenters_head_and_scores_its_label_maps(
 
 
 def test_distillation_example_castles_a_timm_mvitv2_checkpoint(tmp_path):
-    spec = importlib.util.spec_from_file_location("timm_import", ROOT / "benchmarks" / "timm_without_torchvision.py")
-    helper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helper)
-    timm = helper.import_timm()
+    timm = timm_helper().import_timm()
     source = timm.create_model("mvitv2_tiny", img_size=32, num_classes=3)  # a folder timm builds: a registered model
     timm.models.save_for_hf(source, tmp_path / "timm")
     example = load_module(DISTILLATION)

@@ -95,9 +95,14 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments(ImageDataArguments):
-    """The images (castling_examples.py); this example adds random crops, off by default."""
+    """The images (castling_examples.py); this example adds random crops (off by default) and pastes a rectangle of
+    another image into each training image (on by default)."""
 
     augment: bool = field(default=False, metadata={"help": "Random crops of 80-100% of each training image."})
+    mix_images: bool = field(
+        default=True,
+        metadata={"help": "Paste a rectangle of another image into each training image (CutMix; the source labels)."},
+    )
 
 
 # `TrainingArguments`' defaults that castling without labels replaces: measured on the focus task (docs/design.md §9),
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_heads=model_args.train_heads,
         feature_loss_weight=model_args.feature_loss_weight,
         training_noise=model_args.training_noise,
+        mix_images=data_args.mix_images,
     )
     results = {"processes": training_args.world_size}
     if training_args.do_train:
