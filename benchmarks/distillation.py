@@ -5,13 +5,13 @@ user's images are few and unlike the source's training data.
 
 Focus task: one digit anywhere on a 64 px canvas among four fragments of others (`castling_hf.data.focus_digits`,
 the accuracy study's task: 11,496 training and 1,440 held-out canvases). The source is `transformers`'
-`ViTForImageClassification` (4 layers of 64, patch 8) trained with softmax attention for `--source_steps` steps, to
+`ViTForImageClassification` (4 layers of 64, patch 8) trained with softmax attention for `--source_steps` steps, near
 its plateau (the JSON records its held-out accuracy along the way): the stand-in for a Hub checkpoint. Every route
 starts from its weights and trains `--route_steps` steps, once per seed of `--seeds`:
 
 - `switch_only`: castle and switch at once, no training (one run: it has no randomness);
-- `labels`: `examples/image-classification/run_image_classification.py` on the castled checkpoint, with labels, its
-  defaults;
+- `labels`: `examples/image-classification/run_image_classification.py` on the castled checkpoint, with labels and
+  the source's optimiser settings (its random crops);
 - `no_labels`: `examples/distillation/run_castle_distillation.py` on the source's training images without their
   labels, given only the required arguments: its defaults are the route's;
 - `no_labels_additive`: the same with the blend castling used before the convex one (additive, γ₀ = 0), which
@@ -527,7 +527,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run_dir", default="outputs/distillation_benchmark")
     parser.add_argument("--output_dir", default="benchmarks/results")
-    parser.add_argument("--source_steps", type=int, default=6000, help="the focus source's: to its plateau")
+    parser.add_argument("--source_steps", type=int, default=24000, help="the focus source's: near its plateau")
     parser.add_argument("--route_steps", type=int, default=1500, help="every focus route's")
     parser.add_argument("--segmentation_source_steps", type=int, default=600, help="every route gets half")
     parser.add_argument("--segmentation_images", type=int, default=1500)

@@ -123,6 +123,8 @@ def demo(args) -> dict:
     root = Path(args.output_dir)
     print("1/4 training the source: a softmax ViTForImageClassification on the bundled digits")
     dataset = training.load_image_dataset(training.DataTrainingArguments(), args.seed)
+    for split, part in dataset.items():  # the images alone, for castling without labels (README)
+        part.remove_columns("label").to_parquet(str(root / "digit-images" / f"{split}.parquet"))
     source_dir = str(root / "source-vit")
     source_accuracy = train_source_vit(
         source_dir, dataset, digits_source_config(dataset), training, args.seed, num_train_epochs=args.source_epochs

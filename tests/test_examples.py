@@ -254,6 +254,13 @@ def test_castle_pretrained_vit_demo_runs_the_recipe(tmp_path):
     assert set(summary["latency_ms"][64]) == {"source_vit", "castled"}
     assert_inference_checkpoint(Path(summary["inference_dir"]))
     assert json.loads((tmp_path / "castle_demo.json").read_text())["source_accuracy"] == summary["source_accuracy"]
+    # README's command for castling without labels, on what the demo wrote, with fewer steps.
+    results = load_module(DISTILLATION).main(
+        f"--model_name_or_path {tmp_path / 'source-vit'} --dataset_name {tmp_path / 'digit-images'} --output_dir "
+        f"{tmp_path / 'without-labels'} --do_train --do_eval --max_steps 4 --per_device_train_batch_size 64 "
+        "--report_to none".split()
+    )
+    assert AutoModelForImageClassification.from_pretrained(results["inference_dir"]).config.attention_mode == "linear"
 
 
 SEGMENTATION = Path(__file__).parents[1] / "examples" / "semantic-segmentation" / "run_semantic_segmentation.py"
@@ -604,7 +611,7 @@ def test_the_distillation_examples_defaults_are_the_routes_and_it_says_what_it_l
     example = load_module(DISTILLATION)
     required = f"--model_name_or_path x --dataset_name y --output_dir {tmp_path} --do_train --max_steps 1500"
     *_, training_args = example.argument_parser().parse_args_into_dataclasses(args=required.split())
-    assert (training_args.learning_rate, str(training_args.lr_scheduler_type.value)) == (2e-3, "cosine")
+    assert (training_args.learning_rate, str(training_args.lr_scheduler_type.value)) == (4e-3, "cosine")
     assert (training_args.warmup_steps, training_args.weight_decay) == (0.03, 0.05)
     with pytest.raises(ValueError, match="No images to distil on: give --dataset_name"):
         example.main(f"--model_name_or_path {vit_source} --output_dir {tmp_path / 'out'} --do_train".split())
