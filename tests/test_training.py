@@ -328,6 +328,8 @@ for step in range(6):
     optimizer.zero_grad()
     held.append(torch.equal(gammas(), start))
 print(f"rank {dist.get_rank()}: gamma held {held}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
