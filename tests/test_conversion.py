@@ -1,3 +1,4 @@
+import functools
 import json
 import warnings
 
@@ -517,7 +518,7 @@ def test_an_unsupported_family_or_backbone_is_refused_with_what_castle_takes():
 )
 def test_stochastic_depth_is_carried_over(build):
     for rate in (0.0, 0.3):
-        source = pretrained(lambda: build(rate))
+        source = pretrained(functools.partial(build, rate))
         castled = castle(source)
         assert castled.config.drop_path_rate == rate
         assert_same_outputs(run(castled, 32, False), run(source, 32, False))  # evaluation: no layer is dropped
