@@ -10,10 +10,20 @@ def first_tensor(output) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value
 
 
+def meta_device() -> torch.device:
+    """`torch.device("meta")` as a context that sends every tensor factory there. torch builds the set of factories
+    it redirects once, on first use; if that is inside `transformers`' `from_pretrained`, which swaps `torch.linspace`
+    for a CPU-bound wrapper while it builds a model, the set keeps the wrapper and the real `torch.linspace` escapes
+    every later meta context: a test run after any `from_pretrained` would pass on a constructor that fails there."""
+    torch.utils._device._device_constructors.cache_clear()
+    return torch.device("meta")
+
+
 def assert_builds_on_the_meta_device(model_class, config, pixel_values: torch.Tensor) -> None:
     """Built on the meta device, every tensor stays there; materialised and initialised, the model has the buffers a
     model built on the CPU has, and runs: no tensor was a plain attribute left behind on the meta device."""
-    with torch.device("meta"):
+    with meta_device():
+        assert torch.linspace(0, 1, 2).device.type == "meta"  # every tensor factory is sent to the meta device
         model = model_class(config)
     assert all(tensor.device.type == "meta" for tensor in [*model.parameters(), *model.buffers()])
     model.to_empty(device="cpu")

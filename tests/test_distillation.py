@@ -277,7 +277,7 @@ def test_gradient_accumulation_of_batches_with_labels_steps_as_the_whole_batch_d
     teacher = pretrained(ViTForImageClassification(ViTConfig(**TINY, num_labels=5)))
     data = [{"pixel_values": pixels, "labels": torch.tensor(0)} for pixels in images(16)]  # labels: ignored
     start = switch_to_inference(castle(teacher), force=True)  # the linear form: away from the source, it learns
-    trained = {}
+    trained, losses = {}, {}
     for accumulation in (1, 2):
         student = copy.deepcopy(start)
         args = training_arguments(
@@ -287,16 +287,19 @@ def test_gradient_accumulation_of_batches_with_labels_steps_as_the_whole_batch_d
             gradient_accumulation_steps=accumulation,
             optim="sgd",
             learning_rate=0.5,
+            max_grad_norm=0.0,  # clipping would hide a gradient twice as large
         )
-        CastlingDistillationTrainer(
+        trainer = CastlingDistillationTrainer(
             model=student,
             teacher_model=teacher,
             args=args,
             train_dataset=data,
             feature_loss_weight=0.0,  # the KL is a mean over images: two halves average to the whole batch's
-        ).train()
+        )
+        losses[accumulation] = trainer.train().training_loss
         trained[accumulation] = dict(student.named_parameters())
     assert max((trained[2][name] - value).abs().max().item() for name, value in start.named_parameters()) > 1e-3
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)
     for name, value in trained[1].items():
         torch.testing.assert_close(trained[2][name], value, rtol=1e-4, atol=1e-6)
 
