@@ -523,6 +523,37 @@ def run_jobs(args) -> list[dict]:
     return runs
 
 
+def rerun_jobs(args, routes: list[str]) -> list[dict]:
+    """The focus `routes` again (every seed), from the source a previous run trained in `--run_dir`."""
+    if not (focus_paths(args.run_dir).source / "config.json").exists():
+        raise SystemExit(f"--rerun needs the focus source a previous run trained in {args.run_dir}; none is there.")
+    jobs = route_jobs({name: FOCUS_ROUTES[name] for name in routes}, args.seeds)
+    context = multiprocessing.get_context("spawn")
+    runs = []
+    with (
+        ProcessPoolExecutor(2, mp_context=context, initializer=start_worker) as pool,
+        tqdm(total=len(jobs), desc="castling routes again", unit="job") as progress,
+    ):
+        for run in pool.map(focus_route, *zip(*((name, seed, args.run_dir, args) for name, seed in jobs), strict=True)):
+            runs.append(run)
+            progress.update()
+    return runs
+
+
+def merged(previous: dict, runs: list[dict], command: str, seconds: float) -> dict:
+    """`previous` with its focus runs of the rerun routes replaced by `runs`; the reruns are recorded beside its
+    command."""
+    rerun = {run["route"] for run in runs}
+    kept = [run for run in previous["runs"] if not (run["task"] == "focus" and run["route"] in rerun)]
+    results = {
+        **previous,
+        "runs": sorted([*kept, *runs], key=lambda run: (run["task"], run["route"], run["seed"])),
+        "reruns": [*previous.get("reruns", []), {"command": command, "routes": sorted(rerun), "wall_seconds": seconds}],
+    }
+    results["summary"] = summarise(results["runs"])
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run_dir", default="outputs/distillation_benchmark")
@@ -533,23 +564,36 @@ def main(argv=None):
     parser.add_argument("--segmentation_images", type=int, default=1500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="a few steps on a few images: a smoke run")
+    parser.add_argument(
+        "--rerun",
+        nargs="+",
+        choices=[name for name in FOCUS_ROUTES if name != "switch_only"],
+        help="after a change to these focus routes: run them again (every seed) from the source that the last run "
+        "trained in --run_dir, and replace their runs in its JSON in --output_dir, which records the rerun",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.source_steps, args.route_steps, args.segmentation_source_steps, args.segmentation_images = 8, 4, 8, 40
         args.seeds = args.seeds[:2]
     started = time.perf_counter()
-    runs = run_jobs(args)
-    results = {
-        "command": " ".join(["python benchmarks/distillation.py", *(sys.argv[1:] if argv is None else argv)]),
-        "args": vars(args),
-        "sources": {run["task"]: run for run in runs if run["route"] == "source"},
-        "runs": sorted(
-            (run for run in runs if run["route"] != "source"), key=lambda run: (run["task"], run["route"], run["seed"])
-        ),
-        "wall_seconds": time.perf_counter() - started,
-    }
-    results["summary"] = summarise(results["runs"])
+    command = " ".join(["python benchmarks/distillation.py", *(sys.argv[1:] if argv is None else argv)])
     directory = Path(args.output_dir)
+    if args.rerun:
+        previous = json.loads((directory / "distillation.json").read_text())
+        results = merged(previous, rerun_jobs(args, args.rerun), command, time.perf_counter() - started)
+    else:
+        runs = run_jobs(args)
+        results = {
+            "command": command,
+            "args": vars(args),
+            "sources": {run["task"]: run for run in runs if run["route"] == "source"},
+            "runs": sorted(
+                (run for run in runs if run["route"] != "source"),
+                key=lambda run: (run["task"], run["route"], run["seed"]),
+            ),
+            "wall_seconds": time.perf_counter() - started,
+        }
+        results["summary"] = summarise(results["runs"])
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "distillation.json").write_text(json.dumps(results, indent=2))
     (directory / "distillation.md").write_text(markdown_table(results) + "\n\n" + targets_table(results) + "\n")
@@ -557,7 +601,8 @@ def main(argv=None):
     print(markdown_table(results))
     print(targets_table(results))
     print(
-        f"{results['wall_seconds']:.0f} s; wrote {directory / 'distillation.json'}, distillation.md, distillation.png"
+        f"{time.perf_counter() - started:.0f} s; wrote {directory / 'distillation.json'}, distillation.md, "
+        "distillation.png"
     )
     return results
 

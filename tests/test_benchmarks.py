@@ -151,6 +151,14 @@ def test_distillation_benchmark_smoke_run_scores_every_route_over_seeds(tmp_path
     assert "few_different − few_different_fresh" in distillation.targets_table(results)
     assert (tmp_path / "distillation.png").stat().st_size > 0
 
+    # After a change to one route: it alone runs again, from the trained source, and the JSON says so.
+    subprocess.run([*command, "--rerun", "few_different"], check=True, capture_output=True, timeout=600)
+    again = json.loads((tmp_path / "distillation.json").read_text())
+    assert [rerun["routes"] for rerun in again["reruns"]] == [["few_different"]]
+    assert again["sources"] == results["sources"] and again["command"] == results["command"]
+    changed = [old != new for old, new in zip(results["runs"], again["runs"], strict=True)]
+    assert changed == [(run["task"], run["route"]) == ("focus", "few_different") for run in results["runs"]]
+
 
 def test_mvitv2_benchmark_smoke_run_measures_every_model(tmp_path):
     mvitv2 = load_benchmark("mvitv2")

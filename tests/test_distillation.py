@@ -24,6 +24,7 @@ from castling_hf.distillation import (
     captured_features,
     castled_part,
     distillation_losses,
+    pasted_images,
     relative_squared_error,
     run_model,
     soft_label_divergence,
@@ -295,6 +296,7 @@ def test_gradient_accumulation_of_batches_with_labels_steps_as_the_whole_batch_d
             args=args,
             train_dataset=data,
             feature_loss_weight=0.0,  # the KL is a mean over images: two halves average to the whole batch's
+            mix_images=False,  # pasting draws from the batch: halves would mix other images
         )
         losses[accumulation] = trainer.train().training_loss
         trained[accumulation] = dict(student.named_parameters())
@@ -342,3 +344,28 @@ def test_a_castled_timm_mvitv2_distils_and_is_scored(tmp_path):
     trainer.train()
     assert set(student.softmax_mask_scales().values()) == {0.0}
     assert {"loss_logits_kl", "loss_features"} <= set(trainer.state.log_history[0])
+
+
+def test_pasted_images_paste_a_rectangle_of_another_image_of_the_batch():
+    torch.manual_seed(0)
+    pixels = torch.arange(4 * 2 * 16 * 16, dtype=torch.float32).view(4, 2, 16, 16)
+    mixed = pasted_images(pixels)
+    assert mixed.shape == pixels.shape
+    for image in range(4):
+        changed = (mixed[image] != pixels[image]).any(0)  # every channel alike
+        rows, columns = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        if len(rows) == 0:  # a window pasted onto itself, where it was
+            continue
+        # One rectangle, its sides a quarter to a half of the image's ...
+        assert changed[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1].all()
+        assert 1 <= len(rows) <= 8 and 1 <= len(columns) <= 8
+        # ... whose pixels are some image's of the batch, a window of the same size read elsewhere.
+        window = mixed[image][:, rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+        assert any(
+            (pixels[other].unfold(1, window.shape[1], 1).unfold(2, window.shape[2], 1) == window[:, None, None])
+            .all(0)
+            .all(-1)
+            .all(-1)
+            .any()
+            for other in range(4)
+        )

@@ -39,7 +39,7 @@ import datasets
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
-from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoImageProcessor, HfArgumentParser, IntervalStrategy, TrainingArguments, set_seed
 
 from castling_hf import CastlingDistillationTrainer, castle, source_image_processor
 from castling_hf.conversion import load_source
@@ -95,9 +95,14 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments(ImageDataArguments):
-    """The images (castling_examples.py); this example adds random crops, off by default."""
+    """The images (castling_examples.py); this example adds random crops (off by default) and pastes a rectangle of
+    another image into each training image (on by default)."""
 
     augment: bool = field(default=False, metadata={"help": "Random crops of 80-100% of each training image."})
+    mix_images: bool = field(
+        default=True,
+        metadata={"help": "Paste a rectangle of another image into each training image (CutMix; the source labels)."},
+    )
 
 
 # `TrainingArguments`' defaults that castling without labels replaces: measured on the focus task (docs/design.md §9),
@@ -118,14 +123,26 @@ def argument_parser() -> HfArgumentParser:
     return parser
 
 
-def load_images(data_args: DataTrainingArguments, hub_args: HubArguments, seed: int) -> datasets.DatasetDict:
+def load_images(
+    data_args: DataTrainingArguments, hub_args: HubArguments, seed: int, evaluates: bool
+) -> datasets.DatasetDict:
+    """`train` and, where the run `evaluates`, `test`: held-out images as `held_out_split` finds or cuts them. A run
+    that never evaluates distils on every image it was given: a user's own images are often few, and each counts."""
     dataset = load_image_folders(data_args, hub_args)
     if dataset is None:
         raise ValueError(
             "No images to distil on: give --dataset_name (a Hub data set, or a local folder datasets reads) or "
             "--train_dir (a folder of images), images like those the castled model will see."
         )
-    dataset = held_out_split(dataset, data_args, seed)
+    if not evaluates:
+        if "train" not in dataset:
+            raise ValueError(f"The data set has splits {sorted(dataset)}; a 'train' split is needed.")
+        dataset = datasets.DatasetDict(train=dataset["train"])
+        if data_args.max_train_samples is not None:
+            limit = min(data_args.max_train_samples, len(dataset["train"]))
+            dataset["train"] = dataset["train"].shuffle(seed=seed).select(range(limit))
+    else:
+        dataset = held_out_split(dataset, data_args, seed)
     if data_args.image_column_name not in dataset["train"].column_names:
         raise ValueError(
             f"Column {data_args.image_column_name!r} not in the data set; it has {dataset['train'].column_names}. "
@@ -222,14 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
     student = castle(teacher, **overrides).train()
 
+    evaluates = training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO
     with training_args.main_process_first():
-        dataset = load_images(data_args, hub_args, training_args.seed)
+        dataset = load_images(data_args, hub_args, training_args.seed, evaluates)
     dataset["train"].set_transform(
         make_transform(image_processor, data_args.image_column_name, data_args.augment, training_args.seed)
     )
-    held_out = dataset["test"].with_transform(
-        make_transform(image_processor, data_args.image_column_name, False, training_args.seed)
-    )
+    held_out = None
+    if evaluates:
+        held_out = dataset["test"].with_transform(
+            make_transform(image_processor, data_args.image_column_name, False, training_args.seed)
+        )
     trainer = CastlingDistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -243,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_heads=model_args.train_heads,
         feature_loss_weight=model_args.feature_loss_weight,
         training_noise=model_args.training_noise,
+        mix_images=data_args.mix_images,
     )
     results = {"processes": training_args.world_size}
     if training_args.do_train:

@@ -122,12 +122,8 @@ def distillation_losses(
     feature_loss_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The terms of the distillation loss (see the module's docstring) that this kind of model has, by name:
-    `logits_kl`, `depth`, `features` (the mean over feature maps, times `feature_loss_weight` w; 0 leaves it out).
-
-    On the focus task (docs/design.md §9) the feature term at w = 1 beside a classifier's KL raised the cosine of
-    the castled encoder's features to the source's from 0.74 to 0.96, for the same agreement of the logits and
-    1.6–1.8 points of accuracy (two seeds): a castled model should compute what its source computes, features
-    included."""
+    `logits_kl`, `depth`, `features` (the mean over feature maps, times `feature_loss_weight` w; 0 leaves it out):
+    a castled model should compute what its source computes, features included (docs/design.md §9)."""
     losses = {}
     student_logits, teacher_logits = class_logits(student_outputs), class_logits(teacher_outputs)
     if student_logits is not None and teacher_logits is not None:
@@ -183,6 +179,7 @@ class CastlingDistillationTrainer(Trainer):
         train_heads=False,
         feature_loss_weight=1.0,
         training_noise=False,
+        mix_images=True,
         **kwargs,
     ):
         if teacher_model is None:
@@ -199,7 +196,7 @@ class CastlingDistillationTrainer(Trainer):
         # The loss is a mean over the batch, never a sum for the Trainer to divide by a count of labels: it divides it
         # by the accumulation steps only when told that the model does not take that count.
         self.model_accepts_loss_kwargs = False
-        self.temperature, self.feature_loss_weight = temperature, feature_loss_weight
+        self.temperature, self.feature_loss_weight, self.mix_images = temperature, feature_loss_weight, mix_images
         self.label_names = []  # no labels: the evaluation loss comes from the teacher
         self._student_part, self._teacher_part = castled_part(self.model), source_part(teacher_model)
         self.teacher_model = self.accelerator.prepare_model(
@@ -230,7 +227,8 @@ class CastlingDistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         for module in self._kept_in_evaluation_mode:  # the Trainer has just put the whole model in training mode
             module.eval()
-        losses, outputs = self.distillation_losses(model, inputs["pixel_values"])
+        pixel_values = pasted_images(inputs["pixel_values"]) if self.mix_images else inputs["pixel_values"]
+        losses, outputs = self.distillation_losses(model, pixel_values)
         for name, value in losses.items():
             self._logged_terms.setdefault(name, []).append(value.detach())
         loss = sum(losses.values())
@@ -253,6 +251,34 @@ class CastlingDistillationTrainer(Trainer):
                 values = self._logged_terms.pop(name)
                 logs[name if evaluation else f"loss_{name}"] = torch.stack(values).float().mean().item()
         super().log(logs, *args, **kwargs)
+
+
+def pasted_images(pixel_values: torch.Tensor) -> torch.Tensor:
+    """CutMix without labels: each image with a rectangle of another image of the batch pasted in, its sides a quarter
+    to a half of the image's, taken from and put at random places. The teacher labels the mixed image, so no label is
+    mixed; the student meets more than the images it was given."""
+    batch, _, height, width = pixel_values.shape
+
+    def window(side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image: the pasted extent along one axis, where it goes and where it comes from."""
+        extent = torch.randint(side // 4, side // 2 + 1, (batch,))
+        target = (torch.rand(batch) * (side - extent + 1)).long()
+        source = (torch.rand(batch) * (side - extent + 1)).long()
+        return extent, target, source
+
+    def spans(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image and position along the axis: whether it is pasted over, and the position it is read from."""
+        extent, target, source = window(side)
+        positions = torch.arange(side)[None]
+        inside = (positions >= target[:, None]) & (positions < (target + extent)[:, None])
+        return inside, (positions - target[:, None] + source[:, None]).clamp(0, side - 1)
+
+    (rows_inside, rows), (columns_inside, columns) = spans(height), spans(width)
+    others = torch.randperm(batch)
+    device = pixel_values.device
+    pasted = pixel_values[others.to(device)[:, None, None], :, rows.to(device)[:, :, None], columns.to(device)[:, None]]
+    inside = (rows_inside[:, :, None] & columns_inside[:, None]).to(device)
+    return torch.where(inside[:, None], pasted.permute(0, 3, 1, 2), pixel_values)
 
 
 def heads_outside(model: nn.Module, part: nn.Module) -> list[nn.Module]:
