@@ -167,6 +167,9 @@ class CastlingDistillationTrainer(Trainer):
     keeps the source's weights and runs as in evaluation (batch-norm statistics included), so that it stays the head
     the source's users know. The teacher is prepared as the student is (`accelerator.prepare_model(...,
     evaluation_mode=True)`): on its device, and under `--bf16` / `--fp16` in the same autocast.
+
+    With `mix_images` (the default) each training image gets a rectangle of another image of the batch pasted in
+    (`pasted_images`) before both models see it: a user's images are often few, and the teacher labels any image.
     """
 
     def __init__(
