@@ -132,6 +132,17 @@ def last_checkpoint(training_args) -> str | None:
     return found
 
 
+def leave_process_group() -> None:
+    """Leave the process group that `accelerate launch` started, in every process, once the work is done: left to the
+    interpreter's exit, gloo's threads are torn down in no set order, and now and then a process aborts there
+    ("terminate called without an active exception") after writing everything, failing the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def hub_push_requested(training_args) -> bool:
     """Whether `--push_to_hub` was given, taken from the Trainer: it would push the training form at every save, and
     these examples push the inference checkpoint instead, once, at the end."""

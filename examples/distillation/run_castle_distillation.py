@@ -55,6 +55,7 @@ from castling_examples import (  # noqa: E402
     held_out_split,
     hub_push_requested,
     last_checkpoint,
+    leave_process_group,
     load_image_folders,
     switch_after_training,
 )
@@ -306,3 +307,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()

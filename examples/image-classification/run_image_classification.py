@@ -49,6 +49,7 @@ from castling_examples import (  # noqa: E402
     ImageDataArguments,
     held_out_split,
     hub_push_requested,
+    leave_process_group,
     load_image_folders,
     mask_decay_callbacks,
     model_from_size_or_checkpoint,
@@ -157,3 +158,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()
