@@ -104,19 +104,20 @@ def load_image_folders(data_args: ImageDataArguments, hub_args: HubArguments | N
     return load_dataset("imagefolder", data_files=files, cache_dir=cache_dir)
 
 
-def held_out_split(dataset: DatasetDict, data_args, seed: int) -> DatasetDict:
+def held_out_split(dataset: DatasetDict, data_args, seed: int, hold_out: bool = True) -> DatasetDict:
     """`DatasetDict(train=..., test=...)`: the data set's `train` split, and its `validation` split if it has one (a
     Hub set's `test` split often has no labels), else its `test` split, else `data_args.train_val_split` of `train`;
-    each cut to a random `data_args.max_train_samples` / `max_eval_samples` when given."""
+    each cut to a random `data_args.max_train_samples` / `max_eval_samples` when given. Without `hold_out` (a run
+    that never evaluates), `train` alone, whole."""
     if "train" not in dataset:
         raise ValueError(f"The data set has splits {sorted(dataset)}; a 'train' split is needed.")
     held_out = next((name for name in ("validation", "test") if name in dataset), None)
-    if held_out is None:
+    if held_out is None and hold_out:
         dataset = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
         held_out = "test"
-    dataset = DatasetDict(train=dataset["train"], test=dataset[held_out])
+    dataset = DatasetDict(train=dataset["train"], **({"test": dataset[held_out]} if hold_out else {}))
     for split, limit in (("train", data_args.max_train_samples), ("test", data_args.max_eval_samples)):
-        if limit is not None:
+        if limit is not None and split in dataset:
             dataset[split] = dataset[split].shuffle(seed=seed).select(range(min(limit, len(dataset[split]))))
     return dataset
 

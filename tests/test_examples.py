@@ -803,3 +803,17 @@ def test_classification_example_fine_tunes_a_castled_model_under_accelerate_laun
         for prediction in pipeline("image-classification", model=str(output_dir / "inference"))(digit)
     }
     assert labels <= {str(i) for i in range(10)}
+
+
+def test_a_run_that_never_evaluates_distils_on_every_image():
+    from types import SimpleNamespace
+
+    from datasets import Dataset, DatasetDict
+
+    examples = load_module(ROOT / "examples" / "castling_examples.py")
+    dataset = DatasetDict(train=Dataset.from_dict({"index": list(range(20))}))
+    limits = SimpleNamespace(train_val_split=0.15, max_train_samples=None, max_eval_samples=None)
+    split = examples.held_out_split(dataset, limits, seed=0)
+    assert (len(split["train"]), len(split["test"])) == (17, 3)
+    whole = examples.held_out_split(dataset, limits, seed=0, hold_out=False)
+    assert list(whole) == ["train"] and whole["train"]["index"] == list(range(20))

@@ -135,15 +135,7 @@ def load_images(
             "No images to distil on: give --dataset_name (a Hub data set, or a local folder datasets reads) or "
             "--train_dir (a folder of images), images like those the castled model will see."
         )
-    if not evaluates:
-        if "train" not in dataset:
-            raise ValueError(f"The data set has splits {sorted(dataset)}; a 'train' split is needed.")
-        dataset = datasets.DatasetDict(train=dataset["train"])
-        if data_args.max_train_samples is not None:
-            limit = min(data_args.max_train_samples, len(dataset["train"]))
-            dataset["train"] = dataset["train"].shuffle(seed=seed).select(range(limit))
-    else:
-        dataset = held_out_split(dataset, data_args, seed)
+    dataset = held_out_split(dataset, data_args, seed, hold_out=evaluates)
     if data_args.image_column_name not in dataset["train"].column_names:
         raise ValueError(
             f"Column {data_args.image_column_name!r} not in the data set; it has {dataset['train'].column_names}. "
