@@ -8,6 +8,7 @@ from . import data, metrics
 from .attention import linear_angular_attention, masked_softmax_attention
 from .conversion import castle, from_vit, source_image_processor
 from .distillation import CastlingDistillationTrainer, fidelity
+from .in_place import register_castled_families
 from .modeling_utils import (
     measure_softmax_mask_kept_shares,
     set_softmax_mask_scale,
@@ -37,6 +38,7 @@ from .registration import image_processor_for, register_auto_classes
 from .training import CastlingMaskDecayCallback, clear_held_gradients, softmax_mask_scale
 
 register_auto_classes()
+register_castled_families()
 
 __version__ = "0.1.0"
 

@@ -311,13 +311,16 @@ class CastlingSoftmaxBranch(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         relative_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+        dropout_p: float | None = None,
     ) -> torch.Tensor | None:
         """α·(M⊙S)V of `masked_softmax_attention` (token-major q, k, v; `relative_bias` as it takes it), or None at
-        α = 0."""
+        α = 0. `dropout_p` is the attention dropout a caller already chose for this pass (a source's attention
+        module castled in place); by default the branch's own, in training."""
         if not self.active:
             self.kept_share = None
             return None
-        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p is None:
+            dropout_p = self.dropout_p if self.training else 0.0
         attended, self.kept_share = masked_softmax_attention(
             query,
             key,

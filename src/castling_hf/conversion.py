@@ -28,6 +28,8 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
+from . import in_place
+from .configuration_utils import CastlingAttentionConfig
 from .modeling_utils import with_castling_methods
 from .models.castling_vit import (
     CastlingViTBackbone,
@@ -77,6 +79,33 @@ def castling_start(overrides: dict) -> dict:
             stacklevel=3,
         )
     return fields
+
+
+# The fields of Castling attention: all that a model castled in place records (its source's config keeps the rest).
+ATTENTION_FIELDS = (
+    "attention_mode",
+    "angular_normalization",
+    "angular_eps",
+    "residual_conv",
+    "residual_kernel_size",
+    "softmax_mask_threshold",
+    "softmax_mask_threshold_type",
+    "linear_branch_scale_init",
+    "linear_branch_blend",
+)
+
+
+def castling_options(overrides: dict) -> dict:
+    """`castling_start(overrides)` for a model castled in place, which keeps its source's config whole: overrides
+    other than the fields of Castling attention are refused by name."""
+    others = sorted(set(overrides) - set(ATTENTION_FIELDS))
+    if others:
+        raise TypeError(
+            f"castle(...) got {others} for a model castled in place: it keeps its source's own config, heads and "
+            f"labels, and takes only the fields of Castling attention ({', '.join(ATTENTION_FIELDS)})."
+        )
+    options = CastlingAttentionConfig(**castling_start(overrides))
+    return {name: getattr(options, name) for name in ATTENTION_FIELDS}
 
 
 # Fields the source's weight shapes and token layout fix, so that castling cannot override them.
@@ -649,7 +678,10 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
             f"castle converts timm's MViTv2 among timm's models; got the timm architecture "
             f"{source.config.architecture!r}."
         )
-    if type(source).__name__ in {family.backbone for family in FAMILIES.values()}:
+    families = in_place.tower_families(source)
+    if families and families.isdisjoint(FAMILIES):  # the families converted into Castling-ViT stay converted
+        target = with_castling_methods(in_place.castle_in_place(source, castling_options(overrides)))
+    elif type(source).__name__ in {family.backbone for family in FAMILIES.values()}:
         target = castle_backbone(source, **overrides)
     elif source.config.model_type in FAMILIES:
         target = castle_base_or_classifier(source, model_class, add_pooling_layer, **overrides)

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
+from transformers.utils.output_capturing import (
+    _CAN_RECORD_REGISTRY,
+    resolve_hidden_states_indices,
+    selected_hidden_states,
+)
 
 from .attention import CastlingResidualConv, CastlingSoftmaxBranch
 from .configuration_utils import CastlingAttentionConfig
@@ -139,6 +144,8 @@ def switch_to_inference(model: nn.Module, force: bool = False) -> nn.Module:
         for candidate in (config, getattr(config, "backbone_config", None)):
             if isinstance(candidate, CastlingAttentionConfig):
                 candidate.attention_mode = "linear"
+        if isinstance(getattr(config, "castling", None), dict):  # a tower castled in place (in_place.py)
+            config.castling["attention_mode"] = "linear"
     return model
 
 
@@ -236,7 +243,17 @@ def with_castling_methods(model: nn.Module) -> nn.Module:
     if cls not in _CASTLED_TASK_CLASSES:
         attributes = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
         _CASTLED_TASK_CLASSES[cls] = type(cls.__name__, (CastledTaskModelMixin, cls), attributes)
-    model.__class__ = _CASTLED_TASK_CLASSES[cls]
+    return reclassed(model, _CASTLED_TASK_CLASSES[cls])
+
+
+def reclassed(model: nn.Module, subclass: type) -> nn.Module:
+    """`model` made an instance of `subclass` (a subclass of its class), in place. `transformers` records each model
+    class's outputs to capture (`hidden_states` for `output_hidden_states`) by class when a model is built, so the
+    subclass is recorded as its parent was: without it, a caller asking for hidden states (LLaVA's
+    `vision_feature_layer`) would get None."""
+    model.__class__ = subclass
+    if isinstance(model, PreTrainedModel):
+        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
     return model
 
 
@@ -305,6 +322,7 @@ __all__ = [
     "init_castling_tensors",
     "init_fan_in_uniform_",
     "kept_hidden_states",
+    "reclassed",
     "measure_softmax_mask_kept_shares",
     "remote_auto_map",
     "set_softmax_mask_scale",

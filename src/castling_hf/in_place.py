@@ -1,0 +1,298 @@
+"""Castling a `transformers` vision transformer in place: its own classes, heads, norms, position codes and outputs,
+with each attention module given the Castling terms and selected through `transformers`' attention interface
+(docs/design.md §10).
+
+Every vision transformer of `transformers` whose attention goes through `ALL_ATTENTION_FUNCTIONS` hands its
+attention function the module, q, k and v `(batch, heads, tokens, head_dim)`, the attention mask and the softmax
+scale. Castling registers one more function, `"castling"`, which reads the Castling terms held by the module
+(`CastlingAttentionTerms`: the residual conv, γ, and in the training form the softmax branch with α) and returns
+
+    (1 − α)·γ ⊙ (LA(q, k, v) + DWConv(v)) + α·(M⊙S)V      (convex)     or      γ ⊙ (LA + DWConv) + α·(M⊙S)V
+
+from `attention.py`'s functions, which the module's own output projection then reads. A family is a `Tower`
+entry: the class of its embeddings (whose patch projection gives the grid the residual conv runs over) and of its
+attention modules. The patch tokens are the last rows × columns tokens of the sequence; the tokens before them
+([CLS], registers, distillation or query tokens) get no conv term.
+
+A castled model is an instance of `Castled<Class>`, a subclass of its source class built by `castled_class`, whose
+config (`Castled<Config>`, `model_type="castled_<type>"`) records the Castling fields of each castled tower in the
+tower config's `castling` dict; both are registered with the Auto classes that take the source class, so that
+`AutoModel*.from_pretrained` rebuilds the castled model from a checkpoint.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+from transformers import AttentionInterface, AutoConfig, PreTrainedModel
+from transformers.models.auto import modeling_auto
+
+from .attention import (
+    CastlingResidualConv,
+    CastlingSoftmaxBranch,
+    linear_angular_attention,
+    linear_branch_weight,
+    live_softmax_mask_scale,
+)
+from .configuration_utils import CastlingAttentionConfig
+from .modeling_utils import CastlingMethods, reclassed
+
+ATTENTION_IMPLEMENTATION = "castling"
+
+
+@dataclass(frozen=True)
+class Tower:
+    """How a family lays out a vision tower: the class of its embeddings, the attribute path inside them of the
+    convolution whose output is the patch grid, and the class of its attention modules."""
+
+    embeddings: str
+    patch_projection: str
+    attention: str
+
+
+# One entry per family, by source `model_type`: a family whose attention goes through the attention interface is
+# castled by this table alone.
+TOWERS = {
+    "vit": Tower("ViTEmbeddings", "patch_embeddings.projection", "ViTAttention"),
+    "deit": Tower("DeiTEmbeddings", "patch_embeddings.projection", "DeiTAttention"),
+    "dinov2": Tower("Dinov2Embeddings", "patch_embeddings.projection", "Dinov2Attention"),
+    "dinov2_with_registers": Tower(
+        "Dinov2WithRegistersEmbeddings", "patch_embeddings.projection", "Dinov2WithRegistersAttention"
+    ),
+    "dinov3_vit": Tower("DINOv3ViTEmbeddings", "patch_embeddings", "DINOv3ViTAttention"),
+    "siglip": Tower("SiglipVisionEmbeddings", "patch_embedding", "SiglipAttention"),
+    "clip": Tower("CLIPVisionEmbeddings", "patch_embedding", "CLIPAttention"),
+}
+# Model types whose configs hold a tower's config (a vision-only model of a two-tower family) under another name.
+TOWER_MODEL_TYPES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
+TOWERS_BY_EMBEDDINGS = {tower.embeddings: tower for tower in TOWERS.values()}
+
+
+@dataclass
+class PatchGrid:
+    """The (rows, columns) of patch tokens of the images a tower is running on, written by its patch projection's
+    forward hook: each forward pass reads the grid of its own input, at any resolution."""
+
+    size: tuple[int, int] | None = None
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self.size = tuple(output.shape[-2:])
+
+
+class CastlingAttentionTerms(nn.Module):
+    """What Castling adds to a source's attention module: the residual conv on V, the per-head scale γ
+    (`linear_branch_scale`) and, in the training form, the softmax branch with its α. `forward` is the castled
+    attention itself, from the module's q, k and v."""
+
+    def __init__(self, options: CastlingAttentionConfig, hidden_size: int, num_heads: int, grid: PatchGrid):
+        super().__init__()
+        self.angular_normalization = options.angular_normalization
+        self.angular_eps = options.angular_eps
+        self.linear_branch_blend = options.linear_branch_blend
+        self.grid = grid
+        self.residual_conv = None
+        if options.residual_conv is not None:
+            self.residual_conv = CastlingResidualConv(
+                options.residual_conv, hidden_size, num_heads, options.residual_kernel_size
+            )
+        self.linear_branch_scale = nn.Parameter(torch.full((num_heads,), float(options.linear_branch_scale_init)))
+        self.softmax_branch = CastlingSoftmaxBranch(options) if options.attention_mode == "castling" else None
+
+    def forward(self, query, key, value, scaling: float | None, dropout: float) -> torch.Tensor:
+        """The castled attention of token-major q, k, v `(batch, tokens, heads, head_dim)`, token-major out.
+        `scaling` is the source's softmax scale (the branch's; the linear term normalises q and k)."""
+        tokens, head_dim = query.shape[1], query.shape[-1]
+        rows, columns = self.grid.size
+        num_prefix_tokens = tokens - rows * columns
+        alpha = live_softmax_mask_scale(self.softmax_branch)
+        weight = linear_branch_weight(self.linear_branch_scale, alpha, self.linear_branch_blend)
+        attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, weight)
+        if self.residual_conv is not None:
+            attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, self.grid.size, weight)
+        if alpha is not None:
+            if scaling is not None and scaling != head_dim**-0.5:  # the branch scales by 1/√d, as SDPA
+                query = query * (scaling * head_dim**0.5)
+            attended += self.softmax_branch(query, key, value, dropout_p=dropout)
+        return attended
+
+
+def castling_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The `"castling"` attention function of `transformers`' attention interface: the Castling terms of `module`
+    on its head-major q, k, v; no attention weights (none is ever formed)."""
+    terms = getattr(module, "castling", None)
+    if not isinstance(terms, CastlingAttentionTerms):
+        raise ValueError(
+            f"attn_implementation='castling' on a {type(module).__name__} that has no Castling terms: castle the "
+            "model with castling_hf.castle(...) rather than setting the attention implementation by hand."
+        )
+    if attention_mask is not None or is_causal:
+        raise ValueError(
+            f"A castled {type(module).__name__} was given an attention mask (or is_causal=True): Castling's linear "
+            "path sums over every token of the sequence, so a mask would be ignored there. Run the castled tower on "
+            "whole images without a padding mask."
+        )
+    attended = terms(*(tensor.transpose(1, 2) for tensor in (query, key, value)), scaling, dropout)
+    return attended, None
+
+
+AttentionInterface.register(ATTENTION_IMPLEMENTATION, castling_attention_forward)
+
+
+def tower_of(model_type: str) -> Tower | None:
+    return TOWERS.get(TOWER_MODEL_TYPES.get(model_type, model_type))
+
+
+def towers(model: nn.Module):
+    """(tower module, its embeddings, its Tower entry) for every vision tower inside `model`: the module holding
+    embeddings of a class in `TOWERS`."""
+    for name, module in model.named_modules():
+        tower = TOWERS_BY_EMBEDDINGS.get(type(module).__name__)
+        if tower is not None:
+            parent = name.rpartition(".")[0]
+            yield model.get_submodule(parent), module, tower
+
+
+def tower_families(model: nn.Module) -> set[str]:
+    """The `TOWERS` families of the vision towers inside `model`, by model type."""
+    found = {tower for _, _, tower in towers(model)}
+    return {model_type for model_type, tower in TOWERS.items() if tower in found}
+
+
+def attention_modules(tower_module: nn.Module, tower: Tower) -> list[nn.Module]:
+    return [module for module in tower_module.modules() if type(module).__name__ == tower.attention]
+
+
+def install_castling(model: nn.Module) -> nn.Module:
+    """Give every attention module of each tower whose config records Castling fields (`config.castling`) its
+    Castling terms, hook the grid reader on the tower's patch projection, and select the `"castling"` attention
+    function for the tower; in place, and once."""
+    for tower_module, embeddings, tower in towers(model):
+        modules = attention_modules(tower_module, tower)
+        config = modules[0].config if modules else None
+        if getattr(config, "castling", None) is None or isinstance(getattr(modules[0], "castling", None), nn.Module):
+            continue
+        options = CastlingAttentionConfig(**config.castling)
+        grid = PatchGrid()
+        embeddings.get_submodule(tower.patch_projection).register_forward_hook(grid)
+        reference = next(modules[0].parameters())
+        for module in modules:
+            terms = CastlingAttentionTerms(options, config.hidden_size, config.num_attention_heads, grid)
+            module.castling = terms.to(device=reference.device, dtype=reference.dtype)
+        config._attn_implementation_internal = ATTENTION_IMPLEMENTATION
+    return model
+
+
+class CastledModelMixin(CastlingMethods):
+    """A source model class castled in place (`castled_class`): built as its source, then its towers given their
+    Castling terms from their configs."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        install_castling(self)
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        if attn_implementation != ATTENTION_IMPLEMENTATION:
+            raise ValueError(
+                f"set_attn_implementation({attn_implementation!r}) on a castled {type(self).__name__}: its vision "
+                "towers run Castling attention, which another implementation would silently skip. Load the source "
+                "model for softmax attention."
+            )
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+
+
+_CASTLED_CONFIGS: dict[type, type] = {}
+_CASTLED_MODELS: dict[type, type] = {}
+
+
+def castled_config_class(config_class: type) -> type:
+    """`Castled<Config>`: the source config class with `model_type="castled_<type>"`, so that a castled checkpoint
+    names what it is and `AutoConfig` finds the class that rebuilds it."""
+    if config_class in _CASTLED_CONFIGS.values():
+        return config_class
+    if config_class not in _CASTLED_CONFIGS:
+        attributes = {"model_type": f"castled_{config_class.model_type}", "__module__": __name__}
+        _CASTLED_CONFIGS[config_class] = type(f"Castled{config_class.__name__}", (config_class,), attributes)
+    return _CASTLED_CONFIGS[config_class]
+
+
+def castled_class(model_class: type) -> type:
+    """`Castled<Class>`: `model_class` with `CastledModelMixin` and the castled config class."""
+    if model_class in _CASTLED_MODELS.values():
+        return model_class
+    if model_class not in _CASTLED_MODELS:
+        attributes = {"config_class": castled_config_class(model_class.config_class), "__module__": __name__}
+        name = f"Castled{model_class.__name__}"
+        _CASTLED_MODELS[model_class] = type(name, (CastledModelMixin, model_class), attributes)
+    return _CASTLED_MODELS[model_class]
+
+
+# The Auto classes a castled model is registered with, by the name of their table in `transformers`: each takes the
+# castled class of the source class it lists for the model type.
+AUTO_CLASSES = {
+    "AutoModel": "MODEL_MAPPING_NAMES",
+    "AutoModelForImageClassification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForZeroShotImageClassification": "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoBackbone": "MODEL_FOR_BACKBONE_MAPPING_NAMES",
+}
+
+
+def register_castled_families() -> None:
+    """Register `Castled<Config>` with `AutoConfig` and `Castled<Class>` with every Auto class that takes `<Class>`,
+    for every model type of the `TOWERS` table (run on `import castling_hf`)."""
+    for model_type in (*TOWERS, *TOWER_MODEL_TYPES):
+        castled_config = castled_config_class(transformers.CONFIG_MAPPING[model_type])
+        AutoConfig.register(castled_config.model_type, castled_config, exist_ok=True)
+        for auto_name, table in AUTO_CLASSES.items():
+            class_name = getattr(modeling_auto, table).get(model_type)
+            if class_name is not None:
+                if isinstance(class_name, tuple):  # several classes for one type: the first is the Auto class's
+                    class_name = class_name[0]
+                castled = castled_class(getattr(transformers, class_name))
+                getattr(transformers, auto_name).register(castled_config, castled, exist_ok=True)
+
+
+def castle_in_place(source: PreTrainedModel, options: dict) -> PreTrainedModel:
+    """A copy of `source` with every vision tower of a `TOWERS` family castled with the Castling fields `options`
+    (`castling_start`'s), and every model class in it made its castled class; the source is left as it was."""
+    model = copy.deepcopy(source)
+    found = False
+    for tower_module, _, tower in towers(model):
+        modules = attention_modules(tower_module, tower)
+        if modules:
+            modules[0].config.castling = dict(options)
+            found = True
+    if not found:
+        raise TypeError(f"{type(source).__name__} holds no vision tower that castle knows ({sorted(TOWERS)}).")
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and tower_of(module.config.model_type) is not None:
+            module.config.__class__ = castled_config_class(type(module.config))
+            reclassed(module, castled_class(type(module)))
+    install_castling(model)
+    model.__dict__.pop("_weight_conversions", None)
+    return model
+
+
+__all__ = [
+    "CastledModelMixin",
+    "CastlingAttentionTerms",
+    "TOWERS",
+    "Tower",
+    "castle_in_place",
+    "castled_class",
+    "castled_config_class",
+    "castling_attention_forward",
+    "install_castling",
+    "register_castled_families",
+]

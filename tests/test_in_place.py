@@ -1,0 +1,269 @@
+"""Castling in place (in_place.py): every family of the `TOWERS` table castles with an exact start at two
+resolutions, keeps its own classes and heads, reloads from its inference checkpoint with its Auto class, and runs
+where its users run it (zero-shot pipelines, LLaVA and PaliGemma generation)."""
+
+import random
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForImageTextToText,
+    AutoModelForZeroShotImageClassification,
+    CLIPImageProcessorPil,
+    PreTrainedTokenizerFast,
+    SiglipImageProcessorPil,
+    pipeline,
+)
+
+import castling_hf
+from castling_hf import in_place
+from castling_hf.conversion import castling_options
+
+TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32)
+TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=16)
+
+
+def tower_options(family: str, seed: int) -> dict:
+    """A tiny tower config with the family's options drawn at random (`seed`): activation, norm epsilon, patch size,
+    and what else the family has."""
+    draw = random.Random(seed)
+    options = dict(TOWER, patch_size=draw.choice([4, 8]), layer_norm_eps=draw.choice([1e-6, 1e-5]))
+    if family == "clip":
+        options["hidden_act"] = draw.choice(["quick_gelu", "gelu"])
+    if family == "siglip":
+        options["hidden_act"] = draw.choice(["gelu_pytorch_tanh", "gelu"])
+        options["vision_use_head"] = draw.choice([True, False])
+    return options
+
+
+def two_tower(config_class, family: str, seed: int, **extra):
+    text = dict(TEXT, max_position_embeddings=64)  # SigLIP's pipeline pads its prompts to 64 tokens
+    vision = tower_options(family, seed)
+    if family == "siglip":
+        vision["vision_use_head"] = True  # SigLIP's image embedding is its pooling head's
+    return config_class(vision_config=vision, text_config=text, **extra)
+
+
+# (name, model class, config builder, how to read its output): one case per class castle takes in place.
+CASES = {
+    "siglip_vision": (
+        transformers.SiglipVisionModel,
+        lambda seed: transformers.SiglipVisionConfig(**tower_options("siglip", seed)),
+    ),
+    "siglip": (transformers.SiglipModel, lambda seed: two_tower(transformers.SiglipConfig, "siglip", seed)),
+    "siglip_classifier": (
+        transformers.SiglipForImageClassification,
+        lambda seed: two_tower(transformers.SiglipConfig, "siglip", seed, num_labels=3),
+    ),
+    "clip_vision": (
+        transformers.CLIPVisionModel,
+        lambda seed: transformers.CLIPVisionConfig(**tower_options("clip", seed)),
+    ),
+    "clip_vision_projection": (
+        transformers.CLIPVisionModelWithProjection,
+        lambda seed: transformers.CLIPVisionConfig(**tower_options("clip", seed), projection_dim=16),
+    ),
+    "clip": (transformers.CLIPModel, lambda seed: two_tower(transformers.CLIPConfig, "clip", seed, projection_dim=16)),
+    "clip_classifier": (
+        transformers.CLIPForImageClassification,
+        lambda seed: two_tower(transformers.CLIPConfig, "clip", seed, num_labels=3),
+    ),
+}
+TEXT_IDS = torch.tensor([[3, 4, 5, 6, 7, 2], [8, 9, 10, 11, 2, 0]])
+
+
+def outputs(model, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every tensor a model returns (a two-tower model run on `TEXT_IDS` too), by name."""
+    inputs = {"pixel_values": pixel_values, "interpolate_pos_encoding": True}
+    if isinstance(model, transformers.SiglipModel | transformers.CLIPModel):
+        inputs["input_ids"] = TEXT_IDS
+    result = model(**inputs)
+    return {name: value for name, value in result.items() if isinstance(value, torch.Tensor)}
+
+
+def build(case: str, seed: int):
+    model_class, config = CASES[case]
+    torch.manual_seed(seed)
+    return model_class(config(seed)).eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_castled_in_place_computes_the_source_at_two_resolutions_and_keeps_its_class(case, seed):
+    source = build(case, seed)
+    castled = castling_hf.castle(source)
+    assert isinstance(castled, type(source)) and type(castled).__name__ == f"Castled{type(source).__name__}"
+    assert castled.config.model_type == f"castled_{source.config.model_type}"
+    terms = [module for module in castled.modules() if isinstance(module, in_place.CastlingAttentionTerms)]
+    assert len(terms) == TOWER["num_hidden_layers"]  # the vision tower's layers, not the text tower's
+    for size in (32, 48):
+        pixel_values = torch.randn(2, 3, size, size)
+        expected, got = outputs(source, pixel_values), outputs(castled, pixel_values)
+        assert got.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=0, msg=name)
+    castled.set_softmax_mask_scale(0.0)  # the linear term takes the layers over: the output moves
+    pixel_values = torch.randn(2, 3, 32, 32)
+    name = next(iter(outputs(source, pixel_values)))
+    assert not torch.allclose(outputs(castled, pixel_values)[name], outputs(source, pixel_values)[name], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "model_class, config",
+    [
+        (transformers.ViTModel, transformers.ViTConfig(**TOWER, patch_size=8)),
+        (transformers.Dinov2Model, transformers.Dinov2Config(**TOWER, patch_size=8, layerscale_value=0.5)),
+        (
+            transformers.Dinov2WithRegistersModel,
+            transformers.Dinov2WithRegistersConfig(**TOWER, patch_size=8, num_register_tokens=2),
+        ),
+        (transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig(**TOWER, patch_size=8, num_register_tokens=2)),
+    ],
+    ids=["vit", "dinov2", "dinov2_registers", "dinov3"],
+)
+def test_the_families_castle_converts_castle_in_place_too(model_class, config):
+    """The table covers the families `castle` converts into Castling-ViT, RoPE included (docs/design.md §10)."""
+    torch.manual_seed(0)
+    source = model_class(config).eval()
+    castled = in_place.castle_in_place(source, castling_options({}))
+    for size in (32, 48):
+        pixel_values = torch.randn(2, 3, size, size)
+        kwargs = {"interpolate_pos_encoding": True} if model_class is transformers.ViTModel else {}
+        expected = source(pixel_values, **kwargs).last_hidden_state
+        torch.testing.assert_close(castled(pixel_values, **kwargs).last_hidden_state, expected, atol=1e-4, rtol=0)
+
+
+def decayed(castled, alpha: float):
+    castled.set_softmax_mask_scale(alpha)
+    return castled
+
+
+@pytest.mark.parametrize("case", ["siglip", "clip", "siglip_classifier", "clip_vision"])
+def test_inference_checkpoint_reloads_with_its_auto_class_in_the_linear_form(case, tmp_path):
+    castled = decayed(castling_hf.castle(build(case, 0)), 0.0)
+    castled.save_pretrained(tmp_path, inference=True)
+    with safe_open(tmp_path / "model.safetensors", "pt") as files:
+        assert not [name for name in files.keys() if "softmax_branch" in name]
+        assert [name for name in files.keys() if "castling.linear_branch_scale" in name]
+    auto = {
+        "siglip": AutoModelForZeroShotImageClassification,
+        "clip": AutoModelForZeroShotImageClassification,
+        "siglip_classifier": AutoModelForImageClassification,
+        "clip_vision": AutoModel,
+    }[case]
+    reloaded = auto.from_pretrained(tmp_path)
+    assert type(reloaded) is type(castled) and not reloaded.softmax_mask_scales()
+    pixel_values = torch.randn(2, 3, 40, 40)
+    for name, value in outputs(castled, pixel_values).items():
+        torch.testing.assert_close(outputs(reloaded, pixel_values)[name], value, msg=name)
+
+
+def test_a_checkpoint_taken_during_the_decay_reloads_with_its_alpha(tmp_path):
+    castled = decayed(castling_hf.castle(build("siglip_classifier", 0)), 0.25)
+    castled.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert set(reloaded.softmax_mask_scales().values()) == {0.25}
+    with pytest.raises(ValueError, match="still has softmax mask scale"):
+        reloaded.save_pretrained(tmp_path / "inference", inference=True)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    words = ["[PAD]", "[UNK]", "a", "photo", "of", "this", "is", "square", "circle", "triangle", "."]
+    tokenizer = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", model_max_length=16, do_lower_case=True
+    )
+
+
+@pytest.mark.parametrize("case", ["siglip", "clip"])
+def test_zero_shot_pipeline_reads_a_reloaded_castled_two_tower_model(case, tmp_path):
+    castled = decayed(castling_hf.castle(build(case, 0)), 0.0)
+    castled.save_pretrained(tmp_path, inference=True)
+    processor = (
+        SiglipImageProcessorPil(size={"height": 32, "width": 32})
+        if case == "siglip"
+        else CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    )
+    images = castling_hf.data.shapes(num_images=8, image_size=48)["train"]["image"][:2]
+    labels = ["square", "circle", "triangle"]
+    scores = []
+    for model in (castled, AutoModelForZeroShotImageClassification.from_pretrained(tmp_path)):
+        classify = pipeline(
+            "zero-shot-image-classification", model=model, tokenizer=tiny_tokenizer(), image_processor=processor
+        )
+        scores.append([[round(entry["score"], 5) for entry in result] for result in classify(images, labels)])
+    assert scores[0] == scores[1] and len(scores[0]) == 2
+
+
+def vision_language_models():
+    text = dict(TEXT, vocab_size=120, num_key_value_heads=2, max_position_embeddings=64)
+    tower = dict(TOWER, patch_size=8)
+    yield transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(
+            vision_config=transformers.CLIPVisionConfig(**tower),
+            text_config=transformers.LlamaConfig(**text),
+            image_token_id=100,
+        )
+    )
+    yield transformers.PaliGemmaForConditionalGeneration(
+        transformers.PaliGemmaConfig(
+            vision_config=transformers.SiglipVisionConfig(**tower, projection_dim=32),
+            text_config=transformers.GemmaConfig(**text, head_dim=8),
+            image_token_id=100,
+            projection_dim=32,
+        )
+    )
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["llava_clip", "paligemma_siglip"])
+def test_a_vision_language_model_with_a_castled_tower_generates_its_sources_tokens(index, tmp_path):
+    torch.manual_seed(0)
+    source = list(vision_language_models())[index].eval()
+    castled = castling_hf.castle(source)
+    assert type(castled) is not type(source) and isinstance(castled, type(source))  # castling methods only
+    assert type(castled.model.vision_tower).__name__.startswith("Castled")
+    pixel_values = torch.randn(1, 3, 32, 32)
+    input_ids = torch.cat([torch.full((1, 16), 100), torch.randint(0, 99, (1, 5))], dim=1)
+    inputs = dict(input_ids=input_ids, pixel_values=pixel_values)
+    torch.testing.assert_close(castled(**inputs).logits, source(**inputs).logits, atol=1e-4, rtol=0)
+    generate = dict(inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(castled.generate(**generate), source.generate(**generate))
+    decayed(castled, 0.0).save_pretrained(tmp_path, inference=True)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert reloaded.model.vision_tower.config.castling["attention_mode"] == "linear"
+    torch.testing.assert_close(reloaded(**inputs).logits, castled(**inputs).logits)
+    assert torch.equal(reloaded.generate(**generate), castled.generate(**generate))
+
+
+def test_a_held_gamma_gets_a_zero_gradient_while_the_castling_terms_learn():
+    castled = castling_hf.castle(build("siglip_classifier", 0)).train()
+    decayed(castled, 0.5)
+    loss = castled(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2])).loss
+    loss.backward()
+    terms = [module for module in castled.modules() if isinstance(module, in_place.CastlingAttentionTerms)]
+    assert all(torch.equal(term.linear_branch_scale.grad, torch.zeros(4)) for term in terms)
+    assert all(term.residual_conv.weight.grad.abs().sum() > 0 for term in terms)
+    assert castling_hf.training.held_linear_branch_scales(castled) == [term.linear_branch_scale for term in terms]
+
+
+def test_castled_in_place_refuses_what_it_cannot_honour():
+    castled = castling_hf.castle(build("siglip_vision", 0))
+    with pytest.raises(TypeError, match="takes only the fields of Castling attention"):
+        castling_hf.castle(build("siglip_vision", 0), num_labels=5)
+    with pytest.raises(ValueError, match="silently skip"):
+        castled.set_attn_implementation("sdpa")
+    attention = next(module for module in castled.modules() if type(module).__name__ == "SiglipAttention")
+    hidden = torch.randn(1, 16, 32)
+    mask = torch.zeros(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="attention mask"):
+        attention(hidden, attention_mask=mask)
+    plain = build("siglip_vision", 0)
+    plain.config._attn_implementation_internal = "castling"
+    with pytest.raises(ValueError, match="has no Castling terms"):
+        plain(torch.randn(1, 3, 32, 32))
