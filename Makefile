@@ -5,7 +5,7 @@ BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run (speed benchmark)
 TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training, distillation and MViTv2 benchmarks take --quick
 
 .PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation bench-castle \
-	bench-distill bench-mvitv2
+	bench-distill bench-mvitv2 bench-towers bench-mechanisms
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -29,6 +29,7 @@ bench: install
 	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
 	$(PYTHON) benchmarks/distillation.py $(TRAINING_BENCH_ARGS)
 	$(PYTHON) benchmarks/mvitv2.py $(TRAINING_BENCH_ARGS)
+	$(PYTHON) benchmarks/towers.py $(TRAINING_BENCH_ARGS)
 
 bench-training: install
 	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)
@@ -50,3 +51,9 @@ bench-distill: install
 
 bench-mvitv2: install
 	$(PYTHON) benchmarks/mvitv2.py $(BENCH_ARGS)
+
+bench-towers: install
+	$(PYTHON) benchmarks/towers.py $(BENCH_ARGS)
+
+bench-mechanisms: install
+	$(PYTHON) benchmarks/mechanisms.py $(BENCH_ARGS)

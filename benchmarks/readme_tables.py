@@ -2,7 +2,7 @@
 """Write the benchmark tables into README.md from the benchmark JSON, so that no number in them is typed by hand.
 
     python benchmarks/readme_tables.py    # after make bench, bench-accuracy, bench-detection, bench-segmentation,
-                                          # bench-castle, bench-distill
+                                          # bench-castle, bench-distill, bench-towers
 
 Each table sits between `<!-- table: NAME -->` and `<!-- end table: NAME -->`; `tests/test_benchmarks.py` checks that
 README.md holds exactly what this script would write.
@@ -58,6 +58,13 @@ def tables() -> dict[str, str]:
     if (RESULTS / "mvitv2" / "accuracy.json").exists():
         study = json.loads((RESULTS / "mvitv2" / "accuracy.json").read_text())
         rendered["accuracy-mvitv2"] = _benchmark("accuracy").markdown_table(study["summary"])
+    if (RESULTS / "towers.json").exists():
+        towers, study = _benchmark("towers"), json.loads((RESULTS / "towers.json").read_text())
+        rendered["towers"] = towers.markdown_table(study)
+        rendered["towers-targets"] = towers.targets_table(study)
+    if (RESULTS / "mechanisms.json").exists():
+        study = json.loads((RESULTS / "mechanisms.json").read_text())
+        rendered["mechanisms"] = _benchmark("mechanisms").markdown_table(study)
     if (RESULTS / "distillation.json").exists():
         distillation, study = _benchmark("distillation"), json.loads((RESULTS / "distillation.json").read_text())
         rendered["distillation"] = distillation.markdown_table(study)

@@ -4,8 +4,10 @@ import copy
 
 import pytest
 import torch
+import transformers
 from accelerate.state import AcceleratorState
 from conftest import timm_helper
+from datasets import Dataset
 from transformers import (
     Dinov2Config,
     DINOv3ViTConfig,
@@ -18,7 +20,14 @@ from transformers import (
     ViTModel,
 )
 
-from castling_hf import CastlingDistillationTrainer, CastlingMaskDecayCallback, castle, fidelity, switch_to_inference
+from castling_hf import (
+    CastlingDistillationTrainer,
+    CastlingMaskDecayCallback,
+    castle,
+    fidelity,
+    in_place,
+    switch_to_inference,
+)
 from castling_hf.conversion import source_part
 from castling_hf.distillation import (
     captured_features,
@@ -370,3 +379,34 @@ def test_pasted_images_paste_a_rectangle_of_another_image_of_the_batch():
             .any()
             for other in range(4)
         )
+
+
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+def test_a_tower_castled_in_place_distils_from_its_source_and_is_scored(family, tmp_path):
+    """SigLIP and CLIP classifiers, castled in place, take the same distillation: the student starts as its teacher
+    (first loss 0), ends at α = 0, and the fidelity report compares the vision towers' final hidden states."""
+    configs = {"siglip": transformers.SiglipConfig, "clip": transformers.CLIPConfig}
+    classes = {"siglip": transformers.SiglipForImageClassification, "clip": transformers.CLIPForImageClassification}
+    tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+    torch.manual_seed(0)
+    config = configs[family](vision_config=dict(tower, image_size=32), text_config=dict(tower, vocab_size=16))
+    source = classes[family](config).eval()
+    student = castle(source)
+    images = Dataset.from_dict({"pixel_values": torch.randn(16, 3, 32, 32).numpy()}).with_format("torch")
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        remove_unused_columns=False,
+        learning_rate=1e-3,
+    )
+    trainer = CastlingDistillationTrainer(model=student, teacher_model=source, args=arguments, train_dataset=images)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[0] == 0.0 and max(losses) > 0.0
+    assert set(student.softmax_mask_scales().values()) == {0.0}
+    assert castled_part(student) is in_place.first_tower(student)
+    report = fidelity(student, source, torch.randn(4, 3, 32, 32))
+    assert 0.0 < report["feature_cosine"] < 1.0 and report["resolution"] == [32, 32]

@@ -627,6 +627,9 @@ def source_part(source: nn.Module) -> nn.Module:
     if timm_model is not None:
         return timm_model.norm
     family = FAMILIES.get(source.config.model_type)
+    families = in_place.tower_families(source)
+    if family is None and families and families.isdisjoint(FAMILIES):
+        return in_place.first_tower(source)
     if family is None:
         return source.get_submodule(task_model_backbone(source))
     head = family.heads.get(type(source).__name__)

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .attention import CastlingSoftmaxBranch
 from .conversion import source_part
+from .in_place import CastlingAttentionTerms, first_tower
 from .metrics import segmentation_scores
 from .modeling_utils import CastlingDropPath, softmax_branches
 from .models.castling_mvitv2 import CastlingMViTv2Backbone, CastlingMViTv2Model
@@ -52,8 +53,11 @@ RANDOM_IN_TRAINING = (
 
 def castled_part(model: nn.Module) -> nn.Module:
     """The Castling encoder or backbone inside `model` (a castled classifier, base model, backbone or task model, of
-    either family): the part castling converted, whose features the distillation compares."""
+    either family), or the vision tower of a model castled in place: the part castling converted, whose features the
+    distillation compares."""
     parts = [module for module in model.modules() if isinstance(module, CASTLED_PARTS)]
+    if not parts and any(isinstance(module, CastlingAttentionTerms) for module in model.modules()):
+        parts = [first_tower(model)]  # castled in place: its own vision tower
     if not parts:
         raise TypeError(
             f"{type(model).__name__} holds no Castling encoder or backbone; give the model castling_hf.castle made "

@@ -164,6 +164,12 @@ def towers(model: nn.Module):
             yield model.get_submodule(parent), module, tower
 
 
+def first_tower(model: nn.Module) -> nn.Module | None:
+    """The first vision tower inside `model` (the module holding its embeddings), or None: the part whose final
+    hidden states distillation compares, in a castled model and its source alike."""
+    return next((tower_module for tower_module, _, _ in towers(model)), None)
+
+
 def tower_families(model: nn.Module) -> set[str]:
     """The `TOWERS` families of the vision towers inside `model`, by model type."""
     found = {tower for _, _, tower in towers(model)}
@@ -293,6 +299,7 @@ __all__ = [
     "castled_class",
     "castled_config_class",
     "castling_attention_forward",
+    "first_tower",
     "install_castling",
     "register_castled_families",
 ]
