@@ -9,7 +9,7 @@ from accelerate.utils import set_module_tensor_to_device
 from torch.utils.flop_counter import FlopCounterMode
 
 from castling_hf import CastlingViTForImageClassification
-from castling_hf.attention import linear_angular_attention, masked_softmax_attention
+from castling_hf.attention import linear_angular_attention, masked_linear_angular_attention, masked_softmax_attention
 from castling_hf.models.castling_vit.modeling_castling_vit import CastlingViTAttention
 
 BATCH, HEADS, HEAD_DIM = 2, 4, 16
@@ -91,6 +91,45 @@ def test_linear_angular_is_not_a_plain_average():
     query, key, value = random_qkv(33)
     fast = linear_angular_attention(query, key, value, "kernel")
     assert not torch.allclose(fast, value.mean(1, keepdim=True).expand_as(value), atol=1e-3)
+
+
+def explicit_masked_linear_angular(query, key, value, allowed):
+    """Σ_j m_ij Sim_lin(q_i, k_j) v_j / Σ_j m_ij Sim_lin(q_i, k_j) from the N×N kernel (token-major in and out)."""
+    query, key, value = head_major(query, key, value)
+    similarity = explicit_angular_similarity(query, key) * allowed
+    return ((similarity @ value) / similarity.sum(-1, keepdim=True)).transpose(1, 2)
+
+
+def padding_and_query_rows(tokens: int, padded: int, restricted: int, seed: int = 0) -> torch.Tensor:
+    """A mask (batch, 1, N, N) as SigLIP2's padding (the last `padded` keys of the second image masked for every row)
+    and EoMT's queries (the first `restricted` rows attend to a random subset of the patches) make them."""
+    generator = torch.Generator().manual_seed(seed)
+    allowed = torch.ones(BATCH, 1, tokens, tokens, dtype=torch.bool)
+    allowed[1, ..., tokens - padded :] = False
+    allowed[:, :, :restricted, restricted:] = (
+        torch.rand(BATCH, 1, restricted, tokens - restricted, generator=generator) > 0.5
+    )
+    return allowed
+
+
+@pytest.mark.parametrize("padded, restricted", [(5, 0), (0, 3), (5, 3), (0, 0)])
+def test_masked_linear_angular_equals_the_explicit_masked_kernel(padded, restricted):
+    query, key, value = random_qkv(40)
+    allowed = padding_and_query_rows(40, padded, restricted)
+    fast = masked_linear_angular_attention(query, key, value, allowed)
+    torch.testing.assert_close(fast, explicit_masked_linear_angular(query, key, value, allowed), atol=1e-5, rtol=0)
+    if padded or restricted:  # guards the equality: the mask moves the output
+        assert not torch.allclose(fast, linear_angular_attention(query, key, value), atol=1e-3)
+
+
+def test_masked_linear_angular_gives_zero_to_a_row_with_no_key_and_passes_finite_gradients():
+    query, key, value = (tensor.requires_grad_() for tensor in random_qkv(12))
+    allowed = padding_and_query_rows(12, 2, 2)
+    allowed[0, 0, 0] = False
+    out = masked_linear_angular_attention(query, key, value, allowed, head_scale=torch.full((HEADS,), 0.5))
+    assert torch.equal(out[0, 0], torch.zeros(HEADS, HEAD_DIM))
+    out.sum().backward()
+    assert all(torch.isfinite(tensor.grad).all() for tensor in (query, key, value))
 
 
 @pytest.mark.parametrize("threshold, threshold_type, cutoff", [(0.03, "absolute", 0.03), (1.2, "relative", 1.2 / 40)])

@@ -267,3 +267,67 @@ def test_castled_in_place_refuses_what_it_cannot_honour():
     plain.config._attn_implementation_internal = "castling"
     with pytest.raises(ValueError, match="has no Castling terms"):
         plain(torch.randn(1, 3, 32, 32))
+
+
+def eomt(image_size: int) -> transformers.EomtForUniversalSegmentation:
+    torch.manual_seed(0)
+    config = transformers.EomtConfig(
+        **dict(TOWER, image_size=image_size, num_hidden_layers=4, patch_size=8),
+        num_queries=5,
+        num_blocks=2,
+        num_labels=3,
+        num_register_tokens=2,
+        num_upscale_blocks=1,
+    )
+    return transformers.EomtForUniversalSegmentation(config).eval()
+
+
+EOMT_OUTPUTS = ("masks_queries_logits", "class_queries_logits", "last_hidden_state")
+
+
+@pytest.mark.parametrize("image_size", [32, 48])  # EoMT runs at the size it was built for: two sources
+def test_eomt_castles_exactly_with_its_query_masks_in_training_and_evaluation(image_size):
+    source = eomt(image_size)
+    castled = castling_hf.castle(source)
+    assert type(castled).__name__ == "CastledEomtForUniversalSegmentation"
+    pixel_values = torch.randn(2, 3, image_size, image_size)
+    for mode in ("eval", "train"):  # masks on the query rows in both (attn_mask_probs = 1)
+        getattr(source, mode)(), getattr(castled, mode)()
+        torch.manual_seed(1)
+        expected = source(pixel_values)
+        torch.manual_seed(1)
+        got = castled(pixel_values)
+        for name in EOMT_OUTPUTS:
+            torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-4, rtol=0, msg=name)
+
+
+def test_eomt_mask_annealing_reaches_the_linear_term_after_the_switch():
+    castled = decayed(castling_hf.castle(eomt(32)), 0.0)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    masked = castled(pixel_values).masks_queries_logits
+    castled.attn_mask_probs.fill_(0.0)  # the annealing done: no mask on the query rows
+    unmasked = castled(pixel_values).masks_queries_logits
+    assert not torch.allclose(masked, unmasked, atol=1e-4)
+
+
+def segments(results) -> list:
+    return [[(entry["label"], entry["score"], entry["mask"].tobytes()) for entry in result] for result in results]
+
+
+def test_a_reloaded_castled_eomt_segments_through_the_pipeline(tmp_path):
+    castled = decayed(castling_hf.castle(eomt(32)), 0.0)
+    castled.save_pretrained(tmp_path, inference=True)
+    reloaded = transformers.AutoModelForUniversalSegmentation.from_pretrained(tmp_path)
+    assert type(reloaded) is type(castled) and not reloaded.softmax_mask_scales()
+    processor = transformers.EomtImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 32}, do_split_image=False)
+    images = castling_hf.data.shapes(num_images=8, image_size=48)["train"]["image"][:2]
+    for subtask, options in (("semantic", {}), ("panoptic", {"threshold": 0.0})):
+        found = [
+            segments(
+                pipeline("image-segmentation", model=model, image_processor=processor)(
+                    images, subtask=subtask, **options
+                )
+            )
+            for model in (castled, reloaded)
+        ]
+        assert found[0] == found[1] and all(found[0]), subtask

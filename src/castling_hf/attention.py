@@ -37,6 +37,7 @@ def linear_angular_attention(
     normalization: str = "kernel",
     eps: float = 1e-6,
     head_scale: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with the kernel Sim_lin(q, k) = 1/2 + (q̂·k̂)/π, in O(N·d²): no N×N tensor is formed.
 
@@ -48,7 +49,9 @@ def linear_angular_attention(
         o_i = normalize(½ v_i + (1/π) q̂_i (K̂ᵀV))
 
     Inputs and output are `(batch, tokens, heads, head_dim)`, keys and values as many as each other, queries any
-    number (MViTv2 pools them apart); `head_scale` (γ, per head) multiplies the output.
+    number (MViTv2 pools them apart); `head_scale` (γ, per head) multiplies the output. `key_mask` (bool, `(batch,
+    heads or 1, keys)`), where given, leaves the keys it marks False out of every sum, the count N included (padding
+    tokens; `"kernel"` only).
     q and k are L2-normalised with `eps`, so a zero vector gives Sim_lin = 1/2 rather than NaN. Half-precision
     inputs are computed in fp32, also under autocast: sums over N tokens lose too much in half precision; fp32 and
     fp64 inputs are computed in their own precision.
@@ -60,9 +63,15 @@ def linear_angular_attention(
         # Head-major views, (B, H, N, d): no copy; the products below read them strided.
         query, key, values = (x.to(dtype).transpose(1, 2) for x in (query, key, value))
         key = key / torch.linalg.vector_norm(key, dim=-1, keepdim=True).clamp_min(eps)
+        count = torch.full((1, 1, 1), float(values.shape[-2]), dtype=dtype, device=values.device)
+        if key_mask is not None:
+            if normalization != "kernel":
+                raise ValueError("A key mask needs angular_normalization='kernel'; 'l2' adds each token's own value.")
+            kept = key_mask.to(dtype).unsqueeze(-1)  # (B, H or 1, N, 1)
+            key, values, count = key * kept, values * kept, kept.sum(dim=-2)
         context = key.mT @ values  # K̂ᵀV: (B, H, d, d)
         if normalization == "kernel":
-            out = _kernel_normalized(query, key, values, context, eps, head_scale)
+            out = _kernel_normalized(query, key, values, context, eps, head_scale, count)
         else:
             if query.shape[-2] != values.shape[-2]:
                 raise ValueError(
@@ -77,17 +86,18 @@ def linear_angular_attention(
     return out.to(value.dtype)
 
 
-def _kernel_normalized(query, key, values, context, eps, head_scale):
+def _kernel_normalized(query, key, values, context, eps, head_scale, count):
     """The kernel form multiplied through by π‖q_i‖ (the ratio is unchanged), so that q is never normalised:
 
         [num_i, den_i] = q_i @ mix + (π/2) ‖q_i‖ [Σ_j v_j, N],   mix = [K̂ᵀV, Σ_j k̂_j]   (d × (d+1))
 
     one batched product for both terms (the ‖q‖ term as its added input), then num / den. Head-major
-    `(B, H, N, d)` in, token-major `(B, N, H, d)` out.
+    `(B, H, N, d)` in, token-major `(B, N, H, d)` out; `count` is N, `(B or 1, H or 1, 1)`.
     """
     batch, heads, tokens, head_dim = query.shape
     mix = torch.cat([context, key.sum(dim=-2).unsqueeze(-1)], dim=-1)  # (B, H, d, d+1)
-    totals = F.pad(values.sum(dim=-2), (0, 1), value=float(values.shape[-2]))  # [Σ_j v_j, N_keys]: (B, H, d+1)
+    sums = values.sum(dim=-2)
+    totals = torch.cat([sums, count.expand(*sums.shape[:-1], 1)], dim=-1)  # [Σ_j v_j, N_keys]: (B, H, d+1)
     if head_scale is not None:
         # γ scales the numerator columns of these (d+1)-wide factors: no pass over the tokens.
         gamma = F.pad(head_scale.to(query.dtype).view(-1, 1).expand(-1, head_dim), (0, 1), value=1.0)  # (H, d+1)
@@ -101,6 +111,48 @@ def _kernel_normalized(query, key, values, context, eps, head_scale):
     # quotient out token-major, as the output projection reads it, instead of a transposing copy of N·C values.
     inverse_denominator = weighted[..., -1:].contiguous().reciprocal()
     return inverse_denominator * weighted[..., :-1]
+
+
+def masked_linear_angular_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    eps: float = 1e-6,
+    head_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The `"kernel"` linear-angular attention under an attention mask, `allowed` (bool, `(batch, heads or 1, Nq,
+    Nk)`, True where query i may attend to key j):
+
+        o_i = Σ_j m_ij Sim_lin(q_i, k_j) v_j / Σ_j m_ij Sim_lin(q_i, k_j)
+
+    Keys that no query may attend to (padding) leave the sums of `linear_angular_attention` (`key_mask`), in O(N·d²).
+    The R rows the mask restricts further (EoMT's query tokens) are then computed from their explicit kernel over the
+    keys they may attend to, in O(R·N·d): linear in N while R is fixed (a mask that restricts every row costs what
+    softmax attention does). A row with no key allowed gives 0. Token-major in and out, as `linear_angular_attention`.
+    """
+    key_mask = allowed.any(dim=-2)  # (B, H or 1, Nk)
+    out = linear_angular_attention(query, key, value, "kernel", eps, head_scale, key_mask)
+    restricted = (allowed != key_mask.unsqueeze(-2)).any(dim=-1).flatten(0, 1).any(dim=0)  # (Nq,)
+    rows = restricted.nonzero().squeeze(-1)
+    if rows.numel():
+        out[:, rows] = explicit_angular_rows(query[:, rows], key, value, allowed[..., rows, :], eps, head_scale)
+    return out
+
+
+def explicit_angular_rows(query, key, value, allowed, eps, head_scale):
+    """o_i = Σ_j m_ij Sim_lin(q_i, k_j) v_j / Σ_j m_ij Sim_lin(q_i, k_j) for a few rows i, from the R × N kernel;
+    `allowed` is `(batch, heads or 1, R, N)`. Token-major in and out, in the reductions' dtype."""
+    dtype = reduction_dtype(value)
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        query, key, values = (x.to(dtype).transpose(1, 2) for x in (query, key, value))
+        similarity = 0.5 + F.normalize(query, dim=-1, eps=eps) @ F.normalize(key, dim=-1, eps=eps).mT / math.pi
+        similarity = similarity * allowed.to(dtype)
+        denominator = similarity.sum(dim=-1, keepdim=True)
+        out = (similarity @ values) / torch.where(denominator > 0, denominator, 1.0)  # a row with no key: 0, not 0/0
+        if head_scale is not None:
+            out = out * head_scale.to(dtype).view(-1, 1, 1)
+    return out.transpose(1, 2).to(value.dtype)
 
 
 def softmax_mask_cutoff(threshold: float, threshold_type: str, num_keys: int) -> float:
@@ -129,6 +181,7 @@ def masked_softmax_attention(
     measure_kept_share: bool = False,
     scale: float | torch.Tensor = 1.0,
     relative_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`scale`·(M⊙S)V with S = softmax(q kᵀ/√d + B) and M = 1[S > cutoff] (`softmax_mask_cutoff`); kept probabilities
     are not renormalised, and attention dropout (`dropout_p`) drops kept ones. With `threshold=None` the mask keeps
@@ -145,13 +198,21 @@ def masked_softmax_attention(
     is computed in fp32 there, fp32 and fp64 in their own precision. A graph traced by `torch.compile` or
     `torch.export` gets the formula in plain operations instead (`masked_softmax.traced_masked_softmax`).
 
+    `attention_mask` is a source's own mask (bool, or additive), as SDPA takes it; only a dense branch without a bias
+    takes one (it runs through SDPA).
+
     Inputs and output are `(batch, tokens, heads, head_dim)`. Also returns the share of probabilities M keeps, a
     0-dim tensor (1 when dense), or None unless `measure_kept_share`: 0 means the branch adds nothing and passes no
     gradient.
     """
     query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
+    if attention_mask is not None and (threshold is not None or relative_bias is not None):
+        raise ValueError(
+            "The softmax branch takes an attention mask only when it is dense (softmax_mask_threshold=None, what "
+            "castle sets): its thresholded tiles have no place for a mask."
+        )
     if threshold is None and relative_bias is None:
-        attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout_p)
         return scale * attended.transpose(1, 2), value.new_ones(()) if measure_kept_share else None
     # Dense with a bias: every probability is kept (P ≥ 0 > -1), through the same tiles.
     cutoff = -1.0 if threshold is None else softmax_mask_cutoff(threshold, threshold_type, key.shape[-2])
@@ -312,6 +373,7 @@ class CastlingSoftmaxBranch(nn.Module):
         value: torch.Tensor,
         relative_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
         dropout_p: float | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """α·(M⊙S)V of `masked_softmax_attention` (token-major q, k, v; `relative_bias` as it takes it), or None at
         α = 0. `dropout_p` is the attention dropout a caller already chose for this pass (a source's attention
@@ -331,6 +393,7 @@ class CastlingSoftmaxBranch(nn.Module):
             self.measure_kept_share,
             self.softmax_mask_scale,
             relative_bias,
+            attention_mask,
         )
         return attended
 
@@ -375,8 +438,10 @@ __all__ = [
     "CastlingResidualConv",
     "CastlingSoftmaxBranch",
     "linear_angular_attention",
+    "explicit_angular_rows",
     "linear_branch_weight",
     "live_softmax_mask_scale",
+    "masked_linear_angular_attention",
     "masked_softmax_attention",
     "reduction_dtype",
     "rotary_position_embedding",

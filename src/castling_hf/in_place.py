@@ -35,6 +35,7 @@ from .attention import (
     linear_angular_attention,
     linear_branch_weight,
     live_softmax_mask_scale,
+    masked_linear_angular_attention,
 )
 from .configuration_utils import CastlingAttentionConfig
 from .modeling_utils import CastlingMethods, reclassed
@@ -64,6 +65,7 @@ TOWERS = {
     "dinov3_vit": Tower("DINOv3ViTEmbeddings", "patch_embeddings", "DINOv3ViTAttention"),
     "siglip": Tower("SiglipVisionEmbeddings", "patch_embedding", "SiglipAttention"),
     "clip": Tower("CLIPVisionEmbeddings", "patch_embedding", "CLIPAttention"),
+    "eomt": Tower("EomtEmbeddings", "patch_embeddings.projection", "EomtAttention"),
 }
 # Model types whose configs hold a tower's config (a vision-only model of a two-tower family) under another name.
 TOWER_MODEL_TYPES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
@@ -100,22 +102,56 @@ class CastlingAttentionTerms(nn.Module):
         self.linear_branch_scale = nn.Parameter(torch.full((num_heads,), float(options.linear_branch_scale_init)))
         self.softmax_branch = CastlingSoftmaxBranch(options) if options.attention_mode == "castling" else None
 
-    def forward(self, query, key, value, scaling: float | None, dropout: float) -> torch.Tensor:
+    def forward(
+        self, query, key, value, scaling: float | None, dropout: float, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The castled attention of token-major q, k, v `(batch, tokens, heads, head_dim)`, token-major out.
-        `scaling` is the source's softmax scale (the branch's; the linear term normalises q and k)."""
+        `scaling` is the source's softmax scale (the branch's; the linear term normalises q and k).
+        `attention_mask` is the source's (`allowed_by`): the linear term sums over the keys each query may attend to
+        (`masked_linear_angular_attention`), the softmax branch takes it as SDPA does."""
         tokens, head_dim = query.shape[1], query.shape[-1]
         rows, columns = self.grid.size
         num_prefix_tokens = tokens - rows * columns
         alpha = live_softmax_mask_scale(self.softmax_branch)
         weight = linear_branch_weight(self.linear_branch_scale, alpha, self.linear_branch_blend)
-        attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, weight)
+        allowed = allowed_by(attention_mask)
+        if allowed is None:
+            attended = linear_angular_attention(query, key, value, self.angular_normalization, self.angular_eps, weight)
+        elif self.angular_normalization == "kernel":
+            attended = masked_linear_angular_attention(query, key, value, allowed, self.angular_eps, weight)
+        else:
+            raise ValueError("An attention mask needs angular_normalization='kernel' ('l2' sums over every token).")
         if self.residual_conv is not None:
             attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, self.grid.size, weight)
         if alpha is not None:
             if scaling is not None and scaling != head_dim**-0.5:  # the branch scales by 1/√d, as SDPA
                 query = query * (scaling * head_dim**0.5)
-            attended += self.softmax_branch(query, key, value, dropout_p=dropout)
+            attended += self.softmax_branch(query, key, value, dropout_p=dropout, attention_mask=attention_mask)
         return attended
+
+
+# An additive mask entry at or below this masks its key (transformers writes the dtype's minimum, EoMT -1e9).
+MASKED_BELOW = -1e4
+
+
+def allowed_by(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Where a source's attention mask lets query i attend to key j, as a bool tensor; None for no mask or one that
+    allows everything. A boolean mask is that already. An additive one masks the entries at or below `MASKED_BELOW`
+    and allows the others, which must be equal along each row (softmax does not see a constant added to a row: EoMT
+    adds 1 where it allows); any other values are a bias, not a mask, and are refused: the linear term cannot add one.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask > MASKED_BELOW
+        if not (~allowed | (attention_mask == attention_mask.amax(dim=-1, keepdim=True))).all():
+            raise ValueError(
+                "A castled attention was given an additive attention mask whose allowed entries differ along a row: "
+                "an attention bias, which the linear-angular term cannot add. Castling takes masks only."
+            )
+    return None if allowed.all() else allowed
 
 
 def castling_attention_forward(
@@ -137,13 +173,9 @@ def castling_attention_forward(
             f"attn_implementation='castling' on a {type(module).__name__} that has no Castling terms: castle the "
             "model with castling_hf.castle(...) rather than setting the attention implementation by hand."
         )
-    if attention_mask is not None or is_causal:
-        raise ValueError(
-            f"A castled {type(module).__name__} was given an attention mask (or is_causal=True): Castling's linear "
-            "path sums over every token of the sequence, so a mask would be ignored there. Run the castled tower on "
-            "whole images without a padding mask."
-        )
-    attended = terms(*(tensor.transpose(1, 2) for tensor in (query, key, value)), scaling, dropout)
+    if is_causal:
+        raise ValueError(f"A castled {type(module).__name__} was asked for causal attention; vision towers have none.")
+    attended = terms(*(tensor.transpose(1, 2) for tensor in (query, key, value)), scaling, dropout, attention_mask)
     return attended, None
 
 
@@ -251,6 +283,7 @@ AUTO_CLASSES = {
     "AutoModelForImageClassification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
     "AutoModelForZeroShotImageClassification": "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
     "AutoBackbone": "MODEL_FOR_BACKBONE_MAPPING_NAMES",
+    "AutoModelForUniversalSegmentation": "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES",
 }
 
 
@@ -267,6 +300,9 @@ def register_castled_families() -> None:
                     class_name = class_name[0]
                 castled = castled_class(getattr(transformers, class_name))
                 getattr(transformers, auto_name).register(castled_config, castled, exist_ok=True)
+                # The pipelines check a model's class name against these static tables, which `register` does not
+                # reach, and log an error for a class they do not find.
+                getattr(modeling_auto, table).setdefault(castled_config.model_type, castled.__name__)
 
 
 def castle_in_place(source: PreTrainedModel, options: dict) -> PreTrainedModel:
