@@ -259,10 +259,14 @@ def test_castled_in_place_refuses_what_it_cannot_honour():
     with pytest.raises(ValueError, match="silently skip"):
         castled.set_attn_implementation("sdpa")
     attention = next(module for module in castled.modules() if type(module).__name__ == "SiglipAttention")
-    hidden = torch.randn(1, 16, 32)
-    mask = torch.zeros(1, 1, 16, 16)
-    with pytest.raises(ValueError, match="attention mask"):
-        attention(hidden, attention_mask=mask)
+    tokens = (32 // castled.config.patch_size) ** 2
+    hidden = torch.randn(1, tokens, 32)
+    with pytest.raises(RuntimeError, match="before its tower's patch embeddings ran"):
+        attention(hidden)
+    castled(torch.randn(1, 3, 32, 32))
+    bias = torch.randn(1, 1, tokens, tokens)
+    with pytest.raises(ValueError, match="an attention bias"):
+        attention(hidden, attention_mask=bias)
     plain = build("siglip_vision", 0)
     plain.config._attn_implementation_internal = "castling"
     with pytest.raises(ValueError, match="has no Castling terms"):

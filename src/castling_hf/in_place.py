@@ -110,6 +110,11 @@ class CastlingAttentionTerms(nn.Module):
         `attention_mask` is the source's (`allowed_by`): the linear term sums over the keys each query may attend to
         (`masked_linear_angular_attention`), the softmax branch takes it as SDPA does."""
         tokens, head_dim = query.shape[1], query.shape[-1]
+        if self.grid.size is None:
+            raise RuntimeError(
+                "A castled attention module was called before its tower's patch embeddings ran, so the patch grid its "
+                "residual conv works on is unknown: call the model (or its vision tower), not the attention module."
+            )
         rows, columns = self.grid.size
         num_prefix_tokens = tokens - rows * columns
         alpha = live_softmax_mask_scale(self.softmax_branch)
