@@ -335,3 +335,63 @@ def test_a_reloaded_castled_eomt_segments_through_the_pipeline(tmp_path):
             for model in (castled, reloaded)
         ]
         assert found[0] == found[1] and all(found[0]), subtask
+
+
+def naflex_inputs(shapes: list[tuple[int, int]], max_patches: int, patch_size: int = 4) -> dict:
+    """SigLIP2's NaFlex inputs: each image its own grid of patches, padded to `max_patches`."""
+    mask = torch.zeros(len(shapes), max_patches, dtype=torch.long)
+    for image, (rows, columns) in enumerate(shapes):
+        mask[image, : rows * columns] = 1
+    pixel_values = torch.randn(len(shapes), max_patches, 3 * patch_size**2)
+    return dict(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=torch.tensor(shapes))
+
+
+def siglip2(model_class, seed: int):
+    draw = random.Random(seed)
+    vision = dict(TOWER, patch_size=4, num_patches=64, hidden_act=draw.choice(["gelu_pytorch_tanh", "gelu"]))
+    vision["layer_norm_eps"] = draw.choice([1e-6, 1e-5])
+    torch.manual_seed(seed)
+    if model_class is transformers.Siglip2VisionModel:
+        return model_class(transformers.Siglip2VisionConfig(**vision)).eval()
+    text = dict(TEXT, max_position_embeddings=16)
+    return model_class(transformers.Siglip2Config(vision_config=vision, text_config=text, num_labels=3)).eval()
+
+
+SIGLIP2_CLASSES = [
+    transformers.Siglip2VisionModel,
+    transformers.Siglip2Model,
+    transformers.Siglip2ForImageClassification,
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("model_class", SIGLIP2_CLASSES, ids=lambda cls: cls.__name__)
+def test_siglip2_naflex_castles_exactly_at_two_sets_of_shapes_and_never_reads_its_padding(model_class, seed):
+    source = siglip2(model_class, seed)
+    castled = castling_hf.castle(source)
+    extra = {"input_ids": TEXT_IDS} if model_class is transformers.Siglip2Model else {}
+    for shapes, max_patches in (([(8, 8), (4, 6)], 64), ([(5, 7), (6, 6)], 40)):
+        inputs = dict(naflex_inputs(shapes, max_patches), **extra)
+        expected, got = source(**inputs), castled(**inputs)
+        for name, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(got[name], value, atol=1e-4, rtol=0, msg=name)
+    decayed(castled, 0.0)
+    inputs = dict(naflex_inputs([(5, 7), (6, 6)], 40), **extra)
+    before = castled(**inputs)
+    inputs["pixel_values"][0, 35:] = 100.0  # the first image's padding
+    after = castled(**inputs)
+    name = "logits" if model_class is transformers.Siglip2ForImageClassification else "pooler_output"
+    if model_class is transformers.Siglip2Model:
+        name = "logits_per_image"
+    torch.testing.assert_close(after[name], before[name])
+    assert not torch.allclose(before[name], source(**inputs)[name], atol=1e-4)  # the linear term is in use
+
+
+def test_siglip2_inference_checkpoint_reloads_with_its_auto_class(tmp_path):
+    castled = decayed(castling_hf.castle(siglip2(transformers.Siglip2Model, 0)), 0.0)
+    castled.save_pretrained(tmp_path, inference=True)
+    reloaded = AutoModelForZeroShotImageClassification.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "CastledSiglip2Model" and not reloaded.softmax_mask_scales()
+    inputs = dict(naflex_inputs([(5, 7), (6, 6)], 40), input_ids=TEXT_IDS)
+    torch.testing.assert_close(reloaded(**inputs).logits_per_image, castled(**inputs).logits_per_image)

@@ -27,6 +27,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import AttentionInterface, AutoConfig, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto import modeling_auto
 
 from .attention import (
@@ -46,10 +47,12 @@ ATTENTION_IMPLEMENTATION = "castling"
 @dataclass(frozen=True)
 class Tower:
     """How a family lays out a vision tower: the class of its embeddings, the attribute path inside them of the
-    convolution whose output is the patch grid, and the class of its attention modules."""
+    convolution whose output is the patch grid, and the class of its attention modules. A tower whose embeddings
+    take patches already cut out (SigLIP2's NaFlex) names no projection: its grids are the `spatial_shapes` its
+    embeddings are called with, one per image, each image's patches first in its row and padding after them."""
 
     embeddings: str
-    patch_projection: str
+    patch_projection: str | None
     attention: str
 
 
@@ -65,22 +68,30 @@ TOWERS = {
     "dinov3_vit": Tower("DINOv3ViTEmbeddings", "patch_embeddings", "DINOv3ViTAttention"),
     "siglip": Tower("SiglipVisionEmbeddings", "patch_embedding", "SiglipAttention"),
     "clip": Tower("CLIPVisionEmbeddings", "patch_embedding", "CLIPAttention"),
+    "siglip2": Tower("Siglip2VisionEmbeddings", None, "Siglip2Attention"),
     "eomt": Tower("EomtEmbeddings", "patch_embeddings.projection", "EomtAttention"),
 }
 # Model types whose configs hold a tower's config (a vision-only model of a two-tower family) under another name.
-TOWER_MODEL_TYPES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
+TOWER_MODEL_TYPES = {"siglip_vision_model": "siglip", "siglip2_vision_model": "siglip2", "clip_vision_model": "clip"}
 TOWERS_BY_EMBEDDINGS = {tower.embeddings: tower for tower in TOWERS.values()}
 
 
 @dataclass
 class PatchGrid:
-    """The (rows, columns) of patch tokens of the images a tower is running on, written by its patch projection's
-    forward hook: each forward pass reads the grid of its own input, at any resolution."""
+    """The (rows, columns) of patch tokens of the images a tower is running on, written by a hook as its embeddings
+    run, so that each forward pass reads the grid of its own input, at any resolution: `size`, one grid for the
+    batch, its patches the last tokens (`read_projection`, on the patch projection), or `sizes`, one grid per image,
+    its patches the first tokens and padding after them (`read_spatial_shapes`, on NaFlex embeddings)."""
 
     size: tuple[int, int] | None = None
+    sizes: list[tuple[int, int]] | None = None
 
-    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> None:
-        self.size = tuple(output.shape[-2:])
+    def read_projection(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self.size, self.sizes = tuple(output.shape[-2:]), None
+
+    def read_spatial_shapes(self, module: nn.Module, args, kwargs) -> None:
+        shapes = kwargs["spatial_shapes"] if "spatial_shapes" in kwargs else args[1]
+        self.size, self.sizes = None, [tuple(shape) for shape in shapes.tolist()]
 
 
 class CastlingAttentionTerms(nn.Module):
@@ -109,14 +120,12 @@ class CastlingAttentionTerms(nn.Module):
         `scaling` is the source's softmax scale (the branch's; the linear term normalises q and k).
         `attention_mask` is the source's (`allowed_by`): the linear term sums over the keys each query may attend to
         (`masked_linear_angular_attention`), the softmax branch takes it as SDPA does."""
-        tokens, head_dim = query.shape[1], query.shape[-1]
-        if self.grid.size is None:
+        head_dim = query.shape[-1]
+        if self.grid.size is None and self.grid.sizes is None:
             raise RuntimeError(
                 "A castled attention module was called before its tower's patch embeddings ran, so the patch grid its "
                 "residual conv works on is unknown: call the model (or its vision tower), not the attention module."
             )
-        rows, columns = self.grid.size
-        num_prefix_tokens = tokens - rows * columns
         alpha = live_softmax_mask_scale(self.softmax_branch)
         weight = linear_branch_weight(self.linear_branch_scale, alpha, self.linear_branch_blend)
         allowed = allowed_by(attention_mask)
@@ -127,12 +136,24 @@ class CastlingAttentionTerms(nn.Module):
         else:
             raise ValueError("An attention mask needs angular_normalization='kernel' ('l2' sums over every token).")
         if self.residual_conv is not None:
-            attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, self.grid.size, weight)
+            self.add_residual_conv(attended, value, weight)
         if alpha is not None:
             if scaling is not None and scaling != head_dim**-0.5:  # the branch scales by 1/√d, as SDPA
                 query = query * (scaling * head_dim**0.5)
             attended += self.softmax_branch(query, key, value, dropout_p=dropout, attention_mask=attention_mask)
         return attended
+
+    def add_residual_conv(self, attended: torch.Tensor, value: torch.Tensor, weight: torch.Tensor) -> None:
+        """attended += DWConv(v) on the patch tokens, in place: over the batch's grid (the last tokens), or over each
+        image's own grid (its first tokens; padding gets no conv term)."""
+        if self.grid.size is not None:
+            num_prefix_tokens = value.shape[1] - self.grid.size[0] * self.grid.size[1]
+            attended[:, num_prefix_tokens:] += self.residual_conv(value, num_prefix_tokens, self.grid.size, weight)
+            return
+        for image, (rows, columns) in enumerate(self.grid.sizes):
+            patches = slice(0, rows * columns)
+            conv = self.residual_conv(value[image : image + 1, patches], 0, (rows, columns), weight)
+            attended[image : image + 1, patches] += conv
 
 
 # An additive mask entry at or below this masks its key (transformers writes the dtype's minimum, EoMT -1e9).
@@ -185,6 +206,8 @@ def castling_attention_forward(
 
 
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, castling_attention_forward)
+# Masks reach the castled attention as SDPA takes them: boolean, or None where nothing is masked.
+AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
 
 
 def tower_of(model_type: str) -> Tower | None:
@@ -228,7 +251,10 @@ def install_castling(model: nn.Module) -> nn.Module:
             continue
         options = CastlingAttentionConfig(**config.castling)
         grid = PatchGrid()
-        embeddings.get_submodule(tower.patch_projection).register_forward_hook(grid)
+        if tower.patch_projection is None:
+            embeddings.register_forward_pre_hook(grid.read_spatial_shapes, with_kwargs=True)
+        else:
+            embeddings.get_submodule(tower.patch_projection).register_forward_hook(grid.read_projection)
         reference = next(modules[0].parameters())
         for module in modules:
             terms = CastlingAttentionTerms(options, config.hidden_size, config.num_attention_heads, grid)
