@@ -73,6 +73,10 @@ CASES = {
         transformers.CLIPForImageClassification,
         lambda seed: two_tower(transformers.CLIPConfig, "clip", seed, num_labels=3),
     ),
+    "ijepa_classifier": (
+        transformers.IJepaForImageClassification,
+        lambda seed: transformers.IJepaConfig(**tower_options("ijepa", seed), num_labels=3),
+    ),
 }
 TEXT_IDS = torch.tensor([[3, 4, 5, 6, 7, 2], [8, 9, 10, 11, 2, 0]])
 

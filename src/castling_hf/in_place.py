@@ -70,6 +70,7 @@ TOWERS = {
     "clip": Tower("CLIPVisionEmbeddings", "patch_embedding", "CLIPAttention"),
     "siglip2": Tower("Siglip2VisionEmbeddings", None, "Siglip2Attention"),
     "eomt": Tower("EomtEmbeddings", "patch_embeddings.projection", "EomtAttention"),
+    "ijepa": Tower("IJepaEmbeddings", "patch_embeddings.projection", "IJepaAttention"),
 }
 # Model types whose configs hold a tower's config (a vision-only model of a two-tower family) under another name.
 TOWER_MODEL_TYPES = {"siglip_vision_model": "siglip", "siglip2_vision_model": "siglip2", "clip_vision_model": "clip"}
