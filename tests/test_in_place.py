@@ -2,11 +2,13 @@
 resolutions, keeps its own classes and heads, reloads from its inference checkpoint with its Auto class, and runs
 where its users run it (zero-shot pipelines, LLaVA and PaliGemma generation)."""
 
+import json
 import random
 
 import pytest
 import torch
 import transformers
+from conftest import run_without_castling_hf
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -399,3 +401,30 @@ def test_siglip2_inference_checkpoint_reloads_with_its_auto_class(tmp_path):
     assert type(reloaded).__name__ == "CastledSiglip2Model" and not reloaded.softmax_mask_scales()
     inputs = dict(naflex_inputs([(5, 7), (6, 6)], 40), input_ids=TEXT_IDS)
     torch.testing.assert_close(reloaded(**inputs).logits_per_image, castled(**inputs).logits_per_image)
+
+
+REMOTE_ZERO_SHOT = """
+import json, sys
+import torch
+from transformers import AutoModelForZeroShotImageClassification
+model = AutoModelForZeroShotImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+torch.manual_seed(0)
+pixel_values = torch.randn(2, 3, 40, 40)
+input_ids = torch.tensor([[3, 4, 5, 6, 7, 2], [8, 9, 10, 11, 2, 0]])
+with torch.no_grad():
+    logits = model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=True).logits_per_image
+print(json.dumps([type(model).__name__, model.config.vision_config.castling["attention_mode"], logits.tolist()]))
+"""
+
+
+@pytest.mark.parametrize("case", ["siglip", "clip"])
+def test_an_inference_checkpoint_loads_with_remote_code_where_castling_hf_is_not_installed(case, tmp_path):
+    castled = decayed(castling_hf.castle(build(case, 0)), 0.0)
+    castled.save_pretrained(tmp_path / "castled", inference=True)
+    name, mode, logits = json.loads(run_without_castling_hf(REMOTE_ZERO_SHOT, [tmp_path / "castled"], tmp_path))
+    torch.manual_seed(0)
+    pixel_values = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        expected = castled(pixel_values=pixel_values, input_ids=TEXT_IDS, interpolate_pos_encoding=True)
+    assert (name, mode) == (type(castled).__name__, "linear")
+    assert torch.equal(torch.tensor(logits), expected.logits_per_image)

@@ -22,6 +22,7 @@ tower config's `castling` dict; both are registered with the Auto classes that t
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -39,7 +40,7 @@ from .attention import (
     masked_linear_angular_attention,
 )
 from .configuration_utils import CastlingAttentionConfig
-from .modeling_utils import CastlingMethods, reclassed
+from .modeling_utils import RELATIVE_IMPORT, CastlingMethods, reclassed, relative_import_closure
 
 ATTENTION_IMPLEMENTATION = "castling"
 
@@ -266,11 +267,25 @@ def install_castling(model: nn.Module) -> nn.Module:
 
 class CastledModelMixin(CastlingMethods):
     """A source model class castled in place (`castled_class`): built as its source, then its towers given their
-    Castling terms from their configs."""
+    Castling terms from their configs. Its checkpoints carry the code that rebuilds it (`write_castled_remote_code`),
+    so that its Auto classes load it with `trust_remote_code=True` where castling_hf is not installed."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         install_castling(self)
+
+    def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
+        """`CastlingMethods.save_pretrained` (`inference=True` saves the inference form), with the remote code."""
+        if inference:
+            return super().save_pretrained(save_directory, *args, inference=True, force=force, **kwargs)
+        source_type = self.config.model_type.removeprefix("castled_")
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            **{auto: f"{REMOTE_MODULE}.{cls.__name__}" for auto, cls in castled_auto_classes(source_type).items()},
+        }
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        write_castled_remote_code(source_type, save_directory)
+        return saved
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         if attn_implementation != ATTENTION_IMPLEMENTATION:
@@ -292,7 +307,11 @@ def castled_config_class(config_class: type) -> type:
     if config_class in _CASTLED_CONFIGS.values():
         return config_class
     if config_class not in _CASTLED_CONFIGS:
-        attributes = {"model_type": f"castled_{config_class.model_type}", "__module__": __name__}
+        attributes = {
+            "model_type": f"castled_{config_class.model_type}",
+            "castled_from": config_class,
+            "__module__": __name__,
+        }
         _CASTLED_CONFIGS[config_class] = type(f"Castled{config_class.__name__}", (config_class,), attributes)
     return _CASTLED_CONFIGS[config_class]
 
@@ -302,7 +321,11 @@ def castled_class(model_class: type) -> type:
     if model_class in _CASTLED_MODELS.values():
         return model_class
     if model_class not in _CASTLED_MODELS:
-        attributes = {"config_class": castled_config_class(model_class.config_class), "__module__": __name__}
+        attributes = {
+            "config_class": castled_config_class(model_class.config_class),
+            "castled_from": model_class,
+            "__module__": __name__,
+        }
         name = f"Castled{model_class.__name__}"
         _CASTLED_MODELS[model_class] = type(name, (CastledModelMixin, model_class), attributes)
     return _CASTLED_MODELS[model_class]
@@ -335,6 +358,42 @@ def register_castled_families() -> None:
                 # The pipelines check a model's class name against these static tables, which `register` does not
                 # reach, and log an error for a class they do not find.
                 getattr(modeling_auto, table).setdefault(castled_config.model_type, castled.__name__)
+
+
+def castled_auto_classes(model_type: str) -> dict[str, type]:
+    """The castled config class and, by Auto class, the castled model class of every source class that the Auto
+    classes of `AUTO_CLASSES` map `model_type` to."""
+    classes = {"AutoConfig": castled_config_class(transformers.CONFIG_MAPPING[model_type])}
+    for auto_name, table in AUTO_CLASSES.items():
+        class_name = getattr(modeling_auto, table).get(model_type)
+        if class_name is not None:
+            class_name = class_name[0] if isinstance(class_name, tuple) else class_name
+            classes[auto_name] = castled_class(getattr(transformers, class_name))
+    return classes
+
+
+# The module a castled checkpoint's `auto_map` names: it builds the castled classes from `transformers`' own.
+REMOTE_MODULE = "castled_classes"
+
+
+def write_castled_remote_code(model_type: str, folder) -> None:
+    """Write into `folder` the module `REMOTE_MODULE`, which makes the castled classes of `model_type`'s family from
+    `transformers`' classes, and this module with every module it imports, flat (`write_remote_code`'s way)."""
+    castled = set(castled_auto_classes(model_type).values())
+    sources = sorted({cls.castled_from.__name__ for cls in castled})
+    lines = [
+        f"from transformers import {', '.join(sources)}",
+        "",
+        "from .in_place import castled_class, castled_config_class",
+        "",
+    ]
+    for cls in sorted(castled, key=lambda cls: cls.__name__):
+        make = "castled_class" if issubclass(cls, CastledModelMixin) else "castled_config_class"
+        lines.append(f"{cls.__name__} = {make}({cls.castled_from.__name__})")
+    Path(folder, f"{REMOTE_MODULE}.py").write_text("\n".join(lines) + "\n")
+    for path in relative_import_closure([Path(__file__)]):
+        text = RELATIVE_IMPORT.sub(lambda m: f"{m[1]}.{m[3].rsplit('.', 1)[-1]}{m[4]}", path.read_text())
+        Path(folder, path.name).write_text(text)
 
 
 def castle_in_place(source: PreTrainedModel, options: dict) -> PreTrainedModel:
