@@ -5,7 +5,7 @@ BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run (speed benchmark)
 TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training, distillation and MViTv2 benchmarks take --quick
 
 .PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation bench-castle \
-	bench-distill bench-mvitv2 bench-towers bench-mechanisms
+	bench-distill bench-distill-towers bench-mvitv2 bench-towers bench-mechanisms
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -48,6 +48,9 @@ bench-castle: install
 
 bench-distill: install
 	$(PYTHON) benchmarks/distillation.py $(BENCH_ARGS)
+
+bench-distill-towers: install
+	$(PYTHON) benchmarks/distillation_towers.py $(BENCH_ARGS)
 
 bench-mvitv2: install
 	$(PYTHON) benchmarks/mvitv2.py $(BENCH_ARGS)

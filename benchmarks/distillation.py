@@ -127,12 +127,10 @@ def few_different_images(count: int, num_fragments: int, seed: int):
     return Dataset.from_dict({"image": list(images)}, features=Features({"image": Image()}))
 
 
-def focus_source(run_dir: str, args) -> dict:
-    """Write the focus data (with labels, the images alone, the few different images) as parquet folders, and train
-    the softmax source, evaluated along the way."""
+def write_focus_data(paths: SimpleNamespace, args) -> None:
+    """The focus data (with labels, the images alone, the few different images) as parquet folders under `paths`."""
     from castling_hf.data import focus_digits
 
-    paths, started = focus_paths(run_dir), time.perf_counter()
     dataset = focus_digits(seed=0, **{**FOCUS, **({"train_copies": 1} if args.quick else {})})
     for split, part in dataset.items():
         if args.quick:
@@ -141,6 +139,12 @@ def focus_source(run_dir: str, args) -> dict:
         part.remove_columns("label").to_parquet(str(paths.images / f"{split}.parquet"))
     few = FEW_DIFFERENT if not args.quick else {**FEW_DIFFERENT, "count": 64}
     few_different_images(**few).to_parquet(str(paths.few / "train.parquet"))
+
+
+def focus_source(run_dir: str, args) -> dict:
+    """Write the focus data and train the softmax source on it, evaluated along the way."""
+    paths, started = focus_paths(run_dir), time.perf_counter()
+    write_focus_data(paths, args)
     castle_vit = load_module(EXAMPLES / "castle_pretrained_vit.py")
     training = castle_vit.load_training_example()
     labelled = training.load_image_dataset(training.DataTrainingArguments(dataset_name=str(paths.data)), 0)

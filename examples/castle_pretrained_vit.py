@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
+from transformers import AutoModelForImageClassification, Trainer, TrainingArguments, ViTConfig, set_seed
 
 import castling_hf
 from castling_hf import CASTLING_VIT_SIZES, CastlingViTForImageClassification, image_processor_for
@@ -47,16 +47,24 @@ def castle(source: str, output_dir: str, config_overrides: dict) -> CastlingViTF
 
 
 def train_source_vit(
-    output_dir: str, dataset, config: ViTConfig, training, seed: int, return_curve: bool = False, **arguments
+    output_dir: str,
+    dataset,
+    config: ViTConfig,
+    training,
+    seed: int,
+    return_curve: bool = False,
+    image_processor=None,
+    **arguments,
 ):
-    """A softmax `ViTForImageClassification` with `config`, trained with the `Trainer` on `dataset` (`train` and `test`
-    splits with `image` and `label` columns) through the classification example's transforms (its random crops),
-    `arguments` going to `TrainingArguments`: the stand-in for a Hub checkpoint. Saved with its image processor to
-    `output_dir`; returns its test accuracy, and with `return_curve` the (step, accuracy) of every evaluation during
-    training too (`eval_strategy` in `arguments`)."""
+    """A softmax image classifier of `config`'s family (`ViTForImageClassification` for a `ViTConfig`; any config
+    `AutoModelForImageClassification` takes, e.g. SigLIP's or CLIP's, with its `image_processor`), trained with the
+    `Trainer` on `dataset` (`train` and `test` splits with `image` and `label` columns) through the classification
+    example's transforms (its random crops), `arguments` going to `TrainingArguments`: the stand-in for a Hub
+    checkpoint. Saved with its image processor to `output_dir`; returns its test accuracy, and with `return_curve` the
+    (step, accuracy) of every evaluation during training too (`eval_strategy` in `arguments`)."""
     set_seed(seed)
-    model = ViTForImageClassification(config)
-    image_processor = image_processor_for(config)
+    model = AutoModelForImageClassification.from_config(config)
+    image_processor = image_processor or image_processor_for(config)
     dataset["train"].set_transform(training.make_transform(image_processor, "image", "label", True, seed))
     dataset["test"].set_transform(training.make_transform(image_processor, "image", "label", False, seed))
     defaults = dict(
@@ -131,7 +139,7 @@ def demo(args) -> dict:
     )
 
     print("2/4 castling it")
-    source = ViTForImageClassification.from_pretrained(source_dir).eval()
+    source = AutoModelForImageClassification.from_pretrained(source_dir).eval()
     castled = castle(source_dir, str(root / "castled"), {})
     pixels = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

@@ -136,6 +136,22 @@ def test_mechanisms_benchmark_smoke_run_finds_both_ways_exact(tmp_path):
         assert all(set(latency) == {"conversion", "in_place"} for latency in entry["latency_s"].values())
 
 
+def test_towers_distillation_benchmark_smoke_run_scores_each_family_after_the_switch(tmp_path):
+    # A subprocess, as a user runs it: its jobs run in spawned processes that import the script by its path.
+    command = [sys.executable, str(ROOT / "benchmarks" / "distillation_towers.py"), "--quick"]
+    command += ["--output_dir", str(tmp_path), "--run_dir", str(tmp_path / "run")]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    results = json.loads((tmp_path / "distillation_towers.json").read_text())
+    assert [(entry["family"], entry["route"]) for entry in results["summary"]] == [
+        (family, route) for family in ("siglip", "clip") for route in ("switch_only", "no_labels")
+    ]
+    for run in results["runs"]:  # scored at the training resolution and at twice it, against its own source
+        assert [entry["resolution"][0] for entry in run["fidelity"].values()] == [64, 128]
+        source = next(entry for entry in results["sources"] if entry["family"] == run["family"])
+        assert run["fidelity"]["1x"]["source_accuracy"] == pytest.approx(source["accuracy"], abs=1e-6)
+    assert "| clip | no_labels |" in load_benchmark("distillation_towers").markdown_table(results)
+
+
 def test_accuracy_benchmark_smoke_run_trains_every_variant(tmp_path):
     # softmax_conv replaces the attention's forward, as the speed benchmark's floor does. A subprocess, as a user
     # runs it: its workers are spawned processes that import the script by its path.

@@ -91,3 +91,33 @@ def test_eval_result_table_in_the_body_matches_the_metadata():
     for result in card.data.eval_results:
         assert f"| {result.metric_value:.4g} |" in card.text
     assert isinstance(card.data.eval_results[0], EvalResult)
+
+
+@pytest.mark.parametrize(
+    "model_class, task, auto_class",
+    [
+        ("SiglipForImageClassification", "image-classification", "AutoModelForImageClassification"),
+        ("SiglipModel", "zero-shot-image-classification", "AutoModelForZeroShotImageClassification"),
+        ("SiglipVisionModel", "image-feature-extraction", "AutoModel"),
+    ],
+)
+def test_the_card_of_a_model_castled_in_place_names_its_task_and_its_castling(model_class, task, auto_class):
+    import torch
+    import transformers
+
+    import castling_hf
+    from castling_hf.model_card import distillation_card
+
+    tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32)
+    tower["patch_size"] = 8
+    torch.manual_seed(0)
+    if model_class == "SiglipVisionModel":
+        config = transformers.SiglipVisionConfig(**tower)
+    else:
+        text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, vocab_size=16)
+        config = transformers.SiglipConfig(vision_config=tower, text_config=text, num_labels=3)
+    castled = castling_hf.castle(getattr(transformers, model_class)(config))
+    card = distillation_card(castled, "google/siglip-base-patch16-224", "images", None)
+    assert card.data.pipeline_tag == task
+    assert f"{auto_class}.from_pretrained" in card.text
+    assert "| hidden size / layers / heads | 32 / 2 / 4 |" in card.text and "| blend of the linear term" in card.text

@@ -92,7 +92,12 @@ def run_model(model: nn.Module, pixel_values: torch.Tensor):
     resolution other than its own, where its forward takes `interpolate_pos_encoding`), a timm model's logits as an
     `ImageClassifierOutput`."""
     if isinstance(model, PreTrainedModel):
-        accepts = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        # A classifier on a vision tower (CLIP's) may take it only through its keyword arguments, for the tower.
+        tower = first_tower(model)
+        accepts = any(
+            "interpolate_pos_encoding" in inspect.signature(module.forward).parameters
+            for module in (model, *([tower] if tower is not None else []))
+        )
         return model(pixel_values=pixel_values, **({"interpolate_pos_encoding": True} if accepts else {}))
     return ImageClassifierOutput(logits=model(pixel_values))
 

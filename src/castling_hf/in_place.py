@@ -23,6 +23,7 @@ tower config's `castling` dict; both are registered with the Auto classes that t
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -316,6 +317,11 @@ def castled_config_class(config_class: type) -> type:
     return _CASTLED_CONFIGS[config_class]
 
 
+def castled_model_classes() -> list[type]:
+    """Every castled model class made so far (those of the `TOWERS` families are made on import)."""
+    return list(_CASTLED_MODELS.values())
+
+
 def castled_class(model_class: type) -> type:
     """`Castled<Class>`: `model_class` with `CastledModelMixin` and the castled config class."""
     if model_class in _CASTLED_MODELS.values():
@@ -370,6 +376,52 @@ def castled_auto_classes(model_type: str) -> dict[str, type]:
             class_name = class_name[0] if isinstance(class_name, tuple) else class_name
             classes[auto_name] = castled_class(getattr(transformers, class_name))
     return classes
+
+
+# The pipeline task of a castled class, from the first of these `transformers` tables that lists its source class.
+PIPELINE_TASKS = {
+    "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES": "zero-shot-image-classification",
+    "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES": "image-classification",
+    "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES": "image-segmentation",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES": "image-text-to-text",
+    "MODEL_MAPPING_NAMES": "image-feature-extraction",
+}
+
+
+def listed_in(table: str, class_name: str) -> bool:
+    names = getattr(modeling_auto, table).values()
+    return any(class_name == name or (isinstance(name, tuple) and class_name in name) for name in names)
+
+
+def pipeline_task(castled: type) -> str | None:
+    """The pipeline task of a castled class (that of its source class), or None for another class."""
+    source = getattr(castled, "castled_from", None)
+    return next((task for table, task in PIPELINE_TASKS.items() if source and listed_in(table, source.__name__)), None)
+
+
+def auto_class_name(castled: type) -> str | None:
+    """The Auto class that loads a castled class: the first of `AUTO_CLASSES` (most specific first) that lists its
+    source class; None for another class."""
+    source = getattr(castled, "castled_from", None)
+    ordered = sorted(AUTO_CLASSES.items(), key=lambda item: item[0] == "AutoModel")
+    return next((auto for auto, table in ordered if source and listed_in(table, source.__name__)), None)
+
+
+def card_fields(model: nn.Module) -> SimpleNamespace | None:
+    """What a model card says of a model castled in place: its first castled tower's architecture and Castling
+    fields; None for a model with no tower castled in place."""
+    for tower_module, _, tower in towers(model):
+        modules = attention_modules(tower_module, tower)
+        config = modules[0].config if modules else None
+        if getattr(config, "castling", None) is not None:
+            architecture = {
+                name: getattr(config, name, "—")
+                for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+            }
+            architecture["image_size"] = getattr(config, "image_size", "any (NaFlex)")
+            architecture["patch_size"] = config.patch_size
+            return SimpleNamespace(**architecture, **config.castling, weight_init="the source's (castled in place)")
+    return None
 
 
 # The module a castled checkpoint's `auto_map` names: it builds the castled classes from `transformers`' own.

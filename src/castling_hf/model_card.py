@@ -10,6 +10,7 @@ import os
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from . import in_place
 from .configuration_utils import CastlingAttentionConfig
 from .models.castling_mvitv2 import CastlingMViTv2PreTrainedModel
 from .models.castling_vit import CastlingViTPreTrainedModel
@@ -55,7 +56,10 @@ BACKBONE_TASK_AUTO_CLASSES = {
 
 
 def pipeline_tag_for(architecture: str) -> str:
-    """The Hub pipeline tag of a Castling-ViT model class name."""
+    """The Hub pipeline tag of a Castling-ViT model class name, or of a class castled in place (its source's)."""
+    castled = castled_classes().get(architecture)
+    if castled is not None and in_place.pipeline_task(castled):
+        return in_place.pipeline_task(castled)
     if architecture not in PIPELINE_TAGS:
         raise ValueError(
             f"Unknown Castling-ViT architecture {architecture!r}; expected one of {sorted(PIPELINE_TAGS)}."
@@ -140,7 +144,7 @@ def training_run_card(
     """The card of a model at the end of a training run: its results are the run's last evaluation (`metrics`, keys
     `prefix + name`, e.g. `eval_linear_accuracy`) on the `split` of `dataset_name`."""
     architecture = type(model).__name__
-    config = getattr(model.config, "backbone_config", None) or model.config  # the Castling-ViT inside a task model
+    config = card_config(model)  # the Castling-ViT inside a task model, or a tower castled in place
     return castling_model_card(
         config,
         model_name=model_name,
@@ -157,7 +161,7 @@ def distillation_card(model, source: str, dataset_name: str, report: dict | None
     distillation example's: per resolution, feature cosine and relative error, the task output's error, prediction
     agreement, and accuracies where labels exist)."""
     architecture = type(model).__name__
-    config = getattr(model.config, "backbone_config", None) or model.config
+    config = card_config(model)
     eval_results = []
     if report and "castled_accuracy" in report.get("1x", {}):
         eval_results.append(
@@ -270,7 +274,24 @@ def _description(config: CastlingAttentionConfig) -> str:
     )
 
 
+def castled_classes() -> dict[str, type]:
+    """The classes castled in place so far, by name."""
+    return {cls.__name__: cls for cls in in_place.castled_model_classes()}
+
+
+def card_config(model):
+    """What a card describes of `model`: its Castling config (a task model's backbone config), or for a model
+    castled in place its tower's architecture and Castling fields."""
+    return in_place.card_fields(model) or getattr(model.config, "backbone_config", None) or model.config
+
+
 def _usage(architecture: str, pipeline_tag: str) -> str:
+    castled = castled_classes().get(architecture)
+    if castled is not None:
+        return _package_usage(in_place.auto_class_name(castled), pipeline_tag) + (
+            "\n\nWithout it, the checkpoint carries the code that castles its `transformers` classes "
+            "(`trust_remote_code=True`)."
+        )
     if architecture in BACKBONE_TASK_AUTO_CLASSES:
         return _package_usage(BACKBONE_TASK_AUTO_CLASSES[architecture], pipeline_tag) + (
             f"\n\n`{architecture}` is `transformers`' own class with a Castling-ViT backbone "
