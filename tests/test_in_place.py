@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 import transformers
-from conftest import run_without_castling_hf
+from conftest import run_without_castling_hf, timm_helper
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -428,3 +428,87 @@ def test_an_inference_checkpoint_loads_with_remote_code_where_castling_hf_is_not
         expected = castled(pixel_values=pixel_values, input_ids=TEXT_IDS, interpolate_pos_encoding=True)
     assert (name, mode) == (type(castled).__name__, "linear")
     assert torch.equal(torch.tensor(logits), expected.logits_per_image)
+
+
+TIMM_OPTIONS = {  # timm VisionTransformer options: class token or not, pooling, registers, layer scale, norms
+    "token_pool": dict(global_pool="token"),
+    "avg_pool_registers_no_class_token": dict(global_pool="avg", class_token=False, reg_tokens=2),
+    "map_pool_qk_norm_layer_scale": dict(global_pool="map", qk_norm=True, init_values=0.1, reg_tokens=1),
+    "pre_norm_fc_norm_no_embed_class": dict(pre_norm=True, no_embed_class=True, fc_norm=True, global_pool="avg"),
+}
+
+
+def timm_vit(**options):
+    timm = timm_helper().import_timm()
+    timm_helper().let_transformers_use_timm()
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        num_classes=3,
+        dynamic_img_size=True,
+        **options,
+    )
+    with torch.no_grad():  # every weight off its initialisation, so that each one reaches the logits
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("options", TIMM_OPTIONS.values(), ids=TIMM_OPTIONS)
+def test_a_timm_vision_transformer_castles_in_place_exactly_and_reloads_its_inference_form(options, tmp_path):
+    source = timm_vit(**options)
+    castled = castling_hf.castle(source)
+    assert type(castled).__name__ == "CastledTimmWrapperForImageClassification"
+    for size in (32, 48):
+        pixel_values = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                castled(pixel_values=pixel_values).logits, source(pixel_values), atol=1e-4, rtol=0
+            )
+    decayed(castled, 0.0).save_pretrained(tmp_path, inference=True)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert type(reloaded) is type(castled) and not reloaded.softmax_mask_scales()
+    pixel_values = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        linear = castled(pixel_values=pixel_values).logits
+        torch.testing.assert_close(reloaded(pixel_values=pixel_values).logits, linear)
+        assert not torch.allclose(linear, source(pixel_values), atol=1e-3)  # the linear term is in use
+
+
+def test_timm_models_castling_does_not_take_are_refused_by_name():
+    timm = timm_helper().import_timm()
+    timm_helper().let_transformers_use_timm()
+    eva = timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=1, num_classes=3)
+    with pytest.raises(TypeError, match="EvaAttention: EVA-02's rotary attention"):
+        castling_hf.castle(eva)
+    differential = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3, attn_layer="diff")
+    with pytest.raises(TypeError, match="DiffAttention: differential attention"):
+        castling_hf.castle(differential)
+
+
+def test_a_timm_hub_name_castles_in_place_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    timm = timm_helper().import_timm()
+    timm_helper().let_transformers_use_timm()
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=5).eval()
+    snapshot = tmp_path / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k" / "snapshots" / ("0" * 40)
+    timm.models.save_for_hf(source, snapshot)
+    config = json.loads((snapshot / "config.json").read_text())
+    del config["model_args"]  # what create_model was given here; the Hub's timm repositories carry none
+    config["num_classes"] = 5
+    (snapshot / "config.json").write_text(json.dumps(config))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    castled = castling_hf.castle("timm/vit_tiny_patch16_224.augreg_in21k")
+    pixel_values = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(castled(pixel_values=pixel_values).logits, source(pixel_values), atol=1e-4, rtol=0)

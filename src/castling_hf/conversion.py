@@ -508,7 +508,7 @@ def load_source(model_or_path, **loading) -> nn.Module:
     Hub name with a `transformers` config loaded strictly with the class that config records (a timm checkpoint on
     the Hub, whose config records none, with `TimmWrapperForImageClassification`, as `transformers` reads it).
     `loading` goes to `from_pretrained` (`revision`, `cache_dir`, `token`, `trust_remote_code`)."""
-    from .conversion_timm import timm_mvitv2_source
+    from .conversion_timm import timm_mvitv2_source, timm_wrapper_of
 
     timm_source = timm_mvitv2_source(model_or_path)
     if timm_source is not None:
@@ -516,6 +516,8 @@ def load_source(model_or_path, **loading) -> nn.Module:
     if isinstance(model_or_path, nn.Module):
         if isinstance(model_or_path, PreTrainedModel):
             return model_or_path
+        if type(model_or_path).__module__.startswith("timm."):
+            return timm_wrapper_of(model_or_path)
         raise TypeError(f"castle converts {SUPPORTED}; got a {type(model_or_path).__name__}.")
     config = AutoConfig.from_pretrained(model_or_path, **loading)
     refuse_castled(config)
@@ -669,7 +671,7 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
     Overrides that would lose the exact start are refused, or warned of, by name (`castling_start`).
     The source is left as it was; the castled model is on its device, in its dtype, in eval mode.
     """
-    from .conversion_timm import castle_mvitv2, timm_labels, timm_model_of
+    from .conversion_timm import castle_mvitv2, check_timm_vision_transformer, timm_labels, timm_model_of
 
     source = load_source(model_or_path)
     timm_model = timm_model_of(source)
@@ -677,10 +679,7 @@ def castle(model_or_path, model_class: type | None = None, add_pooling_layer: bo
         labels = source.config.id2label if isinstance(source, PreTrainedModel) else timm_labels(timm_model)
         return castle_mvitv2(timm_model, labels, model_class, **overrides)
     if source.config.model_type == "timm_wrapper":
-        raise TypeError(
-            f"castle converts timm's MViTv2 among timm's models; got the timm architecture "
-            f"{source.config.architecture!r}."
-        )
+        check_timm_vision_transformer(source.timm_model, source.config.architecture)
     families = in_place.tower_families(source)
     if families and families.isdisjoint(FAMILIES):  # the families converted into Castling-ViT stay converted
         target = with_castling_methods(in_place.castle_in_place(source, castling_options(overrides)))

@@ -12,6 +12,7 @@ optional extra `castling-hf[timm]`.
 import json
 import math
 import os
+import tempfile
 
 from torch import nn
 from transformers import BitImageProcessorPil
@@ -102,6 +103,48 @@ def import_timm():
             "torchvision)."
         ) from error
     return timm
+
+
+def timm_wrapper_of(model: nn.Module):
+    """A timm model object as `transformers`' TimmWrapper of it (`TimmWrapperForImageClassification`, or
+    `TimmWrapperModel` without a classifier): saved as timm saves for the Hub (its architecture and the arguments it
+    was built with) and loaded by the wrapper, so that a model castled in place saves and reloads as one."""
+    from transformers import TimmWrapperForImageClassification, TimmWrapperModel
+
+    timm = import_timm()
+    with tempfile.TemporaryDirectory() as folder:
+        timm.models.save_for_hf(model, folder)
+        config_path = os.path.join(folder, "config.json")
+        with open(config_path) as file:
+            config = json.load(file)
+        config.get("model_args", {}).pop("num_classes", None)  # the wrapper passes its own, from `num_classes`
+        with open(config_path, "w") as file:
+            json.dump(config, file)
+        wrapper_class = TimmWrapperForImageClassification if model.num_classes else TimmWrapperModel
+        wrapper = wrapper_class.from_pretrained(folder)
+    reference = next(model.parameters())
+    return wrapper.to(device=reference.device, dtype=reference.dtype).train(model.training)
+
+
+# The attention classes of timm's VisionTransformer that castling takes, and what it says of the others.
+UNCASTLED_TIMM_ATTENTION = {
+    "AttentionRope": "rotary position embedding inside timm's attention",
+    "DiffAttention": "differential attention (two softmax maps subtracted)",
+    "EvaAttention": "EVA-02's rotary attention (and its SwiGLU MLP)",
+}
+
+
+def check_timm_vision_transformer(model: nn.Module, architecture: str) -> None:
+    """Refuse, by name, a timm model that castling in place does not take: another class than `VisionTransformer`
+    (MViTv2 is converted), or a `VisionTransformer` whose blocks' attention is not timm's plain `Attention`."""
+    classes = {type(module).__name__ for module in model.modules()}
+    why = [f"{name}: {UNCASTLED_TIMM_ATTENTION[name]}" for name in sorted(classes & set(UNCASTLED_TIMM_ATTENTION))]
+    if type(model).__name__ != "VisionTransformer" or why:
+        raise TypeError(
+            f"castle takes timm's VisionTransformer with its plain Attention (castled in place) and MultiScaleVit "
+            f"(converted); got {type(model).__name__} ({architecture!r}){''.join(f'; {text}' for text in why)}, "
+            "which is not castled."
+        )
 
 
 def load_timm_checkpoint(folder: str) -> nn.Module:

@@ -49,13 +49,15 @@ ATTENTION_IMPLEMENTATION = "castling"
 @dataclass(frozen=True)
 class Tower:
     """How a family lays out a vision tower: the class of its embeddings, the attribute path inside them of the
-    convolution whose output is the patch grid, and the class of its attention modules. A tower whose embeddings
+    convolution whose output is the patch grid, the class of its attention modules, and whether they call the
+    attention interface (a timm model's do not: `timm_attention_forward` stands in). A tower whose embeddings
     take patches already cut out (SigLIP2's NaFlex) names no projection: its grids are the `spatial_shapes` its
     embeddings are called with, one per image, each image's patches first in its row and padding after them."""
 
     embeddings: str
     patch_projection: str | None
     attention: str
+    through_interface: bool = True
 
 
 # One entry per family, by source `model_type`: a family whose attention goes through the attention interface is
@@ -73,6 +75,9 @@ TOWERS = {
     "siglip2": Tower("Siglip2VisionEmbeddings", None, "Siglip2Attention"),
     "eomt": Tower("EomtEmbeddings", "patch_embeddings.projection", "EomtAttention"),
     "ijepa": Tower("IJepaEmbeddings", "patch_embeddings.projection", "IJepaAttention"),
+    # timm's VisionTransformer inside `transformers`' TimmWrapper: its attention calls SDPA itself, so its forward is
+    # `timm_attention_forward`, which hands q, k, v to the same attention function.
+    "timm_wrapper": Tower("PatchEmbed", "proj", "Attention", through_interface=False),
 }
 # Model types whose configs hold a tower's config (a vision-only model of a two-tower family) under another name.
 TOWER_MODEL_TYPES = {"siglip_vision_model": "siglip", "siglip2_vision_model": "siglip2", "clip_vision_model": "clip"}
@@ -243,13 +248,28 @@ def attention_modules(tower_module: nn.Module, tower: Tower) -> list[nn.Module]:
     return [module for module in tower_module.modules() if type(module).__name__ == tower.attention]
 
 
+def tower_attentions(model: nn.Module):
+    """(embeddings, Tower entry, attention modules, the config that holds the tower's Castling fields) for every
+    vision tower inside `model` with attention modules: the attention modules' own config (`transformers`), or the
+    model's (a timm model inside a TimmWrapper, whose modules have none)."""
+    for tower_module, embeddings, tower in towers(model):
+        modules = attention_modules(tower_module, tower)
+        if modules:
+            yield embeddings, tower, modules, getattr(modules[0], "config", None) or model.config
+
+
+def width_and_heads(module: nn.Module, config) -> tuple[int, int]:
+    """The attention's width (heads × head size) and head count: its config's, or a timm module's own."""
+    if getattr(module, "config", None) is not None:
+        return config.hidden_size, config.num_attention_heads
+    return module.attn_dim, module.num_heads
+
+
 def install_castling(model: nn.Module) -> nn.Module:
     """Give every attention module of each tower whose config records Castling fields (`config.castling`) its
     Castling terms, hook the grid reader on the tower's patch projection, and select the `"castling"` attention
     function for the tower; in place, and once."""
-    for tower_module, embeddings, tower in towers(model):
-        modules = attention_modules(tower_module, tower)
-        config = modules[0].config if modules else None
+    for embeddings, tower, modules, config in tower_attentions(model):
         if getattr(config, "castling", None) is None or isinstance(getattr(modules[0], "castling", None), nn.Module):
             continue
         options = CastlingAttentionConfig(**config.castling)
@@ -260,10 +280,41 @@ def install_castling(model: nn.Module) -> nn.Module:
             embeddings.get_submodule(tower.patch_projection).register_forward_hook(grid.read_projection)
         reference = next(modules[0].parameters())
         for module in modules:
-            terms = CastlingAttentionTerms(options, config.hidden_size, config.num_attention_heads, grid)
+            terms = CastlingAttentionTerms(options, *width_and_heads(module, config), grid)
             module.castling = terms.to(device=reference.device, dtype=reference.dtype)
+            if not tower.through_interface:
+                reclassed(module, castled_timm_attention(type(module)))
         config._attn_implementation_internal = ATTENTION_IMPLEMENTATION
     return model
+
+
+def timm_attention_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    """timm's `Attention.forward` with its attention computed by `castling_attention_forward`: the same fused
+    projection, q/k norms, output norm, gate and projections around it."""
+    batch, tokens, _ = x.shape
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    query, key, value = qkv.unbind(0)
+    query, key = self.q_norm(query), self.k_norm(key)
+    dropout = self.attn_drop.p if self.training else 0.0
+    attended, _ = castling_attention_forward(self, query, key, value, attn_mask, self.scale, dropout, is_causal)
+    attended = self.norm(attended.reshape(batch, tokens, self.attn_dim))
+    if gate is not None:
+        attended = attended * gate
+    return self.proj_drop(self.proj(attended))
+
+
+_CASTLED_TIMM_ATTENTIONS: dict[type, type] = {}
+
+
+def castled_timm_attention(attention_class: type) -> type:
+    """timm's attention class with `timm_attention_forward`, under the same name."""
+    if attention_class in _CASTLED_TIMM_ATTENTIONS.values():
+        return attention_class
+    if attention_class not in _CASTLED_TIMM_ATTENTIONS:
+        attributes = {"forward": timm_attention_forward, "__module__": attention_class.__module__}
+        _CASTLED_TIMM_ATTENTIONS[attention_class] = type(attention_class.__name__, (attention_class,), attributes)
+    return _CASTLED_TIMM_ATTENTIONS[attention_class]
 
 
 class CastledModelMixin(CastlingMethods):
@@ -410,16 +461,14 @@ def auto_class_name(castled: type) -> str | None:
 def card_fields(model: nn.Module) -> SimpleNamespace | None:
     """What a model card says of a model castled in place: its first castled tower's architecture and Castling
     fields; None for a model with no tower castled in place."""
-    for tower_module, _, tower in towers(model):
-        modules = attention_modules(tower_module, tower)
-        config = modules[0].config if modules else None
+    for _, _, _, config in tower_attentions(model):
         if getattr(config, "castling", None) is not None:
             architecture = {
                 name: getattr(config, name, "—")
                 for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
             }
             architecture["image_size"] = getattr(config, "image_size", "any (NaFlex)")
-            architecture["patch_size"] = config.patch_size
+            architecture["patch_size"] = getattr(config, "patch_size", "—")
             return SimpleNamespace(**architecture, **config.castling, weight_init="the source's (castled in place)")
     return None
 
@@ -453,11 +502,9 @@ def castle_in_place(source: PreTrainedModel, options: dict) -> PreTrainedModel:
     (`castling_start`'s), and every model class in it made its castled class; the source is left as it was."""
     model = copy.deepcopy(source)
     found = False
-    for tower_module, _, tower in towers(model):
-        modules = attention_modules(tower_module, tower)
-        if modules:
-            modules[0].config.castling = dict(options)
-            found = True
+    for _, _, _, config in tower_attentions(model):
+        config.castling = dict(options)
+        found = True
     if not found:
         raise TypeError(f"{type(source).__name__} holds no vision tower that castle knows ({sorted(TOWERS)}).")
     for module in model.modules():
