@@ -410,3 +410,42 @@ def test_a_tower_castled_in_place_distils_from_its_source_and_is_scored(family, 
     assert castled_part(student) is in_place.first_tower(student)
     report = fidelity(student, source, torch.randn(4, 3, 32, 32))
     assert 0.0 < report["feature_cosine"] < 1.0 and report["resolution"] == [32, 32]
+
+
+def test_a_castled_eomt_distils_on_images_and_is_scored_by_mean_iou_of_its_queries(tmp_path):
+    """EoMT castled in place: the student starts as its teacher, and the fidelity report scores the per-pixel classes
+    its queries vote for (the semantic post-processing's) against label maps."""
+    torch.manual_seed(0)
+    config = transformers.EomtConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        num_queries=5,
+        num_blocks=2,
+        num_labels=3,
+        num_upscale_blocks=1,
+    )
+    source = transformers.EomtForUniversalSegmentation(config).eval()
+    student = castle(source)
+    images = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 32, 32).numpy()}).with_format("torch")
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        remove_unused_columns=False,
+    )
+    trainer = CastlingDistillationTrainer(model=student, teacher_model=source, args=arguments, train_dataset=images)
+    trainer.train()
+    assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][0] == 0.0
+    labels = torch.randint(0, 3, (4, 32, 32))
+    pixels = torch.randn(4, 3, 32, 32)
+    at_the_start = fidelity(castle(source), source, pixels, labels)
+    assert at_the_start["prediction_agreement"] == 1.0
+    assert at_the_start["castled_mean_iou"] == at_the_start["source_mean_iou"]
+    after = fidelity(student, source, pixels, labels)
+    assert after["output_relative_error"] > 0.0 and 0.0 <= after["castled_mean_iou"] <= 1.0  # the switch moved it

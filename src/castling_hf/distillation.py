@@ -326,8 +326,8 @@ def fidelity(
       position by position), in [−1, 1], 1 when they agree;
     - `feature_relative_error`: ‖f_s − f_t‖ / ‖f_t‖ over all of them;
     - `output_relative_error` (models with class logits or depth): the same for the task output;
-    - `prediction_agreement` (models with class logits): the share of images (segmenters: pixels) whose predicted
-      class is the teacher's;
+    - `prediction_agreement` (models with class logits, or a universal segmenter's queries): the share of images
+      (segmenters: pixels) whose predicted class is the teacher's;
     - with labels, each model's task metric: `castled_accuracy` / `source_accuracy` for a classifier (labels: class
       ids), `castled_mean_iou` / `source_mean_iou` for a segmenter (labels: `(images, height, width)` class maps,
       255 ignored; logits resized to them);
@@ -398,7 +398,7 @@ def score_batch(student, teacher, student_part, teacher_part, pixels, labels) ->
         return counts
     counts["output_error"] = (student_output.float() - teacher_output.float()).pow(2).sum().item()
     counts["output_norm"] = teacher_output.float().pow(2).sum().item()
-    if class_logits(student_outputs) is None:
+    if class_logits(student_outputs) is None and query_segmentation(student_outputs) is None:
         return counts
     castled, source = (predicted_classes(output, labels) for output in (student_output, teacher_output))
     counts["agreeing"], counts["predictions"] = (castled == source).sum().item(), castled.numel()
@@ -458,15 +458,29 @@ def fidelity_report(student: nn.Module, teacher: nn.Module, images, labels=None,
     return {f"{scale}x": fidelity(student, teacher, images, labels, scale, **kwargs) for scale in scales}
 
 
+def query_segmentation(outputs) -> torch.Tensor | None:
+    """The per-pixel class scores `(batch, classes, h, w)` of a universal segmenter's queries (EoMT's, Mask2Former's),
+    as their semantic post-processing forms them: Σ_q softmax(class logits of q) without the null class ×
+    sigmoid(mask logits of q); None for another model."""
+    classes, masks = (getattr(outputs, name, None) for name in ("class_queries_logits", "masks_queries_logits"))
+    if classes is None or masks is None:
+        return None
+    return torch.einsum("bqc,bqhw->bchw", classes.float().softmax(dim=-1)[..., :-1], masks.float().sigmoid())
+
+
 def task_output(outputs) -> torch.Tensor | None:
-    """A model's task output: class logits or predicted depth; None for a base model or a backbone."""
-    logits = class_logits(outputs)
-    return logits if logits is not None else getattr(outputs, "predicted_depth", None)
+    """A model's task output: class logits, a universal segmenter's per-pixel class scores, or predicted depth; None
+    for a base model or a backbone."""
+    for output in (class_logits(outputs), query_segmentation(outputs)):
+        if output is not None:
+            return output
+    return getattr(outputs, "predicted_depth", None)
 
 
 __all__ = [
     "CastlingDistillationTrainer",
     "castled_part",
+    "query_segmentation",
     "distillation_losses",
     "fidelity",
     "fidelity_report",
