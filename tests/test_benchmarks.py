@@ -143,13 +143,23 @@ def test_towers_distillation_benchmark_smoke_run_scores_each_family_after_the_sw
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     results = json.loads((tmp_path / "distillation_towers.json").read_text())
     assert [(entry["family"], entry["route"]) for entry in results["summary"]] == [
-        (family, route) for family in ("siglip", "clip") for route in ("switch_only", "no_labels")
+        (family, route) for family in ("siglip", "clip", "eomt") for route in ("switch_only", "no_labels")
     ]
-    for run in results["runs"]:  # scored at the training resolution and at twice it, against its own source
-        assert [entry["resolution"][0] for entry in run["fidelity"].values()] == [64, 128]
+    for run in results["runs"]:  # against its own source; the classifiers at their resolution and twice it
         source = next(entry for entry in results["sources"] if entry["family"] == run["family"])
-        assert run["fidelity"]["1x"]["source_accuracy"] == pytest.approx(source["accuracy"], abs=1e-6)
-    assert "| clip | no_labels |" in load_benchmark("distillation_towers").markdown_table(results)
+        metric = "mean_iou" if run["family"] == "eomt" else "accuracy"
+        sizes = [64] if run["family"] == "eomt" else [64, 128]
+        assert [entry["resolution"][0] for entry in run["fidelity"].values()] == sizes
+        assert run["fidelity"]["1x"][f"source_{metric}"] == pytest.approx(source[metric], abs=1e-6)
+    table = load_benchmark("distillation_towers").markdown_table(results)
+    assert "| clip | no_labels | accuracy" in table and "| eomt | no_labels | mean iou" in table
+
+    # A family run again keeps the others' results.
+    subprocess.run([*command, "--families", "eomt"], check=True, capture_output=True, timeout=600)
+    again = json.loads((tmp_path / "distillation_towers.json").read_text())
+    assert [source["family"] for source in again["sources"]] == ["siglip", "clip", "eomt"]
+    kept = [sorted((r for r in runs if r["family"] != "eomt"), key=str) for runs in (again["runs"], results["runs"])]
+    assert kept[0] == kept[1]
 
 
 def test_accuracy_benchmark_smoke_run_trains_every_variant(tmp_path):
