@@ -273,6 +273,8 @@ def test_castled_in_place_refuses_what_it_cannot_honour():
     bias = torch.randn(1, 1, tokens, tokens)
     with pytest.raises(ValueError, match="an attention bias"):
         attention(hidden, attention_mask=bias)
+    with pytest.raises(ValueError, match="no attention maps to return"):
+        castled(torch.randn(1, 3, 32, 32), output_attentions=True)
     plain = build("siglip_vision", 0)
     plain.config._attn_implementation_internal = "castling"
     with pytest.raises(ValueError, match="has no Castling terms"):

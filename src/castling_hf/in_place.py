@@ -41,7 +41,13 @@ from .attention import (
     masked_linear_angular_attention,
 )
 from .configuration_utils import CastlingAttentionConfig
-from .modeling_utils import RELATIVE_IMPORT, CastlingMethods, reclassed, relative_import_closure
+from .modeling_utils import (
+    RELATIVE_IMPORT,
+    CastlingMethods,
+    check_no_attentions_asked,
+    reclassed,
+    relative_import_closure,
+)
 
 ATTENTION_IMPLEMENTATION = "castling"
 
@@ -325,6 +331,12 @@ class CastledModelMixin(CastlingMethods):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         install_castling(self)
+
+    def forward(self, *args, **kwargs):
+        """The source's forward; `output_attentions=True` is refused, as the castled tower forms no attention maps
+        (the source's code would return none, or an empty tuple, without saying so)."""
+        check_no_attentions_asked(kwargs, self.config)
+        return super().forward(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
         """`CastlingMethods.save_pretrained` (`inference=True` saves the inference form), with the remote code."""
