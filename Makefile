@@ -30,6 +30,7 @@ bench: install
 	$(PYTHON) benchmarks/distillation.py $(TRAINING_BENCH_ARGS)
 	$(PYTHON) benchmarks/mvitv2.py $(TRAINING_BENCH_ARGS)
 	$(PYTHON) benchmarks/towers.py $(TRAINING_BENCH_ARGS)
+	$(PYTHON) benchmarks/distillation_towers.py $(TRAINING_BENCH_ARGS)
 
 bench-training: install
 	$(PYTHON) benchmarks/training.py $(TRAINING_BENCH_ARGS)

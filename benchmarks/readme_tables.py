@@ -62,6 +62,9 @@ def tables() -> dict[str, str]:
         towers, study = _benchmark("towers"), json.loads((RESULTS / "towers.json").read_text())
         rendered["towers"] = towers.markdown_table(study)
         rendered["towers-targets"] = towers.targets_table(study)
+    if (RESULTS / "distillation_towers.json").exists():
+        study = json.loads((RESULTS / "distillation_towers.json").read_text())
+        rendered["distillation-towers"] = _benchmark("distillation_towers").markdown_table(study)
     if (RESULTS / "mechanisms.json").exists():
         study = json.loads((RESULTS / "mechanisms.json").read_text())
         rendered["mechanisms"] = _benchmark("mechanisms").markdown_table(study)
