@@ -449,3 +449,34 @@ def test_a_castled_eomt_distils_on_images_and_is_scored_by_mean_iou_of_its_queri
     assert at_the_start["castled_mean_iou"] == at_the_start["source_mean_iou"]
     after = fidelity(student, source, pixels, labels)
     assert after["output_relative_error"] > 0.0 and 0.0 <= after["castled_mean_iou"] <= 1.0  # the switch moved it
+
+
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+def test_a_castled_two_tower_model_distils_on_images_and_reports_zero_shot_agreement(family, tmp_path):
+    """A two-tower model distils through its image side (its forward needs texts), and the fidelity report, given
+    the prompts of its zero-shot classes, says how often its zero-shot prediction is its source's."""
+    configs = {"siglip": transformers.SiglipConfig, "clip": transformers.CLIPConfig}
+    classes = {"siglip": transformers.SiglipModel, "clip": transformers.CLIPModel}
+    tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+    torch.manual_seed(0)
+    text = dict(tower, vocab_size=16, max_position_embeddings=16)
+    source = classes[family](configs[family](vision_config=dict(tower, image_size=32), text_config=text)).eval()
+    prompts = {"input_ids": torch.tensor([[3, 4, 5, 2], [6, 7, 8, 2], [9, 10, 11, 2]])}
+    pixels = torch.randn(8, 3, 32, 32)
+    labels = torch.randint(0, 3, (8,))
+    at_the_start = fidelity(castle(source), source, pixels, labels, prompts=prompts)
+    assert at_the_start["prediction_agreement"] == 1.0
+    assert at_the_start["castled_accuracy"] == at_the_start["source_accuracy"]
+    student = castle(source)
+    images = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 32, 32).numpy()}).with_format("torch")
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        remove_unused_columns=False,
+    )
+    CastlingDistillationTrainer(model=student, teacher_model=source, args=arguments, train_dataset=images).train()
+    after = fidelity(student, source, pixels, labels, prompts=prompts)
+    assert after["output_relative_error"] > 0.0 and set(student.softmax_mask_scales().values()) == {0.0}

@@ -87,7 +87,7 @@ def captured_features(part: nn.Module):
         handle.remove()
 
 
-def run_model(model: nn.Module, pixel_values: torch.Tensor):
+def run_model(model: nn.Module, pixel_values: torch.Tensor, prompts: dict | None = None):
     """`model`'s outputs on `pixel_values`: a `transformers` model's own (its position embeddings resized for a
     resolution other than its own, where its forward takes `interpolate_pos_encoding`), a timm model's logits as an
     `ImageClassifierOutput`."""
@@ -98,8 +98,20 @@ def run_model(model: nn.Module, pixel_values: torch.Tensor):
             "interpolate_pos_encoding" in inspect.signature(module.forward).parameters
             for module in (model, *([tower] if tower is not None else []))
         )
-        return model(pixel_values=pixel_values, **({"interpolate_pos_encoding": True} if accepts else {}))
+        resize = {"interpolate_pos_encoding": True} if accepts else {}
+        if prompts is not None:
+            return model(pixel_values=pixel_values, **resize, **prompts)
+        return image_side(model)(pixel_values=pixel_values, **resize)
     return ImageClassifierOutput(logits=model(pixel_values))
+
+
+def image_side(model: nn.Module):
+    """What runs a model on images alone: the model, or a two-tower model's (SigLIP's, CLIP's) `get_image_features`,
+    as its forward needs texts too."""
+    inner = getattr(model, "module", model)  # under DistributedDataParallel
+    if hasattr(inner, "get_image_features") and hasattr(inner, "get_text_features"):
+        return inner.get_image_features
+    return model
 
 
 def relative_squared_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -108,9 +120,11 @@ def relative_squared_error(student: torch.Tensor, teacher: torch.Tensor) -> torc
 
 
 def class_logits(outputs) -> torch.Tensor | None:
-    """The class logits of a classifier `(batch, classes)` or a segmenter `(batch, classes, height, width)`; None for
-    a model that has none."""
+    """The class logits of a classifier `(batch, classes)`, a two-tower model run with prompts (its zero-shot logits,
+    `(images, prompts)`) or a segmenter `(batch, classes, height, width)`; None for a model that has none."""
     logits = getattr(outputs, "logits", None)
+    if logits is None:
+        logits = getattr(outputs, "logits_per_image", None)
     return logits if isinstance(logits, torch.Tensor) and logits.dim() in (2, 4) else None
 
 
@@ -225,7 +239,7 @@ class CastlingDistillationTrainer(Trainer):
         with torch.no_grad(), captured_features(self._teacher_part) as teacher_features:
             teacher_outputs = run_model(self.teacher_model, pixel_values)
         with captured_features(self._student_part) as student_features:
-            student_outputs = model(pixel_values=pixel_values)
+            student_outputs = image_side(model)(pixel_values=pixel_values)
         losses = distillation_losses(
             student_outputs,
             teacher_outputs,
@@ -319,6 +333,7 @@ def fidelity(
     scale: float = 1,
     batch_size: int = 32,
     accelerator=None,
+    prompts: dict | None = None,
 ) -> dict:
     """How closely `student` (a castled model) computes what `teacher` (its source) computes on `images`:
 
@@ -326,8 +341,9 @@ def fidelity(
       position by position), in [−1, 1], 1 when they agree;
     - `feature_relative_error`: ‖f_s − f_t‖ / ‖f_t‖ over all of them;
     - `output_relative_error` (models with class logits or depth): the same for the task output;
-    - `prediction_agreement` (models with class logits, or a universal segmenter's queries): the share of images
-      (segmenters: pixels) whose predicted class is the teacher's;
+    - `prediction_agreement` (models with class logits, a universal segmenter's queries, or a two-tower model given
+      `prompts`, the tokenised texts of its zero-shot classes): the share of images (segmenters: pixels) whose
+      predicted class is the teacher's;
     - with labels, each model's task metric: `castled_accuracy` / `source_accuracy` for a classifier (labels: class
       ids), `castled_mean_iou` / `source_mean_iou` for a segmenter (labels: `(images, height, width)` class maps,
       255 ignored; logits resized to them);
@@ -342,6 +358,7 @@ def fidelity(
     """
     student_part, teacher_part = castled_part(student), source_part(teacher)
     device = next(student.parameters()).device
+    prompts = None if prompts is None else {name: value.to(device) for name, value in prompts.items()}
     rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     modes = (student.training, teacher.training)
     student.eval(), teacher.eval()
@@ -353,12 +370,12 @@ def fidelity(
                 continue
             batch_labels = None if batch_labels is None else batch_labels.to(device)
             pixels, batch_labels = resized(pixels.to(device), batch_labels, scale)
-            add_counts(counts, score_batch(student, teacher, student_part, teacher_part, pixels, batch_labels))
+            add_counts(counts, score_batch(student, teacher, student_part, teacher_part, pixels, batch_labels, prompts))
             scored, last = scored + 1, (pixels, batch_labels)
         # Every process runs as many forward passes (a sharded student needs every one at each): those with a batch
         # fewer score their last one again, and throw the result away.
         if last is not None and scored < math.ceil(batches / processes):
-            score_batch(student, teacher, student_part, teacher_part, *last)
+            score_batch(student, teacher, student_part, teacher_part, *last, prompts)
     finally:
         student.train(modes[0]), teacher.train(modes[1])
     if processes > 1:
@@ -378,11 +395,12 @@ def resized(pixels: torch.Tensor, labels: torch.Tensor | None, scale: float):
     return pixels, labels
 
 
-def score_batch(student, teacher, student_part, teacher_part, pixels, labels) -> dict:
+def score_batch(student, teacher, student_part, teacher_part, pixels, labels, prompts=None) -> dict:
     """The counts behind `fidelity` for one batch: sums over its tokens, images or pixels, and the predictions' hits
     (classifiers) or confusion matrices (segmenters) where there are labels."""
     (student_outputs, student_features), (teacher_outputs, teacher_features) = (
-        run_capturing(model, part, pixels) for model, part in ((student, student_part), (teacher, teacher_part))
+        run_capturing(model, part, pixels, prompts)
+        for model, part in ((student, student_part), (teacher, teacher_part))
     )
     counts = {"resolution": tuple(pixels.shape[-2:]), "cosine": 0.0, "positions": 0, "error": 0.0, "norm": 0.0}
     for s, t in zip(student_features, teacher_features, strict=True):
@@ -437,10 +455,10 @@ def report_from_counts(counts: dict) -> dict:
     return report
 
 
-def run_capturing(model: nn.Module, part: nn.Module, pixel_values: torch.Tensor):
-    """`model`'s outputs on `pixel_values` (`run_model`) and the features of its `part`."""
+def run_capturing(model: nn.Module, part: nn.Module, pixel_values: torch.Tensor, prompts: dict | None = None):
+    """`model`'s outputs on `pixel_values` (and `prompts`, `run_model`) and the features of its `part`."""
     with captured_features(part) as features:
-        outputs = run_model(model, pixel_values)
+        outputs = run_model(model, pixel_values, prompts)
     return outputs, features[0]
 
 
