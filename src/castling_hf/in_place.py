@@ -21,6 +21,7 @@ tower config's `castling` dict; both are registered with the Auto classes that t
 """
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -332,12 +333,6 @@ class CastledModelMixin(CastlingMethods):
         super().__init__(config, *args, **kwargs)
         install_castling(self)
 
-    def forward(self, *args, **kwargs):
-        """The source's forward; `output_attentions=True` is refused, as the castled tower forms no attention maps
-        (the source's code would return none, or an empty tuple, without saying so)."""
-        check_no_attentions_asked(kwargs, self.config)
-        return super().forward(*args, **kwargs)
-
     def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
         """`CastlingMethods.save_pretrained` (`inference=True` saves the inference form), with the remote code."""
         if inference:
@@ -385,14 +380,27 @@ def castled_model_classes() -> list[type]:
     return list(_CASTLED_MODELS.values())
 
 
+def refusing_attentions(forward):
+    """A source class's `forward` that refuses `output_attentions=True`: the castled tower forms no attention maps,
+    and the source's code would return none, or an empty tuple, without saying so. Its signature is the source's."""
+
+    @functools.wraps(forward)
+    def castled_forward(self, *args, **kwargs):
+        check_no_attentions_asked(kwargs, self.config)
+        return forward(self, *args, **kwargs)
+
+    return castled_forward
+
+
 def castled_class(model_class: type) -> type:
-    """`Castled<Class>`: `model_class` with `CastledModelMixin` and the castled config class."""
+    """`Castled<Class>`: `model_class` with `CastledModelMixin`, the castled config class and `refusing_attentions`."""
     if model_class in _CASTLED_MODELS.values():
         return model_class
     if model_class not in _CASTLED_MODELS:
         attributes = {
             "config_class": castled_config_class(model_class.config_class),
             "castled_from": model_class,
+            "forward": refusing_attentions(model_class.forward),
             "__module__": __name__,
         }
         name = f"Castled{model_class.__name__}"
