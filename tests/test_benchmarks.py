@@ -43,6 +43,7 @@ def test_readme_tables_are_rendered_from_the_benchmark_json():
         "towers",
         "towers-targets",
         "mechanisms",
+        "distillation-towers",
     }
     readme = (ROOT / "README.md").read_text()
     for name, table in tables.items():
