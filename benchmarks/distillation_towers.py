@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification, AutoModelForUniversalSegmentation
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+import distillation as DISTILLATION  # noqa: E402  (its data, recipe, example runner and scoring: one of each)
+
 ROUTES = ("switch_only", "no_labels")
 TARGETS = {"accuracy": -2.0, "mean_iou": -0.02}  # after the switch, against the source (accuracy in points)
 FAMILIES = ("siglip", "clip", "eomt")
@@ -44,21 +47,8 @@ EOMT = dict(
 )
 # EoMT's own recipe on the shapes: its loss (Hungarian matching of the queries to the classes' masks).
 EOMT_TRAINING = dict(
-    per_device_train_batch_size=16,
-    learning_rate=1e-3,
-    weight_decay=0.05,
-    warmup_steps=50,
-    lr_scheduler_type="cosine",
-    logging_steps=100,
-    save_strategy="no",
-    report_to="none",
-    disable_tqdm=True,
-    remove_unused_columns=False,
+    DISTILLATION.TRAINING, per_device_train_batch_size=16, learning_rate=1e-3, remove_unused_columns=False
 )
-
-
-sys.path.insert(0, str(Path(__file__).parent))
-import distillation as DISTILLATION  # noqa: E402  (its data, recipe, example runner and scoring: one of each)
 
 
 def source_config(family: str, names: list[str]):

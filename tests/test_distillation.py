@@ -381,6 +381,23 @@ def test_pasted_images_paste_a_rectangle_of_another_image_of_the_batch():
         )
 
 
+def distilled_on_noise(student, source, tmp_path, images: int, steps: int, **settings) -> CastlingDistillationTrainer:
+    """`student` distilled from `source` for `steps` steps on `images` random 32 px images, a loss logged each step."""
+    pixels = Dataset.from_dict({"pixel_values": torch.randn(images, 3, 32, 32).numpy()}).with_format("torch")
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        remove_unused_columns=False,
+        **settings,
+    )
+    trainer = CastlingDistillationTrainer(model=student, teacher_model=source, args=arguments, train_dataset=pixels)
+    trainer.train()
+    return trainer
+
+
 @pytest.mark.parametrize("family", ["siglip", "clip"])
 def test_a_tower_castled_in_place_distils_from_its_source_and_is_scored(family, tmp_path):
     """SigLIP and CLIP classifiers, castled in place, take the same distillation: the student starts as its teacher
@@ -392,18 +409,7 @@ def test_a_tower_castled_in_place_distils_from_its_source_and_is_scored(family, 
     config = configs[family](vision_config=dict(tower, image_size=32), text_config=dict(tower, vocab_size=16))
     source = classes[family](config).eval()
     student = castle(source)
-    images = Dataset.from_dict({"pixel_values": torch.randn(16, 3, 32, 32).numpy()}).with_format("torch")
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to=[],
-        remove_unused_columns=False,
-        learning_rate=1e-3,
-    )
-    trainer = CastlingDistillationTrainer(model=student, teacher_model=source, args=arguments, train_dataset=images)
-    trainer.train()
+    trainer = distilled_on_noise(student, source, tmp_path, images=16, steps=6, learning_rate=1e-3)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[0] == 0.0 and max(losses) > 0.0
     assert set(student.softmax_mask_scales().values()) == {0.0}
@@ -430,17 +436,7 @@ def test_a_castled_eomt_distils_on_images_and_is_scored_by_mean_iou_of_its_queri
     )
     source = transformers.EomtForUniversalSegmentation(config).eval()
     student = castle(source)
-    images = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 32, 32).numpy()}).with_format("torch")
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to=[],
-        remove_unused_columns=False,
-    )
-    trainer = CastlingDistillationTrainer(model=student, teacher_model=source, args=arguments, train_dataset=images)
-    trainer.train()
+    trainer = distilled_on_noise(student, source, tmp_path, images=8, steps=3)
     assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][0] == 0.0
     labels = torch.randint(0, 3, (4, 32, 32))
     pixels = torch.randn(4, 3, 32, 32)
@@ -468,15 +464,6 @@ def test_a_castled_two_tower_model_distils_on_images_and_reports_zero_shot_agree
     assert at_the_start["prediction_agreement"] == 1.0
     assert at_the_start["castled_accuracy"] == at_the_start["source_accuracy"]
     student = castle(source)
-    images = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 32, 32).numpy()}).with_format("torch")
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to=[],
-        remove_unused_columns=False,
-    )
-    CastlingDistillationTrainer(model=student, teacher_model=source, args=arguments, train_dataset=images).train()
+    distilled_on_noise(student, source, tmp_path, images=8, steps=2)
     after = fidelity(student, source, pixels, labels, prompts=prompts)
     assert after["output_relative_error"] > 0.0 and set(student.softmax_mask_scales().values()) == {0.0}

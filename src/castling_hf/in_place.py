@@ -423,18 +423,14 @@ def register_castled_families() -> None:
     """Register `Castled<Config>` with `AutoConfig` and `Castled<Class>` with every Auto class that takes `<Class>`,
     for every model type of the `TOWERS` table (run on `import castling_hf`)."""
     for model_type in (*TOWERS, *TOWER_MODEL_TYPES):
-        castled_config = castled_config_class(transformers.CONFIG_MAPPING[model_type])
+        classes = castled_auto_classes(model_type)
+        castled_config = classes.pop("AutoConfig")
         AutoConfig.register(castled_config.model_type, castled_config, exist_ok=True)
-        for auto_name, table in AUTO_CLASSES.items():
-            class_name = getattr(modeling_auto, table).get(model_type)
-            if class_name is not None:
-                if isinstance(class_name, tuple):  # several classes for one type: the first is the Auto class's
-                    class_name = class_name[0]
-                castled = castled_class(getattr(transformers, class_name))
-                getattr(transformers, auto_name).register(castled_config, castled, exist_ok=True)
-                # The pipelines check a model's class name against these static tables, which `register` does not
-                # reach, and log an error for a class they do not find.
-                getattr(modeling_auto, table).setdefault(castled_config.model_type, castled.__name__)
+        for auto_name, castled in classes.items():
+            getattr(transformers, auto_name).register(castled_config, castled, exist_ok=True)
+            # The pipelines check a model's class name against these static tables, which `register` does not
+            # reach, and log an error for a class they do not find.
+            getattr(modeling_auto, AUTO_CLASSES[auto_name]).setdefault(castled_config.model_type, castled.__name__)
 
 
 def castled_auto_classes(model_type: str) -> dict[str, type]:
