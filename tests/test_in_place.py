@@ -514,3 +514,18 @@ def test_a_timm_hub_name_castles_in_place_from_the_hub_cache_offline(tmp_path, m
     pixel_values = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(castled(pixel_values=pixel_values).logits, source(pixel_values), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.0])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "query_rows_masked"])
+def test_the_castling_terms_pass_gradcheck_in_float64(alpha, masked):
+    torch.manual_seed(0)
+    options = in_place.CastlingAttentionConfig(linear_branch_blend="convex", softmax_mask_threshold=None)
+    terms = in_place.CastlingAttentionTerms(options, 8, 2, in_place.PatchGrid(size=(3, 3))).double()
+    terms.softmax_branch.set_scale(alpha)
+    query, key, value = (torch.randn(1, 11, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = None
+    if masked:  # as EoMT: the first rows see a part of the patches only
+        mask = torch.ones(1, 1, 11, 11, dtype=torch.bool)
+        mask[..., :2, 5:] = False
+    assert torch.autograd.gradcheck(lambda q, k, v: terms(q, k, v, None, 0.0, mask), (query, key, value))
