@@ -5,7 +5,7 @@ BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run (speed benchmark)
 TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training, distillation and MViTv2 benchmarks take --quick
 
 .PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation bench-castle \
-	bench-distill bench-distill-towers bench-mvitv2 bench-towers bench-mechanisms
+	bench-distill bench-distill-towers bench-mvitv2 bench-towers
 
 install:
 	# torch first and pinned: it is the CPU build these machines carry, and it keeps pip from pulling CUDA wheels.
@@ -58,6 +58,3 @@ bench-mvitv2: install
 
 bench-towers: install
 	$(PYTHON) benchmarks/towers.py $(BENCH_ARGS)
-
-bench-mechanisms: install
-	$(PYTHON) benchmarks/mechanisms.py $(BENCH_ARGS)

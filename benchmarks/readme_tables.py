@@ -65,9 +65,6 @@ def tables() -> dict[str, str]:
     if (RESULTS / "distillation_towers.json").exists():
         study = json.loads((RESULTS / "distillation_towers.json").read_text())
         rendered["distillation-towers"] = _benchmark("distillation_towers").markdown_table(study)
-    if (RESULTS / "mechanisms.json").exists():
-        study = json.loads((RESULTS / "mechanisms.json").read_text())
-        rendered["mechanisms"] = _benchmark("mechanisms").markdown_table(study)
     if (RESULTS / "distillation.json").exists():
         distillation, study = _benchmark("distillation"), json.loads((RESULTS / "distillation.json").read_text())
         rendered["distillation"] = distillation.markdown_table(study)

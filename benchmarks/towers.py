@@ -76,7 +76,7 @@ def build(name: str, grid: int, layers: int, quick: bool) -> tuple[dict[str, tor
     torch.manual_seed(0)
     # Each network its own config: a model keeps the config object it is given, and the floor changes its own.
     source = model_class._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
-    castled = castling_hf.castle(source) if name != "eomt_large" else castle_dinov2_in_place(source)
+    castled = castling_hf.castle(source)
     castled.set_softmax_mask_scale(0.0)
     castled.switch_to_inference()
     floor = model_class._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
@@ -84,15 +84,6 @@ def build(name: str, grid: int, layers: int, quick: bool) -> tuple[dict[str, tor
     floor.config._attn_implementation_internal = "identity_on_values"
     side = grid * config.patch_size
     return {"castled": castled, "sdpa": source, "floor": floor}, torch.randn(1, 3, side, side)
-
-
-def castle_dinov2_in_place(source):
-    """`castle` converts a Dinov2 into Castling-ViT; EoMT's encoder is castled in place, as this does."""
-    from castling_hf.conversion import castling_options
-    from castling_hf.in_place import castle_in_place
-    from castling_hf.modeling_utils import with_castling_methods
-
-    return with_castling_methods(castle_in_place(source, castling_options({})))
 
 
 def run(args) -> dict:

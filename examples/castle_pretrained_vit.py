@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Castle a pretrained image classifier (ViT, DeiT with or without its teacher head, Dinov2, Dinov2 with registers):
-convert it to a Castling-ViT whose first forward pass is the source's, then fine-tune with the mask decay so that it
-ends with linear-angular attention only.
+"""Castle a pretrained image classifier (ViT, DeiT with or without its teacher head, Dinov2, Dinov2 with registers,
+SigLIP, CLIP, ...): castle it in place, so that its first forward pass is the source's, then fine-tune with the mask
+decay so that it ends with linear-angular attention only.
 
     # convert a local directory or a Hub checkpoint and save it (with the source's image processor)
     python examples/castle_pretrained_vit.py google/vit-base-patch16-224 --output_dir outputs/castled-vit-base
-    # then fine-tune it like any Castling-ViT checkpoint (the mask decay, the switch, the inference checkpoint)
+    # then fine-tune it like any castled checkpoint (the mask decay, the switch, the inference checkpoint)
     python examples/image-classification/run_image_classification.py \\
         --model_name_or_path outputs/castled-vit-base --dataset_name <data set> --output_dir outputs/castled-run
 
@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments, ViTConfig, set_seed
 
 import castling_hf
-from castling_hf import CASTLING_VIT_SIZES, CastlingViTForImageClassification, image_processor_for
+from castling_hf import CASTLING_VIT_SIZES, image_processor_for
 
 EXAMPLE = Path(__file__).parent / "image-classification" / "run_image_classification.py"
 
@@ -36,9 +36,9 @@ def load_training_example():
     return module
 
 
-def castle(source: str, output_dir: str, config_overrides: dict) -> CastlingViTForImageClassification:
-    """Convert `source` (directory or Hub name), check the exact start, and save model and image processor."""
-    model = castling_hf.castle(source, model_class=CastlingViTForImageClassification, **config_overrides)
+def castle(source: str, output_dir: str, config_overrides: dict):
+    """Castle `source` (directory or Hub name) and save model and image processor."""
+    model = castling_hf.castle(source, **config_overrides)
     image_processor = castling_hf.source_image_processor(source)  # the source's own, or its family's
     model.save_pretrained(output_dir)
     image_processor.save_pretrained(output_dir)
@@ -154,7 +154,7 @@ def demo(args) -> dict:
         f"--save_strategy no --report_to none --seed {args.seed}".split()
     )
     castled_accuracy = results["linear"]["eval_linear_accuracy"]
-    inference = CastlingViTForImageClassification.from_pretrained(results["inference_dir"]).eval()
+    inference = AutoModelForImageClassification.from_pretrained(results["inference_dir"]).eval()
 
     print("4/4 inference latency, batch 1")
     latencies = {
@@ -193,7 +193,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", nargs="?", help="an image classifier or encoder checkpoint: directory or Hub name")
     parser.add_argument("--output_dir", default="outputs/castled")
-    parser.add_argument("--config_overrides", default=None, help="JSON object of Castling-ViT config fields")
+    parser.add_argument("--config_overrides", default=None, help="JSON object of Castling attention fields")
     parser.add_argument("--demo", action="store_true", help="the whole recipe offline on the bundled digits")
     parser.add_argument("--source_epochs", type=float, default=25)
     parser.add_argument("--castle_epochs", type=float, default=25)

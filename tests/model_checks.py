@@ -50,3 +50,16 @@ def assert_exports_with_a_dynamic_batch(model, pixel_values: torch.Tensor) -> No
             torch.testing.assert_close(
                 first_tensor(exported.module()(pixel_values=images)), first_tensor(model(pixel_values=images))
             )
+
+
+def saved_attention_modes(config) -> set[str]:
+    """Every `attention_mode` a saved config records, however nested: a Castling family's own field, the `castling`
+    fields of a tower castled in place, a task model's `backbone_config` or a two-tower model's `vision_config`."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        return set()
+    modes = {config["attention_mode"]} if "attention_mode" in config else set()
+    for value in config.values():
+        modes |= saved_attention_modes(value)
+    return modes

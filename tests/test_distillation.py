@@ -28,7 +28,6 @@ from castling_hf import (
     in_place,
     switch_to_inference,
 )
-from castling_hf.conversion import source_part
 from castling_hf.distillation import (
     captured_features,
     castled_part,
@@ -37,6 +36,7 @@ from castling_hf.distillation import (
     relative_squared_error,
     run_model,
     soft_label_divergence,
+    source_part,
 )
 
 TINY = dict(
@@ -105,7 +105,7 @@ def test_the_parts_compared_are_the_castled_encoder_and_the_sources_own():
     classifier = pretrained(ViTForImageClassification(ViTConfig(**TINY, num_labels=5)))
     assert isinstance(source_part(classifier), ViTModel)
     castled = castle(classifier)
-    assert castled_part(castled) is castled.castling_vit
+    assert castled_part(castled) is castled.vit
     upernet = UperNetForSemanticSegmentation(
         UperNetConfig(
             backbone_config=Dinov2Config(**TINY, out_indices=[1, 2], reshape_hidden_states=True),

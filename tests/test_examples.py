@@ -16,6 +16,7 @@ import torch
 from conftest import timm_helper
 from datasets import Features, List, Value, load_dataset
 from huggingface_hub import ModelCard
+from model_checks import saved_attention_modes
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 
@@ -34,7 +35,7 @@ def load_module(path: Path):
 
 
 def assert_inference_checkpoint(directory: Path):
-    assert json.loads((directory / "config.json").read_text())["attention_mode"] == "linear"
+    assert saved_attention_modes(json.loads((directory / "config.json").read_text())) == {"linear"}
     assert (directory / "preprocessor_config.json").exists()
     with safe_open(directory / "model.safetensors", "pt") as weights:
         assert not [name for name in weights.keys() if "softmax" in name]
@@ -60,7 +61,7 @@ def test_trainer_example_runs_end_to_end(tmp_path):
     saved_metrics = json.loads((tmp_path / "eval_results.json").read_text())
     assert saved_metrics["eval_linear_accuracy"] == results["linear"]["eval_linear_accuracy"]
     # The Trainer's own final save keeps the training form.
-    assert json.loads((tmp_path / "config.json").read_text())["attention_mode"] == "castling"
+    assert saved_attention_modes(json.loads((tmp_path / "config.json").read_text())) == {"castling"}
 
 
 def test_trainer_example_respects_do_train_and_do_eval(tmp_path):
@@ -155,7 +156,7 @@ def test_object_detection_example_reports_coco_map_before_and_after_the_switch(t
     assert json.loads((tmp_path / "eval_results.json").read_text())["eval_linear_map"] == linear["eval_linear_map"]
     assert (tmp_path / "training_history.png").stat().st_size > 0
     inference = tmp_path / "inference"
-    assert json.loads((inference / "config.json").read_text())["attention_mode"] == "linear"
+    assert saved_attention_modes(json.loads((inference / "config.json").read_text())) == {"linear"}
     assert "DeformableDetr" in json.loads((inference / "preprocessor_config.json").read_text())["image_processor_type"]
 
 
@@ -211,8 +212,9 @@ def test_castle_pretrained_vit_converts_a_directory_with_its_image_processor(tmp
         ]
     )
     config = json.loads((tmp_path / "castled" / "config.json").read_text())
-    assert (config["model_type"], config["linear_branch_blend"], config["residual_conv"]) == (
-        "castling_vit",
+    castling = config["castling"]  # castled in place: the source's config, with the Castling fields of its tower
+    assert (config["model_type"], castling["linear_branch_blend"], castling["residual_conv"]) == (
+        "castled_vit",
         "convex",
         "sequence",
     )
@@ -260,7 +262,9 @@ def test_castle_pretrained_vit_demo_runs_the_recipe(tmp_path):
         f"{tmp_path / 'without-labels'} --do_train --do_eval --max_steps 4 --per_device_train_batch_size 64 "
         "--report_to none".split()
     )
-    assert AutoModelForImageClassification.from_pretrained(results["inference_dir"]).config.attention_mode == "linear"
+    assert saved_attention_modes(AutoModelForImageClassification.from_pretrained(results["inference_dir"]).config) == {
+        "linear"
+    }
 
 
 SEGMENTATION = Path(__file__).parents[1] / "examples" / "semantic-segmentation" / "run_semantic_segmentation.py"
@@ -309,11 +313,11 @@ def test_segmentation_inference_checkpoint_reloads_and_segments_a_real_photo(seg
 
     inference = segmentation_run[0] / "inference"
     config = json.loads((inference / "config.json").read_text())
-    assert config["model_type"] == "upernet" and config["backbone_config"]["attention_mode"] == "linear"
+    assert config["model_type"] == "upernet" and saved_attention_modes(config) == {"linear"}
     with safe_open(inference / "model.safetensors", "pt") as weights:
         assert not [name for name in weights.keys() if "softmax" in name]
     model = AutoModelForSemanticSegmentation.from_pretrained(inference).eval()
-    assert model.backbone.config.attention_mode == "linear" and model.config.id2label[3] == "triangle"
+    assert saved_attention_modes(model.backbone.config) == {"linear"} and model.config.id2label[3] == "triangle"
     card = ModelCard.load(inference / "README.md")
     assert card.data.pipeline_tag == "image-segmentation"
     assert card.data.eval_results[0].metric_value == segmentation_run[1]["linear"]["eval_linear_mean_iou"]
@@ -363,7 +367,7 @@ def test_segmentation_example_trains_upernet_on_a_multiscale_backbone(tmp_path):
     assert results["castling"]["eval_castling_mean_iou"] == results["linear"]["eval_linear_mean_iou"]
     model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "inference")
     assert type(model.backbone).__name__ == "CastlingMViTv2Backbone"
-    assert model.backbone.config.attention_mode == "linear"
+    assert saved_attention_modes(model.backbone.config) == {"linear"}
     card = ModelCard.load(tmp_path / "inference" / "README.md")
     assert "stage widths / depths / heads" in card.text
 
@@ -587,11 +591,11 @@ def test_distillation_example_castles_a_classifier_on_images_without_labels(tmp_
     processor = json.loads((output_dir / "preprocessor_config.json").read_text())
     for key in ("image_processor_type", "image_mean", "image_std", "size"):
         assert processor[key] == source_processor[key]
-    assert json.loads((output_dir / "config.json").read_text())["attention_mode"] == "linear"
+    assert saved_attention_modes(json.loads((output_dir / "config.json").read_text())) == {"linear"}
 
     model = AutoModelForImageClassification.from_pretrained(output_dir)
     source = AutoModelForImageClassification.from_pretrained(vit_source)
-    assert type(model).__name__ == "CastlingViTForImageClassification"
+    assert type(model).__name__ == "CastledViTForImageClassification"
     torch.testing.assert_close(model.classifier.weight, source.classifier.weight)  # the head stayed the source's
     predictions = pipeline("image-classification", model=str(output_dir))(Image.fromarray(skimage.data.coffee()))
     assert {prediction["label"] for prediction in predictions} <= {f"class {i}" for i in range(4)}
@@ -661,7 +665,7 @@ def test_distillation_example_keeps_the_best_model_resumes_and_pushes_only_the_i
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{min(evaluated, key=evaluated.get)}")
     (repo_id, files), *_ = uploads
     assert repo_id == "me/castled" and len(uploads) == 1  # one push, of the inference checkpoint alone
-    assert json.loads(files["config.json"])["attention_mode"] == "linear" and "preprocessor_config.json" in files
+    assert saved_attention_modes(json.loads(files["config.json"])) == {"linear"} and "preprocessor_config.json" in files
 
     with caplog.at_level(logging.INFO):
         example.main(f"{arguments} --max_steps 6".split())  # the same folder, a longer run: it resumes
@@ -703,7 +707,7 @@ def test_distillation_example_keeps_a_segmenters_head_and_scores_its_label_maps(
         f"--label_column_name annotation {DISTILLATION_ARGS}".split()
     )
     model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "castled")
-    assert model.backbone.config.attention_mode == "linear"
+    assert saved_attention_modes(model.backbone.config) == {"linear"}
     for name, tensor in source.state_dict().items():
         if not name.startswith("backbone."):
             torch.testing.assert_close(model.state_dict()[name], tensor)  # UperNet's heads: unchanged
@@ -766,7 +770,7 @@ def test_distillation_example_under_accelerate_launch_as_on_gpus(tmp_path, vit_s
     )
     results = json.loads((output_dir / "results.json").read_text())
     assert results["processes"] == 2 and results["train"]["softmax_mask_scale"] == 0.0
-    assert AutoModelForImageClassification.from_pretrained(output_dir).config.attention_mode == "linear"
+    assert saved_attention_modes(AutoModelForImageClassification.from_pretrained(output_dir).config) == {"linear"}
     assert json.loads((output_dir / "preprocessor_config.json").read_text())["image_mean"] == [0.1, 0.2, 0.3]
     predictions = pipeline("image-classification", model=str(output_dir))(folder_image(folder).convert("RGB"))
     assert {prediction["label"] for prediction in predictions} <= {f"class {i}" for i in range(4)}

@@ -240,11 +240,31 @@ def test_a_vision_language_model_with_a_castled_tower_generates_its_sources_toke
     torch.testing.assert_close(castled(**inputs).logits, source(**inputs).logits, atol=1e-4, rtol=0)
     generate = dict(inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(castled.generate(**generate), source.generate(**generate))
-    decayed(castled, 0.0).save_pretrained(tmp_path, inference=True)
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    decayed(castled, 0.0).save_pretrained(tmp_path / "castled", inference=True)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "castled").eval()
     assert reloaded.model.vision_tower.config.castling["attention_mode"] == "linear"
     torch.testing.assert_close(reloaded(**inputs).logits, castled(**inputs).logits)
-    assert torch.equal(reloaded.generate(**generate), castled.generate(**generate))
+    tokens = castled.generate(**generate)
+    assert torch.equal(reloaded.generate(**generate), tokens)
+    # Where castling_hf is not installed: the checkpoint's own code registers the castled tower type.
+    torch.save(inputs, tmp_path / "inputs.pt")
+    tower, mode, remote_tokens = json.loads(
+        run_without_castling_hf(REMOTE_GENERATE, [tmp_path / "castled", tmp_path / "inputs.pt"], tmp_path)
+    )
+    assert (tower, mode) == (type(castled.model.vision_tower).__name__, "linear")
+    assert torch.equal(torch.tensor(remote_tokens), tokens)
+
+
+REMOTE_GENERATE = """
+import json, sys
+import torch
+from transformers import AutoModelForImageTextToText
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+inputs = torch.load(sys.argv[2])
+tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+tower = model.model.vision_tower
+print(json.dumps([type(tower).__name__, tower.config.castling["attention_mode"], tokens.tolist()]))
+"""
 
 
 def test_a_held_gamma_gets_a_zero_gradient_while_the_castling_terms_learn():
@@ -261,6 +281,8 @@ def test_a_held_gamma_gets_a_zero_gradient_while_the_castling_terms_learn():
 def test_castled_in_place_refuses_what_it_cannot_honour():
     castled = castling_hf.castle(build("siglip_vision", 0))
     with pytest.raises(TypeError, match="takes only the fields of Castling attention"):
+        castling_hf.castle(build("siglip_vision", 0), hidden_size=64)
+    with pytest.raises(TypeError, match="castled with the head it has"):
         castling_hf.castle(build("siglip_vision", 0), num_labels=5)
     with pytest.raises(ValueError, match="silently skip"):
         castled.set_attn_implementation("sdpa")

@@ -5,7 +5,7 @@ linear-angular attention alone.
 
     # convert a local directory or a Hub checkpoint and save it with the source's image processor
     python examples/semantic-segmentation/castle_pretrained_upernet.py <UperNet on Dinov2> --output_dir outputs/castled
-    # then fine-tune it like any segmentation checkpoint with a Castling-ViT backbone
+    # then fine-tune it like any segmentation checkpoint, its Dinov2 backbone castled in place
     python examples/semantic-segmentation/run_semantic_segmentation.py --model_name_or_path outputs/castled \\
         --dataset_name <data set> --do_train --do_eval --output_dir outputs/castled-run
 
@@ -217,7 +217,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", nargs="?", help="a task model on a Dinov2 backbone: local directory or Hub name")
     parser.add_argument("--output_dir", default="outputs/castled-upernet")
-    parser.add_argument("--config_overrides", default=None, help="JSON object of Castling-ViT config fields")
+    parser.add_argument("--config_overrides", default=None, help="JSON object of Castling attention fields")
     parser.add_argument("--demo", action="store_true", help="the whole recipe offline on the generated shape masks")
     parser.add_argument("--size", default="nano", help="the demo source's dimensions (a Castling-ViT size)")
     parser.add_argument("--patch_size", type=int, default=8)

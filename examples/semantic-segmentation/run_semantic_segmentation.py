@@ -55,6 +55,7 @@ from castling_hf import (
     CastlingMViTv2Config,
     CastlingViTBackbone,
     CastlingViTConfig,
+    in_place,
 )
 from castling_hf.configuration_utils import CastlingAttentionConfig
 from castling_hf.data import SEGMENTATION_CLASSES, shape_masks
@@ -279,12 +280,13 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataTraining
         model = upernet_on(backbone.config, model_args, labels)
         model.backbone = backbone
         return model, new_processor(model_args, data_args, saved_image_processor(name_or_path))
-    if not isinstance(getattr(config, "backbone_config", None), CastlingAttentionConfig):
+    backbone_config = getattr(config, "backbone_config", None)
+    if not (isinstance(backbone_config, CastlingAttentionConfig) or in_place.is_castled(backbone_config)):
         raise ValueError(
             f"{name_or_path!r} is a {config.model_type!r} checkpoint without a Castling backbone. This example "
             "trains semantic segmentation on Castling-ViT or Castling-MViTv2: give a size name, a Castling-ViT or "
             "Castling-MViTv2 checkpoint (its encoder gets a new UperNet), or a segmentation checkpoint whose "
-            "backbone_config is one of them."
+            "backbone_config is one of them or a backbone castled in place (castling_hf.castle)."
         )
     model = model_from_checkpoint(model_args, labels, AutoModelForSemanticSegmentation)
     processor = AutoImageProcessor.from_pretrained(name_or_path, do_reduce_labels=data_args.do_reduce_labels)

@@ -2,8 +2,8 @@
 pass is the source's (docs/design.md §10).
 
 timm keeps no config object on the model, so the architecture is read from the modules themselves (`mvitv2_config`),
-every field converted or refused by name; the weights follow one mapping table (`MVITV2_WEIGHTS`), as the
-`transformers` families' do in `conversion.FAMILIES`. A source is a `MultiScaleVit` (from `timm.create_model`), a
+every field converted or refused by name; the weights follow one mapping table (`MVITV2_WEIGHTS`), checked whole
+before the new model is touched. A source is a `MultiScaleVit` (from `timm.create_model`), a
 local folder holding a timm checkpoint (`config.json` naming its `architecture`, loaded by timm), or `transformers`'
 `TimmWrapperForImageClassification` around one (what `castle` makes of a timm checkpoint's Hub name). timm is the
 optional extra `castling-hf[timm]`.
@@ -12,13 +12,14 @@ optional extra `castling-hf[timm]`.
 import json
 import math
 import os
+import re
 import tempfile
 
 from torch import nn
 from transformers import BitImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
-from .conversion import castling_key, castling_start, check_and_load, labels_overridden
+from .conversion import LABEL_FIELDS, castling_start
 from .models.castling_mvitv2 import (
     CastlingMViTv2Backbone,
     CastlingMViTv2Config,
@@ -54,10 +55,46 @@ MVITV2_WEIGHTS = (
 )
 
 
-class _Table:
-    """The weight table in the form `conversion.castling_key` reads."""
+# Castling-MViTv2's own tensors: no counterpart in the source, so they keep their initial values.
+CASTLING_ONLY = re.compile(
+    r"attention\.(linear_branch_scale|residual_conv\.weight|softmax_branch\.softmax_mask_scale)$"
+)
 
-    model_type, weights = "timm mvitv2", MVITV2_WEIGHTS
+
+def castling_name(source_key: str) -> str | None:
+    """Where a timm MViTv2 tensor lives in a Castling-MViTv2 base model (`MVITV2_WEIGHTS`); None for the classifier.
+    Raises for a name the table lacks."""
+    for pattern, target in MVITV2_WEIGHTS:
+        match = re.fullmatch(pattern, source_key)
+        if match:
+            return match.expand(target) if target is not None else None
+    raise ValueError(f"The timm MViTv2 source has a tensor {source_key!r} that castling does not know.")
+
+
+def check_and_load(target: nn.Module, mapped: dict, source_name: str) -> None:
+    """Load `mapped` into `target` after checking it against every tensor `target` expects: names both ways (but
+    Castling's own tensors and a classifier, which start fresh), then shapes. Raises, touching nothing, when anything
+    does not fit."""
+    target_state = target.state_dict()
+    unexpected = sorted(set(mapped) - set(target_state))
+    starts_fresh = lambda key: CASTLING_ONLY.search(key) or key.startswith("classifier.")  # noqa: E731
+    missing = sorted(key for key in set(target_state) - set(mapped) if not starts_fresh(key))
+    if unexpected or missing:
+        raise ValueError(
+            f"The {source_name} does not fit a {type(target).__name__} with its config: unexpected in the source: "
+            f"{unexpected or 'none'}; missing from the source: {missing or 'none'}. Nothing was converted."
+        )
+    mismatched = [
+        f"{key}: source {tuple(value.shape)}, expected {tuple(target_state[key].shape)}"
+        for key, value in mapped.items()
+        if value.shape != target_state[key].shape
+    ]
+    if mismatched:
+        raise ValueError(
+            "The source's weights do not match the shapes its config implies: " + "; ".join(mismatched) + ". Nothing "
+            "was converted."
+        )
+    target.load_state_dict(mapped, strict=False)
 
 
 def is_timm_mvitv2(model) -> bool:
@@ -262,18 +299,19 @@ def castle_mvitv2(source, labels: dict | None = None, model_class=None, **overri
         )
     has_head = source.num_classes > 0
     model_class = model_class or (CastlingMViTv2ForImageClassification if has_head else CastlingMViTv2Model)
-    if has_head and not labels_overridden(overrides):
+    new_labels = bool(set(overrides) & set(LABEL_FIELDS))
+    if has_head and not new_labels:
         labels = labels or {index: f"LABEL_{index}" for index in range(source.num_classes)}
         fields.update(id2label=dict(labels), label2id={name: int(index) for index, name in labels.items()})
     target = model_class(CastlingMViTv2Config(**{**fields, **castling_start(overrides)}))
     prefix = f"{target.base_model_prefix}." if isinstance(target, CastlingMViTv2ForImageClassification) else ""
     mapped = {}
     for key, tensor in source.state_dict().items():
-        name, _ = castling_key(_Table, key)
+        name = castling_name(key)
         if name is not None:
             mapped[prefix + name] = tensor
         elif key.startswith("head.fc.") and "classifier.weight" in target.state_dict():
-            if not labels_overridden(overrides):
+            if not new_labels:
                 mapped[key.replace("head.fc.", "classifier.")] = tensor
     if isinstance(target, CastlingMViTv2Backbone):  # it keeps the stages up to its last map, no final norm
         mapped = {key: tensor for key, tensor in mapped.items() if key in target.state_dict()}

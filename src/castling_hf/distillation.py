@@ -25,7 +25,6 @@ from transformers import PreTrainedModel, Trainer
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .attention import CastlingSoftmaxBranch
-from .conversion import source_part
 from .in_place import CastlingAttentionTerms, first_tower
 from .metrics import segmentation_scores
 from .modeling_utils import CastlingDropPath, softmax_branches
@@ -37,7 +36,7 @@ from .training import CastlingMaskDecayCallback
 # The part castling converts, in each family: the encoder or the backbone.
 CASTLED_PARTS = (CastlingViTModel, CastlingViTBackbone, CastlingMViTv2Model, CastlingMViTv2Backbone)
 # Modules that draw random numbers in training mode: dropout, stochastic depth, DINOv3's augmentation of the rotary
-# positions, and the softmax branch (its attention dropout).
+# positions, and the softmax branch (its attention dropout); a source castled in place has its family's own, named so.
 RANDOM_IN_TRAINING = (
     nn.Dropout,
     nn.Dropout1d,
@@ -49,6 +48,11 @@ RANDOM_IN_TRAINING = (
     CastlingViTRotaryEmbedding,
     CastlingSoftmaxBranch,
 )
+RANDOM_IN_TRAINING_NAMES = ("DropPath", "DINOv3ViTRopePositionEmbedding")
+
+
+def random_in_training(module: nn.Module) -> bool:
+    return isinstance(module, RANDOM_IN_TRAINING) or type(module).__name__.endswith(RANDOM_IN_TRAINING_NAMES)
 
 
 def castled_part(model: nn.Module) -> nn.Module:
@@ -64,6 +68,23 @@ def castled_part(model: nn.Module) -> nn.Module:
             "of the source."
         )
     return parts[0]
+
+
+def source_part(source: nn.Module) -> nn.Module:
+    """The part of a source whose features the distillation compares with its castled model's `castled_part`: its
+    first vision tower (the module holding its embeddings), or for a timm MViTv2 its final norm, whose output is its
+    final tokens (what a Castling-MViTv2 base model returns)."""
+    from .conversion_timm import timm_model_of
+
+    timm_model = timm_model_of(source)
+    if timm_model is not None:
+        return timm_model.norm
+    tower = first_tower(source)
+    if tower is None:
+        raise TypeError(
+            f"{type(source).__name__} holds no vision tower that castle takes; give the castled model's source."
+        )
+    return tower
 
 
 @contextmanager
@@ -231,7 +252,7 @@ class CastlingDistillationTrainer(Trainer):
         heads = [] if train_heads else heads_outside(self.model, self._student_part)
         for head in heads:
             head.requires_grad_(False)
-        noise = [] if training_noise else [m for m in self.model.modules() if isinstance(m, RANDOM_IN_TRAINING)]
+        noise = [] if training_noise else [m for m in self.model.modules() if random_in_training(m)]
         self._kept_in_evaluation_mode = heads + noise
         self._logged_terms: dict[str, list[torch.Tensor]] = {}
 

@@ -225,6 +225,11 @@ AttentionInterface.register(ATTENTION_IMPLEMENTATION, castling_attention_forward
 AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
 
 
+def is_castled(config) -> bool:
+    """Whether `config` is that of a tower castled in place: it records the tower's Castling fields."""
+    return getattr(config, "castling", None) is not None
+
+
 def tower_of(model_type: str) -> Tower | None:
     return TOWERS.get(TOWER_MODEL_TYPES.get(model_type, model_type))
 
@@ -340,7 +345,10 @@ class CastledModelMixin(CastlingMethods):
         source_type = self.config.model_type.removeprefix("castled_")
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
-            **{auto: f"{REMOTE_MODULE}.{cls.__name__}" for auto, cls in castled_auto_classes(source_type).items()},
+            **{
+                auto: f"{REMOTE_MODULE}.{(type(self) if type(self) in classes else classes[0]).__name__}"
+                for auto, classes in castled_auto_classes(source_type).items()
+            },
         }
         saved = super().save_pretrained(save_directory, *args, **kwargs)
         write_castled_remote_code(source_type, save_directory)
@@ -424,24 +432,31 @@ def register_castled_families() -> None:
     for every model type of the `TOWERS` table (run on `import castling_hf`)."""
     for model_type in (*TOWERS, *TOWER_MODEL_TYPES):
         classes = castled_auto_classes(model_type)
-        castled_config = classes.pop("AutoConfig")
+        (castled_config,) = classes.pop("AutoConfig")
         AutoConfig.register(castled_config.model_type, castled_config, exist_ok=True)
         for auto_name, castled in classes.items():
-            getattr(transformers, auto_name).register(castled_config, castled, exist_ok=True)
+            # Several classes for one Auto class (DeiT's classifier with and without its teacher): the checkpoint's
+            # `architectures` picks one, as for the source's.
+            getattr(transformers, auto_name).register(
+                castled_config, castled if len(castled) > 1 else castled[0], exist_ok=True
+            )
             # The pipelines check a model's class name against these static tables, which `register` does not
             # reach, and log an error for a class they do not find.
-            getattr(modeling_auto, AUTO_CLASSES[auto_name]).setdefault(castled_config.model_type, castled.__name__)
+            names = tuple(cls.__name__ for cls in castled)
+            getattr(modeling_auto, AUTO_CLASSES[auto_name]).setdefault(
+                castled_config.model_type, names if len(names) > 1 else names[0]
+            )
 
 
-def castled_auto_classes(model_type: str) -> dict[str, type]:
-    """The castled config class and, by Auto class, the castled model class of every source class that the Auto
-    classes of `AUTO_CLASSES` map `model_type` to."""
-    classes = {"AutoConfig": castled_config_class(transformers.CONFIG_MAPPING[model_type])}
+def castled_auto_classes(model_type: str) -> dict[str, tuple[type, ...]]:
+    """The castled config class and, by Auto class, the castled model classes of the source classes that the Auto
+    classes of `AUTO_CLASSES` map `model_type` to (most one, DeiT's classifiers two)."""
+    classes = {"AutoConfig": (castled_config_class(transformers.CONFIG_MAPPING[model_type]),)}
     for auto_name, table in AUTO_CLASSES.items():
-        class_name = getattr(modeling_auto, table).get(model_type)
-        if class_name is not None:
-            class_name = class_name[0] if isinstance(class_name, tuple) else class_name
-            classes[auto_name] = castled_class(getattr(transformers, class_name))
+        class_names = getattr(modeling_auto, table).get(model_type)
+        if class_names is not None:
+            class_names = class_names if isinstance(class_names, tuple) else (class_names,)
+            classes[auto_name] = tuple(castled_class(getattr(transformers, name)) for name in class_names)
     return classes
 
 
@@ -496,7 +511,7 @@ REMOTE_MODULE = "castled_classes"
 def write_castled_remote_code(model_type: str, folder) -> None:
     """Write into `folder` the module `REMOTE_MODULE`, which makes the castled classes of `model_type`'s family from
     `transformers`' classes, and this module with every module it imports, flat (`write_remote_code`'s way)."""
-    castled = set(castled_auto_classes(model_type).values())
+    castled = {cls for classes in castled_auto_classes(model_type).values() for cls in classes}
     sources = sorted({cls.castled_from.__name__ for cls in castled})
     lines = [
         f"from transformers import {', '.join(sources)}",
@@ -507,15 +522,97 @@ def write_castled_remote_code(model_type: str, folder) -> None:
     for cls in sorted(castled, key=lambda cls: cls.__name__):
         make = "castled_class" if issubclass(cls, CastledModelMixin) else "castled_config_class"
         lines.append(f"{cls.__name__} = {make}({cls.castled_from.__name__})")
+    write_remote_module(lines, folder)
+
+
+def write_remote_module(lines: list[str], folder) -> None:
+    """`REMOTE_MODULE` of `lines`, and this module with every module it imports, flat, into `folder`."""
     Path(folder, f"{REMOTE_MODULE}.py").write_text("\n".join(lines) + "\n")
     for path in relative_import_closure([Path(__file__)]):
         text = RELATIVE_IMPORT.sub(lambda m: f"{m[1]}.{m[3].rsplit('.', 1)[-1]}{m[4]}", path.read_text())
         Path(folder, path.name).write_text(text)
 
 
+def auto_classes_listing(model_class: type) -> list[str]:
+    """The names of `transformers`' Auto model classes whose mapping lists `model_class`."""
+    found = []
+    for name, auto in vars(modeling_auto).items():
+        names = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None)
+        if name.startswith("Auto") and isinstance(names, dict):
+            if any(
+                model_class.__name__ in (value if isinstance(value, tuple) else (value,)) for value in names.values()
+            ):
+                found.append(name)
+    return found
+
+
+class CastledHolderMixin(CastlingMethods):
+    """A model that holds vision towers castled in place under a class of its own (LLaVA, PaliGemma, UperNet, DPT,
+    Mask2Former, ...): it stays its class, whose config names the castled types of its towers (`vision_config`,
+    `backbone_config`), with `CastlingMethods`. Its checkpoints carry `REMOTE_MODULE`, which registers the castled
+    tower types before its config is read and subclasses its class and config under their own names (without
+    them, `trust_remote_code` would mark `transformers`' own classes as remote code), so that its Auto classes load
+    it with `trust_remote_code=True` where castling_hf is not installed."""
+
+    def save_pretrained(self, save_directory, *args, inference: bool = False, force: bool = False, **kwargs):
+        if inference:
+            return super().save_pretrained(save_directory, *args, inference=True, force=force, **kwargs)
+        source = self.castled_from
+        config_name = source.config_class.__name__
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": f"{REMOTE_MODULE}.{config_name}",
+            **{auto: f"{REMOTE_MODULE}.{source.__name__}" for auto in auto_classes_listing(source)},
+        }
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        model_type = self.config.model_type
+        lines = [
+            "import transformers",
+            "from transformers.conversion_mapping import (",
+            "    get_checkpoint_conversion_mapping,",
+            "    register_checkpoint_conversion_mapping,",
+            ")",
+            "",
+            "from .in_place import register_castled_families",
+            "",
+            "register_castled_families()  # the castled tower types this model's config names",
+            "# transformers renames a checkpoint's weights (saved under their Hub names) for its own classes only: the",
+            "# same renaming for these, which load the same checkpoints.",
+            f"renaming = get_checkpoint_conversion_mapping({model_type!r})",
+            "if renaming is not None:",
+            f"    register_checkpoint_conversion_mapping({model_type!r}, renaming, overwrite=True)",
+            "",
+            "",
+            f"class {config_name}(transformers.{config_name}):",
+            "    pass",
+            "",
+            "",
+            f"class {source.__name__}(transformers.{source.__name__}):",
+            f"    config_class = {config_name}",
+        ]
+        write_remote_module(lines, save_directory)
+        return saved
+
+
+_CASTLED_HOLDERS: dict[type, type] = {}
+
+
+def with_holder_methods(model: PreTrainedModel) -> PreTrainedModel:
+    """`model`, a model holding towers castled in place, its class made a subclass of its class and
+    `CastledHolderMixin` under the same name and module, in place: it saves the same `architectures`."""
+    cls = type(model)
+    if isinstance(model, CastlingMethods):
+        return model
+    if cls not in _CASTLED_HOLDERS:
+        attributes = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "castled_from": cls}
+        _CASTLED_HOLDERS[cls] = type(cls.__name__, (CastledHolderMixin, cls), {**attributes, "__doc__": cls.__doc__})
+    return reclassed(model, _CASTLED_HOLDERS[cls])
+
+
 def castle_in_place(source: PreTrainedModel, options: dict) -> PreTrainedModel:
     """A copy of `source` with every vision tower of a `TOWERS` family castled with the Castling fields `options`
-    (`castling_start`'s), and every model class in it made its castled class; the source is left as it was."""
+    (`castling_start`'s), every model class of a tower made its castled class, and a model holding towers under a
+    class of its own given `CastledHolderMixin`; the source is left as it was."""
     model = copy.deepcopy(source)
     found = False
     for _, _, _, config in tower_attentions(model):
@@ -529,7 +626,7 @@ def castle_in_place(source: PreTrainedModel, options: dict) -> PreTrainedModel:
             reclassed(module, castled_class(type(module)))
     install_castling(model)
     model.__dict__.pop("_weight_conversions", None)
-    return model
+    return with_holder_methods(model)
 
 
 __all__ = [
