@@ -113,6 +113,8 @@ def test_the_decay_and_the_switch_reach_a_castling_backbone_inside_upernet(make_
         before = model(pixels).logits
     assert switch_to_inference(model) is model and softmax_mask_scales(model) == {}
     assert model.config.backbone_config.attention_mode == model.backbone.config.attention_mode == "linear"
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits, before, rtol=0, atol=0)  # α = 0: dropping the branch
 
     model.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as weights:
@@ -120,7 +122,8 @@ def test_the_decay_and_the_switch_reach_a_castling_backbone_inside_upernet(make_
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert reloaded.backbone.config.attention_mode == "linear" and softmax_mask_scales(reloaded) == {}
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(pixels).logits, before, rtol=0, atol=0)
+        # The same weights, loaded: in one thread UperNet's reloaded convolutions round differently (≤ 4e-9).
+        torch.testing.assert_close(reloaded(pixels).logits, before, rtol=0, atol=1e-7)
 
 
 def test_the_switch_refuses_while_the_branch_still_counts(make_config):
