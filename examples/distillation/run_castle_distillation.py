@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Castle a pretrained model without labels: convert it with `castling_hf.castle`, distil it from its frozen self on
+"""Castle a pretrained model without labels: castle it with `castling_hf.castle`, distil it from its frozen self on
 images alone while the mask decay hands every layer over to linear-angular attention, switch, and write the
 inference checkpoint with the source's own image processor, a fidelity report and a model card.
 
@@ -67,16 +67,16 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     model_name_or_path: str = field(
         metadata={
-            "help": "The source, anything castling_hf.castle takes (Hub name or folder): a ViT, DeiT, Dinov2 or DINOv3 "
-            "classifier, base model or backbone, a task model on a Dinov2 backbone (UperNet, DPT, ...), or timm's "
-            "MViTv2."
+            "help": "The source, anything castling_hf.castle takes (Hub name or folder): a ViT, DeiT, Dinov2, DINOv3, "
+            "SigLIP, CLIP or EoMT model, classifier or backbone, a task model on one (UperNet, DPT, ...), timm's "
+            "VisionTransformer or MViTv2."
         }
     )
     image_processor_name: str | None = field(
         default=None, metadata={"help": "The processor to prepare images with; default: the source's own."}
     )
     config_overrides: str | None = field(
-        default=None, metadata={"help": "JSON object of Castling config fields for castle(), e.g. residual_conv."}
+        default=None, metadata={"help": "JSON object of Castling attention fields for castle(), e.g. residual_conv."}
     )
     train_heads: bool = field(
         default=False, metadata={"help": "Train the task heads too (by default they stay the source's, frozen)."}

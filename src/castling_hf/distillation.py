@@ -1,7 +1,7 @@
 """Castling without labels (docs/design.md §9): a castled model learns from its frozen source, on images alone.
 
-The student is what `castle` made of the teacher, so the two share their structure: the part castling converted
-(a base model, a task model's backbone, or a timm MViTv2's stages up to its final norm) returns the same features in
+The student is what `castle` made of the teacher, so the two share their structure: the part castling changed (the
+first vision tower, castled in place, or a timm MViTv2's stages up to its final norm) returns the same features in
 the same layout, and the task head, if any, is the source's own. The loss compares what both compute:
 
     KL(softmax(t/T) ‖ softmax(s/T))·T²   on the class logits (image or per-pixel), for a classifier or segmenter
