@@ -24,7 +24,7 @@ from transformers.utils import is_torchvision_available
 
 from . import in_place
 from .configuration_utils import CastlingAttentionConfig
-from .modeling_utils import CastlingMethods, with_castling_methods
+from .modeling_utils import CastlingMethods
 
 # With these and α = 1, a castled layer is the source's softmax attention: the convex blend weighs the linear term by
 # 1 − α = 0, and the branch is dense. (γ = 1, so that the linear term is whole once α reaches 0.)
@@ -261,7 +261,7 @@ def castle(model_or_path, model_class: type | None = None, **overrides):
         check_timm_vision_transformer(source.timm_model, source.config.architecture)
     if not in_place.tower_families(source):
         raise TypeError(f"castle takes {SUPPORTED}; {type(source).__name__} holds none of these towers.")
-    target = with_castling_methods(in_place.castle_in_place(source, castling_options(overrides)))
+    target = in_place.castle_in_place(source, castling_options(overrides))
     reference = next(source.parameters())
     return target.to(device=reference.device, dtype=reference.dtype).eval()
 

@@ -152,7 +152,7 @@ def switch_to_inference(model: nn.Module, force: bool = False) -> nn.Module:
 class CastlingMethods:
     """The softmax mask scale α, the switch and the inference checkpoint as methods of a model that holds Castling
     layers: a Castling family's `PreTrainedModel` (`CastlingModelMixin`), or a `transformers` task model that `castle`
-    returned (`with_castling_methods`)."""
+    returned (`in_place.with_holder_methods`)."""
 
     def softmax_mask_scales(self) -> dict[str, float]:
         """α of every layer, by the name of its softmax branch module (empty in the inference form)."""
@@ -223,29 +223,6 @@ class CastlingModelMixin(CastlingMethods):
         return saved
 
 
-class CastledTaskModelMixin(CastlingMethods):
-    """What a `transformers` task model gains when `castle` castles its backbone: `CastlingMethods`, so that its
-    `save_pretrained(..., inference=True)` writes the inference form, as a Castling model's does, where
-    `transformers`' own would take the keyword in silently and save the training form."""
-
-
-_CASTLED_TASK_CLASSES: dict[type, type] = {}
-
-
-def with_castling_methods(model: nn.Module) -> nn.Module:
-    """`model` (a `transformers` task model holding Castling layers), its class made a subclass of its own class and
-    `CastledTaskModelMixin` under the same name and module, in place: it stays an instance of its class, saves the
-    same `architectures`, and gains `CastlingMethods`. A model reloaded with `from_pretrained` is the plain class
-    again; `castling_hf.hub.write_inference_checkpoint` writes any model's inference form."""
-    cls = type(model)
-    if isinstance(model, CastlingMethods):
-        return model
-    if cls not in _CASTLED_TASK_CLASSES:
-        attributes = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
-        _CASTLED_TASK_CLASSES[cls] = type(cls.__name__, (CastledTaskModelMixin, cls), attributes)
-    return reclassed(model, _CASTLED_TASK_CLASSES[cls])
-
-
 def reclassed(model: nn.Module, subclass: type) -> nn.Module:
     """`model` made an instance of `subclass` (a subclass of its class), in place. `transformers` records each model
     class's outputs to capture (`hidden_states` for `output_hidden_states`) by class when a model is built, so the
@@ -314,7 +291,6 @@ def init_castling_tensors(module: nn.Module, config: CastlingAttentionConfig) ->
 
 
 __all__ = [
-    "CastledTaskModelMixin",
     "CastlingDropPath",
     "CastlingMethods",
     "CastlingModelMixin",
@@ -330,6 +306,5 @@ __all__ = [
     "softmax_mask_kept_shares",
     "softmax_mask_scales",
     "switch_to_inference",
-    "with_castling_methods",
     "write_remote_code",
 ]
