@@ -15,7 +15,6 @@ their masks keep is recorded along the run.
     python benchmarks/accuracy.py --report        # tables and plots again from accuracy.json
 """
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -24,7 +23,7 @@ import statistics
 import sys
 import time
 import types
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import wait
 from functools import cache
 from pathlib import Path
 
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
@@ -47,6 +45,9 @@ from castling_hf.attention import masked_softmax_attention
 from castling_hf.data import digit_ink, digits, focus_canvases
 from castling_hf.modeling_utils import init_fan_in_uniform_
 from castling_hf.models.castling_vit.modeling_castling_vit import CastlingViTAttention
+
+sys.path.insert(0, str(Path(__file__).parent))  # the harness
+import harness  # noqa: E402
 
 DIMENSIONS = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, num_channels=1)
 TASKS = {
@@ -205,21 +206,15 @@ def accuracy(model, pixels, labels) -> float:
     return float((predictions == labels).float().mean())
 
 
-def inference_macs(model, image_size: int) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(pixel_values=torch.zeros(1, 1, image_size, image_size))
-    return counter.get_total_flops() // 2
-
-
 _progress_queue = None
 
 
 def start_worker(progress_queue) -> None:
-    """Each worker trains on one thread: these models are too small to gain from more, and two workers on two cores
-    run twice as many steps as one process on both."""
+    """Each worker trains on one thread (`harness.one_thread`: these models are too small to gain from more), and
+    reports its steps on `progress_queue` for the parent's progress bar."""
     global _progress_queue
     _progress_queue = progress_queue
-    torch.set_num_threads(1)
+    harness.one_thread()
 
 
 def run_one(name: str, task_name: str, seed: int, args) -> dict:
@@ -263,7 +258,8 @@ def train_and_evaluate(name, variant, task_name, seed, args) -> dict:
         result["kept_share_trace"] = kept_shares
         model.switch_to_inference()
     result["accuracy"] = accuracy(model, test_x, test_y)
-    result["inference_macs"] = inference_macs(model, TASKS[task_name]["image_size"])
+    image_size = TASKS[task_name]["image_size"]
+    result["inference_macs"] = harness.macs(model, torch.zeros(1, 1, image_size, image_size))
     return result
 
 
@@ -275,13 +271,14 @@ def summarise(runs: list[dict]) -> list[dict]:
             if not selected:
                 continue
             accuracies = [100 * r["accuracy"] for r in selected]
+            accuracy_mean, accuracy_std = harness.mean_and_std(accuracies)
             row = {
                 "task": task,
                 "variant": variant,
                 "seeds": len(selected),
                 "steps": selected[0]["steps"],
-                "accuracy_mean": statistics.mean(accuracies),
-                "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                "accuracy_mean": accuracy_mean,
+                "accuracy_std": accuracy_std,
                 "inference_macs": selected[0]["inference_macs"],
             }
             if "accuracy_before_switch" in selected[0]:
@@ -352,7 +349,7 @@ def choices_table(choices: dict) -> str:
         lines.append(
             f"| {choice} | {fields_text(outcome['value'])} | {fields_text(outcome['best_other_value'])} "
             f"({outcome['best_other_variant']}) | {outcome['margin_over_reference']:+.1f} "
-            f"| {2 * outcome['standard_error']:.1f} | {'yes' if outcome['adopted'] else 'no'} |"
+            f"| {2 * outcome['standard_error']:.1f} | {harness.yes_no(outcome['adopted'])} |"
         )
     return "\n".join(lines)
 
@@ -380,21 +377,17 @@ def targets_table(rows: list[dict]) -> str:
         else:
             measured, claim = means[task, variant] - means[task, other], f"{variant} ≥ {other} {least:+.1f}"
             shown = f"{measured:+.1f}"
-        lines.append(f"| {task} | {claim} | {shown} | {'yes' if measured >= least else 'no'} |")
+        lines.append(f"| {task} | {claim} | {shown} | {harness.yes_no(measured >= least)} |")
     changes = [row["switch_change_max_abs"] for row in rows if "switch_change_max_abs" in row]
     if changes:
-        met = "yes" if max(changes) == 0 else "no"
+        met = harness.yes_no(max(changes) == 0)
         lines.append(f"| both | the switch changes test accuracy by 0 | {max(changes):.2f} at most | {met} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], runs: list[dict], path: Path) -> None:
+def plot(rows: list[dict], runs: list[dict]) -> dict:
     """Accuracy of every variant on both tasks, and the share of probabilities the masks keep along the focus runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     figure, axes = plt.subplots(1, len(TASKS) + 1, figsize=(6.5 * (len(TASKS) + 1), 5), squeeze=False)
     for axis, task in zip(axes[0], TASKS, strict=False):
         selected = [r for r in rows if r["task"] == task]
@@ -425,8 +418,7 @@ def plot(rows: list[dict], runs: list[dict], path: Path) -> None:
     axis.set_yscale("symlog", linthresh=1e-3)
     axis.grid(True, alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    return {"accuracy.png": figure}
 
 
 def steps_for(task_name: str, args, variant: dict) -> int:
@@ -451,9 +443,7 @@ def run_plan(args) -> list[dict]:
     progress = tqdm(
         total=sum(steps_for(task, args, VARIANTS[name]) for name, task, _ in plan), desc="accuracy study", unit="step"
     )
-    with ProcessPoolExecutor(
-        args.workers, mp_context=context, initializer=start_worker, initargs=(progress_queue,)
-    ) as pool:
+    with harness.process_pool(args.workers, start_worker, (progress_queue,)) as pool:
         pending = {pool.submit(run_one, variant, task, seed, args) for variant, task, seed in plan}
         runs = []
         while pending:
@@ -471,7 +461,7 @@ def run_plan(args) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "20 steps, one seed, three variants: a smoke run")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--variants", nargs="+", default=STUDY_VARIANTS, choices=list(VARIANTS), help="on focus")
     parser.add_argument("--digits_variants", nargs="+", default=DIGITS_VARIANTS, choices=list(VARIANTS))
@@ -483,8 +473,6 @@ def main(argv=None):
     parser.add_argument("--weight_decay", type=float, default=0.05)
     parser.add_argument("--decay_end", type=float, default=0.75, help="α reaches 0 at this fraction of the steps")
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes, one thread each")
-    parser.add_argument("--output_dir", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="20 steps, one seed, three variants: a smoke run")
     parser.add_argument("--report", action="store_true", help="rewrite the tables and plot from accuracy.json")
     args = parser.parse_args(argv)
     directory = Path(args.output_dir)
@@ -496,7 +484,7 @@ def main(argv=None):
         args.variants = args.digits_variants = ["vit", "castling", "softmax_conv"]
 
     runs = run_plan(args)
-    command = " ".join(["python benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
+    command = harness.command_line(__file__, argv)
     return write_report(command, vars(args), runs, directory)
 
 
@@ -511,14 +499,8 @@ def write_report(command: str, args: dict, runs: list[dict], directory: Path) ->
         "summary": rows,
         "choices": choose_defaults(rows),
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "accuracy.json").write_text(json.dumps(study, indent=2))
-    (directory / "accuracy.md").write_text(markdown_table(rows) + "\n\n" + targets_table(rows) + "\n")
-    plot(rows, runs, directory / "accuracy.png")
-    print(markdown_table(rows))
-    print(targets_table(rows))
+    harness.write_results(directory, "accuracy", study, [markdown_table(rows), targets_table(rows)], plot(rows, runs))
     print("defaults the numbers support:", {choice: outcome["value"] for choice, outcome in study["choices"].items()})
-    print(f"wrote {directory / 'accuracy.json'}, {directory / 'accuracy.md'}, {directory / 'accuracy.png'}")
     return study
 
 

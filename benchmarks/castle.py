@@ -11,21 +11,15 @@ of the repeats) at 512 and 1024 px.
     python benchmarks/castle.py --quick    # a smoke run: a few steps, small images
 """
 
-import argparse
-import importlib.util
-import json
+import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "semantic-segmentation" / "castle_pretrained_upernet.py"
+sys.path.insert(0, str(Path(__file__).parent))  # the harness
+import harness  # noqa: E402
+
+EXAMPLE = harness.ROOT / "examples" / "semantic-segmentation" / "castle_pretrained_upernet.py"
 TARGET_BACKBONE_RATIO = 0.45  # issue 22: the castled backbone at 1024 px in at most this share of the source's time
 TARGET_MEAN_IOU_DROP = 0.01  # and the castled model after the switch within one point of the source's mean IoU
-
-
-def example_module():
-    spec = importlib.util.spec_from_file_location("castle_pretrained_upernet", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def markdown_table(results: dict) -> str:
@@ -61,12 +55,9 @@ def targets(results: dict) -> dict[str, bool]:
     }
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict) -> dict:
+    """Mean IoU of the source and the castled model, and the latency of both against resolution."""
+    plt = harness.pyplot()
     figure, (iou_axis, latency_axis) = plt.subplots(1, 2, figsize=(11, 4))
     names = ["source", "castled\nbefore switch", "castled\nafter switch"]
     values = [
@@ -87,31 +78,20 @@ def plot(results: dict, path: Path) -> None:
     latency_axis.legend(fontsize=8)
     for axis in (iou_axis, latency_axis):
         axis.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return {"castle.png": figure}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run_dir", default="outputs/castle_benchmark")
-    parser.add_argument("--output_dir", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="40 images, 8 + 8 steps, 64/128 px: a smoke run")
-    args = parser.parse_args(argv)
+    quick = "40 images, 8 + 8 steps, 64/128 px: a smoke run"
+    args = harness.parser(__doc__, quick, run_dir="outputs/castle_benchmark").parse_args(argv)
     demo = ["--demo", "--output_dir", args.run_dir]
     if args.quick:
         demo += "--num_generated_images 40 --source_steps 8 --castle_steps 8 --latency_sizes 64 128 --repeats 1".split()
-    results = example_module().main(demo)
+    results = harness.load_module(EXAMPLE).main(demo)
     results["targets"] = targets(results)
-    directory = Path(args.output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "castle.json").write_text(json.dumps(results, indent=2))
-    (directory / "castle.md").write_text(markdown_table(results) + "\n")
-    plot(results, directory / "castle.png")
-    print(markdown_table(results))
+    harness.write_results(args.output_dir, "castle", results, [markdown_table(results)], plot(results))
     for target, met in results["targets"].items():
         print(f"{'met' if met else 'MISSED'}: {target}")
-    print(f"wrote {directory / 'castle.json'}, {directory / 'castle.md'}, {directory / 'castle.png'}")
     return results
 
 

@@ -36,23 +36,21 @@ The jobs run two at a time, one thread each.
     python benchmarks/distillation.py --quick    # a smoke run: a few steps on a few images
 """
 
-import argparse
-import importlib.util
 import json
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation, TrainingArguments
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(Path(__file__).parent))  # the harness
+import harness  # noqa: E402
+
+EXAMPLES = harness.ROOT / "examples"
 DISTILLATION = EXAMPLES / "distillation" / "run_castle_distillation.py"
 FOCUS = dict(canvas_size=64, digit_size=24, num_fragments=4, noise=0.1, train_copies=8, test_copies=4)
 # The user's own images: a twentieth as many as the source's, with half the fragments, from another random stream.
@@ -85,22 +83,6 @@ SEGMENTATION_ROUTES = {"switch_only": (None, None), "labels": (True, "source's")
 ADDITIVE = {"linear_branch_blend": "additive", "linear_branch_scale_init": 0.0}
 # (route, least margin of its mean to the source's after the switch, in points of accuracy) on the focus task.
 TARGETS = [("no_labels", -2.0), ("labels", -1.0), ("few_different", -2.0)]
-
-
-def load_module(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def arguments(values: dict) -> list[str]:
-    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
-
-
-def start_worker() -> None:
-    """One thread per job: two jobs on two cores run faster than one on both, and do not slow each other."""
-    torch.set_num_threads(1)
 
 
 # -- the focus task ----------------------------------------------------------------------------------------------
@@ -145,7 +127,7 @@ def focus_source(run_dir: str, args) -> dict:
     """Write the focus data and train the softmax source on it, evaluated along the way."""
     paths, started = focus_paths(run_dir), time.perf_counter()
     write_focus_data(paths, args)
-    castle_vit = load_module(EXAMPLES / "castle_pretrained_vit.py")
+    castle_vit = harness.load_module(EXAMPLES / "castle_pretrained_vit.py")
     training = castle_vit.load_training_example()
     labelled = training.load_image_dataset(training.DataTrainingArguments(dataset_name=str(paths.data)), 0)
     names = labelled["train"].features["label"].names
@@ -191,9 +173,9 @@ def focus_route(name: str, seed: int, run_dir: str, args) -> dict:
     if name == "switch_only":
         model = castling_hf.switch_to_inference(castling_hf.castle(str(paths.source)), force=True)
     elif name == "labels":
-        castle_vit = load_module(EXAMPLES / "castle_pretrained_vit.py")
+        castle_vit = harness.load_module(EXAMPLES / "castle_pretrained_vit.py")
         castle_vit.castle(str(paths.source), str(output_dir / "castled"), {})
-        example = load_module(EXAMPLES / "image-classification" / "run_image_classification.py")
+        example = harness.load_module(EXAMPLES / "image-classification" / "run_image_classification.py")
         options = {
             "model_name_or_path": output_dir / "castled",
             "dataset_name": paths.data,
@@ -202,7 +184,7 @@ def focus_route(name: str, seed: int, run_dir: str, args) -> dict:
             "seed": seed,
             **TRAINING,
         }
-        results = example.main(["--do_train", *arguments(options)])
+        results = example.main(["--do_train", *harness.cli_arguments(options)])
         model = AutoModelForImageClassification.from_pretrained(results["inference_dir"])
     elif name == "few_different_fresh":
         model = fresh_distilled(paths, output_dir, seed, args)
@@ -212,7 +194,7 @@ def focus_route(name: str, seed: int, run_dir: str, args) -> dict:
         options.update(max_steps=args.route_steps, seed=seed, **REQUIRED)
         if name == "no_labels_additive":
             options["config_overrides"] = json.dumps(ADDITIVE)
-        results = load_module(DISTILLATION).main(["--do_train", *arguments(options)])
+        results = harness.load_module(DISTILLATION).main(["--do_train", *harness.cli_arguments(options)])
         model = AutoModelForImageClassification.from_pretrained(results["inference_dir"])
     return {
         "task": "focus",
@@ -233,7 +215,7 @@ def fresh_distilled(paths: SimpleNamespace, output_dir: Path, seed: int, args):
     import castling_hf
     from castling_hf import CastlingDistillationTrainer, CastlingViTConfig, CastlingViTForImageClassification
 
-    example = load_module(DISTILLATION)
+    example = harness.load_module(DISTILLATION)
     source = AutoModelForImageClassification.from_pretrained(paths.source)
     set_seed(seed)
     config = CastlingViTConfig(
@@ -274,8 +256,8 @@ def segmentation_options(run_dir: str, args) -> SimpleNamespace:
 
 def segmentation_source(run_dir: str, args) -> dict:
     """The castling recipe's source, and its data as a parquet folder (images and annotations) for the routes."""
-    upernet = load_module(EXAMPLES / "semantic-segmentation" / "castle_pretrained_upernet.py")
-    segmentation = load_module(upernet.SEGMENTATION_EXAMPLE)
+    upernet = harness.load_module(EXAMPLES / "semantic-segmentation" / "castle_pretrained_upernet.py")
+    segmentation = harness.load_module(upernet.SEGMENTATION_EXAMPLE)
     options, started = segmentation_options(run_dir, args), time.perf_counter()
     data_args = segmentation.DataTrainingArguments(num_generated_images=options.num_generated_images)
     dataset = segmentation.load_segmentation_dataset(data_args, options.image_size, options.seed)
@@ -313,9 +295,9 @@ def segmentation_route(name: str, seed: int, run_dir: str, args) -> dict:
     if name == "switch_only":
         model = castling_hf.switch_to_inference(castling_hf.castle(str(source_dir)), force=True)
     elif name == "labels":
-        upernet = load_module(EXAMPLES / "semantic-segmentation" / "castle_pretrained_upernet.py")
+        upernet = harness.load_module(EXAMPLES / "semantic-segmentation" / "castle_pretrained_upernet.py")
         upernet.castle(str(source_dir), str(output_dir / "castled"), {})
-        segmentation = load_module(upernet.SEGMENTATION_EXAMPLE)
+        segmentation = harness.load_module(upernet.SEGMENTATION_EXAMPLE)
         values = {
             "model_name_or_path": output_dir / "castled",
             "output_dir": output_dir,
@@ -324,11 +306,11 @@ def segmentation_route(name: str, seed: int, run_dir: str, args) -> dict:
             "mask_decay_end": 0.25,
             **common,
         }
-        results = segmentation.main(["--do_train", *arguments(values)])
+        results = segmentation.main(["--do_train", *harness.cli_arguments(values)])
         model = AutoModelForSemanticSegmentation.from_pretrained(results["inference_dir"])
     else:
         values = {"model_name_or_path": source_dir, "dataset_name": data_dir, "output_dir": output_dir, **common}
-        results = load_module(DISTILLATION).main(["--do_train", *arguments(values)])
+        results = harness.load_module(DISTILLATION).main(["--do_train", *harness.cli_arguments(values)])
         model = AutoModelForSemanticSegmentation.from_pretrained(results["inference_dir"])
     scores = score(model, str(source_dir), str(data_dir), "annotation")
     return {
@@ -354,7 +336,7 @@ def score(model, source_dir: str, data_dir: str, label_column: str) -> dict:
     from castling_hf.conversion import load_source
     from castling_hf.distillation import fidelity_report
 
-    example = load_module(DISTILLATION)
+    example = harness.load_module(DISTILLATION)
     processor = castling_hf.source_image_processor(source_dir)
     transform = example.make_transform(processor, "image", False, 0, label_column)
     held_out = load_dataset(data_dir)["test"].with_transform(transform)
@@ -387,6 +369,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                 continue
             name, _, source = metric_of(mine[0])
             values = [in_points(name, metric_of(run)[1]) for run in mine]
+            mean, std = harness.mean_and_std(values)
             cosines = {s: statistics.mean(run["fidelity"][s]["feature_cosine"] for run in mine) for s in ("1x", "2x")}
             summary.append(
                 {
@@ -395,8 +378,8 @@ def summarise(runs: list[dict]) -> list[dict]:
                     "metric": name,
                     "seeds": [run["seed"] for run in mine],
                     "values": values,
-                    "mean": statistics.mean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "mean": mean,
+                    "std": std,
                     "source": in_points(name, source),
                     "feature_cosine": cosines,
                     "steps": mine[0]["steps"],
@@ -424,15 +407,11 @@ def markdown_table(results: dict) -> str:
         difference = f"{difference:+.1f} points" if entry["metric"] == "accuracy" else f"{difference:+.3f}"
         cosines = " / ".join(f"{entry['feature_cosine'][scale]:.3f}" for scale in ("1x", "2x"))
         lines.append(
-            f"| {entry['task']} | {entry['route']} | {yes_no(labels)} | {images or '—'} | {entry['steps']:,} "
+            f"| {entry['task']} | {entry['route']} | {harness.yes_no(labels)} | {images or '—'} | {entry['steps']:,} "
             f"| {entry['metric'].replace('_', ' ')} {spread} | {seeds} | {shown(entry, entry['source'])} "
             f"| {difference} | {cosines} | {entry['seconds']:.0f} s |"
         )
     return "\n".join(lines)
-
-
-def yes_no(flag: bool | None) -> str:
-    return "—" if flag is None else "yes" if flag else "no"
 
 
 def targets_table(results: dict) -> str:
@@ -441,24 +420,21 @@ def targets_table(results: dict) -> str:
     for route, least in TARGETS:
         if route in focus:
             measured = focus[route]["mean"] - focus[route]["source"]
-            met = "yes" if measured >= least else "no"
+            met = harness.yes_no(measured >= least)
             lines.append(f"| {route} | mean ≥ source {least:+g} points | {measured:+.2f} points | {met} |")
     if {"few_different", "few_different_fresh"} <= set(focus):
         castled, fresh = focus["few_different"], focus["few_different_fresh"]
         lead, spread = castled["mean"] - fresh["mean"], castled["std"] + fresh["std"]
         lines.append(
             f"| few_different − few_different_fresh | mean difference > the seeds' spread (sum of stds) "
-            f"| {lead:+.2f} points against {spread:.2f} | {'yes' if lead > spread else 'no'} |"
+            f"| {lead:+.2f} points against {spread:.2f} | {harness.yes_no(lead > spread)} |"
         )
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict) -> dict:
+    """Each route's metric after the switch beside its source's, and the focus source's accuracy along its run."""
+    plt = harness.pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(18, 4.8), gridspec_kw={"width_ratios": [3, 2, 2]})
     for axis, task in zip(axes[:2], ("focus", "segmentation"), strict=True):
         entries = [entry for entry in results["summary"] if entry["task"] == task]
@@ -485,9 +461,7 @@ def plot(results: dict, path: Path) -> None:
         axis.plot([step for step, _ in curve], [100 * value for _, value in curve], marker="o")
     axis.set(xlabel="step", ylabel="held-out accuracy (%)", title="focus source: softmax ViT to its plateau")
     axis.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return {"distillation.png": figure}
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
@@ -501,11 +475,10 @@ def route_jobs(routes: dict, seeds: list[int]) -> list[tuple[str, int]]:
 def run_jobs(args) -> list[dict]:
     """The two sources first, then each task's routes (every seed) as soon as its source is trained; two jobs at a
     time."""
-    context = multiprocessing.get_context("spawn")
     runs = []
     focus_jobs, segmentation_jobs = (route_jobs(routes, args.seeds) for routes in (FOCUS_ROUTES, SEGMENTATION_ROUTES))
     with (
-        ProcessPoolExecutor(2, mp_context=context, initializer=start_worker) as pool,
+        harness.process_pool() as pool,
         tqdm(total=2 + len(focus_jobs) + len(segmentation_jobs), desc="castling routes", unit="job") as progress,
     ):
         pending = {
@@ -532,10 +505,9 @@ def rerun_jobs(args, routes: list[str]) -> list[dict]:
     if not (focus_paths(args.run_dir).source / "config.json").exists():
         raise SystemExit(f"--rerun needs the focus source a previous run trained in {args.run_dir}; none is there.")
     jobs = route_jobs({name: FOCUS_ROUTES[name] for name in routes}, args.seeds)
-    context = multiprocessing.get_context("spawn")
     runs = []
     with (
-        ProcessPoolExecutor(2, mp_context=context, initializer=start_worker) as pool,
+        harness.process_pool() as pool,
         tqdm(total=len(jobs), desc="castling routes again", unit="job") as progress,
     ):
         for run in pool.map(focus_route, *zip(*((name, seed, args.run_dir, args) for name, seed in jobs), strict=True)):
@@ -559,15 +531,13 @@ def merged(previous: dict, runs: list[dict], command: str, seconds: float) -> di
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run_dir", default="outputs/distillation_benchmark")
-    parser.add_argument("--output_dir", default="benchmarks/results")
+    quick = "a few steps on a few images: a smoke run"
+    parser = harness.parser(__doc__, quick, run_dir="outputs/distillation_benchmark")
     parser.add_argument("--source_steps", type=int, default=24000, help="the focus source's: near its plateau")
     parser.add_argument("--route_steps", type=int, default=1500, help="every focus route's")
     parser.add_argument("--segmentation_source_steps", type=int, default=600, help="every route gets half")
     parser.add_argument("--segmentation_images", type=int, default=1500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--quick", action="store_true", help="a few steps on a few images: a smoke run")
     parser.add_argument(
         "--rerun",
         nargs="+",
@@ -580,7 +550,7 @@ def main(argv=None):
         args.source_steps, args.route_steps, args.segmentation_source_steps, args.segmentation_images = 8, 4, 8, 40
         args.seeds = args.seeds[:2]
     started = time.perf_counter()
-    command = " ".join(["python benchmarks/distillation.py", *(sys.argv[1:] if argv is None else argv)])
+    command = harness.command_line(__file__, argv)
     directory = Path(args.output_dir)
     if args.rerun:
         previous = json.loads((directory / "distillation.json").read_text())
@@ -598,16 +568,9 @@ def main(argv=None):
             "wall_seconds": time.perf_counter() - started,
         }
         results["summary"] = summarise(results["runs"])
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "distillation.json").write_text(json.dumps(results, indent=2))
-    (directory / "distillation.md").write_text(markdown_table(results) + "\n\n" + targets_table(results) + "\n")
-    plot(results, directory / "distillation.png")
-    print(markdown_table(results))
-    print(targets_table(results))
-    print(
-        f"{time.perf_counter() - started:.0f} s; wrote {directory / 'distillation.json'}, distillation.md, "
-        "distillation.png"
-    )
+    tables = [markdown_table(results), targets_table(results)]
+    harness.write_results(directory, "distillation", results, tables, plot(results))
+    print(f"in {time.perf_counter() - started:.0f} s")
     return results
 
 

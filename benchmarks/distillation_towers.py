@@ -16,7 +16,6 @@ The jobs run two at a time, one thread each.
     python benchmarks/distillation_towers.py --quick    # a smoke run: a few steps on a few images
 """
 
-import argparse
 import json
 import statistics
 import sys
@@ -27,9 +26,9 @@ from types import SimpleNamespace
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification, AutoModelForUniversalSegmentation
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # the harness and the distillation benchmark
 import distillation as DISTILLATION  # noqa: E402  (its data, recipe, example runner and scoring: one of each)
+import harness  # noqa: E402
 
 ROUTES = ("switch_only", "no_labels")
 TARGETS = {"accuracy": -2.0, "mean_iou": -0.02}  # after the switch, against the source (accuracy in points)
@@ -157,7 +156,7 @@ def train_source(family: str, run_dir: str, args) -> dict:
     from transformers import ViTImageProcessorPil
 
     started, paths = time.perf_counter(), paths_of(run_dir, family)
-    castle_vit = DISTILLATION.load_module(DISTILLATION.EXAMPLES / "castle_pretrained_vit.py")
+    castle_vit = harness.load_module(DISTILLATION.EXAMPLES / "castle_pretrained_vit.py")
     training = castle_vit.load_training_example()
     labelled = training.load_image_dataset(training.DataTrainingArguments(dataset_name=str(paths.data)), 0)
     side = DISTILLATION.FOCUS["canvas_size"]
@@ -192,9 +191,7 @@ def route(family: str, name: str, seed: int, run_dir: str, args) -> dict:
             "seed": seed,
             **DISTILLATION.REQUIRED,
         }
-        results = DISTILLATION.load_module(DISTILLATION.DISTILLATION).main(
-            ["--do_train", *DISTILLATION.arguments(options)]
-        )
+        results = harness.load_module(DISTILLATION.DISTILLATION).main(["--do_train", *harness.cli_arguments(options)])
         auto = AutoModelForUniversalSegmentation if family == "eomt" else AutoModelForImageClassification
         model = auto.from_pretrained(results["inference_dir"])
     if family == "eomt":
@@ -205,11 +202,9 @@ def route(family: str, name: str, seed: int, run_dir: str, args) -> dict:
 
 
 def run_parallel(jobs: list[tuple], args, label: str) -> list[dict]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(2, mp_context=context, initializer=DISTILLATION.start_worker) as pool:
+    """Each job `(function, *arguments)` as `function(*arguments, run_dir, args)`, two at a time; their results in
+    the jobs' order."""
+    with harness.process_pool() as pool:
         futures = [pool.submit(function, *job, args.run_dir, args) for function, *job in jobs]
         done = []
         for future in tqdm(futures, desc=label, unit="job"):
@@ -226,14 +221,15 @@ def summarise(sources: list[dict], runs: list[dict]) -> list[dict]:
             mine.sort(key=lambda run: run["seed"])
             metric, _, source_value = DISTILLATION.metric_of(mine[0])
             values = [DISTILLATION.in_points(metric, DISTILLATION.metric_of(run)[1]) for run in mine]
+            mean, std = harness.mean_and_std(values)
             summary.append(
                 {
                     "family": source["family"],
                     "route": name,
                     "metric": metric,
                     "values": values,
-                    "mean": statistics.mean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "mean": mean,
+                    "std": std,
                     "source": DISTILLATION.in_points(metric, source_value),
                     "feature_cosine": statistics.mean(run["fidelity"]["1x"]["feature_cosine"] for run in mine),
                 }
@@ -250,7 +246,7 @@ def markdown_table(results: dict) -> str:
     for entry in results["summary"]:
         digits, unit = (1, " %") if entry["metric"] == "accuracy" else (3, "")
         difference = entry["mean"] - entry["source"]
-        met = ("yes" if difference >= TARGETS[entry["metric"]] else "no") if entry["route"] == "no_labels" else ""
+        met = harness.yes_no(difference >= TARGETS[entry["metric"]]) if entry["route"] == "no_labels" else ""
         seeds = " / ".join(f"{value:.{digits}f}" for value in entry["values"])
         lines.append(
             f"| {entry['family']} | {entry['route']} | {entry['metric'].replace('_', ' ')} "
@@ -280,17 +276,14 @@ def merged(previous: dict, results: dict) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    quick = "a few steps on a few images, one seed"
+    parser = harness.parser(__doc__, quick, run_dir="outputs/distillation_towers_benchmark")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--source_steps", type=int, default=24000)
     parser.add_argument("--route_steps", type=int, default=1500)
     parser.add_argument("--eomt_steps", type=int, default=3000, help="steps of EoMT's own training on the shapes")
-    parser.add_argument("--run_dir", default="outputs/distillation_towers_benchmark")
-    parser.add_argument("--output_dir", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="a few steps on a few images, one seed")
     args = parser.parse_args(argv)
-    argv = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
         args.seeds, args.source_steps, args.route_steps, args.eomt_steps = [0], 12, 4, 4
     started = time.perf_counter()
@@ -300,7 +293,7 @@ def main(argv=None):
     jobs = [(route, family, "switch_only", 0) for family in args.families]
     jobs += [(route, family, "no_labels", seed) for family in args.families for seed in args.seeds]
     runs = run_parallel(jobs, args, "routes")
-    command = "python benchmarks/distillation_towers.py " + " ".join(argv)
+    command = harness.command_line(__file__, argv)
     settings = {key: value for key, value in vars(args).items() if key not in ("run_dir", "output_dir")}
     results = {
         "runs_by_family": {family: {"command": command, "args": settings} for family in args.families},
@@ -309,12 +302,10 @@ def main(argv=None):
         "wall_seconds": time.perf_counter() - started,
     }
     path = Path(args.output_dir) / "distillation_towers.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():  # the families run before and not again keep their results
         results = merged(json.loads(path.read_text()), results)
     results["summary"] = summarise(results["sources"], results["runs"])
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown_table(results))
+    harness.write_results(args.output_dir, "distillation_towers", results, [markdown_table(results)])
     return results
 
 

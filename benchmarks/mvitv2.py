@@ -17,23 +17,17 @@ beside timm's `mvitv2_tiny`, at 224 px (batch 8) and 512 px (batch 2). MACs come
     python benchmarks/mvitv2.py --quick    # a smoke run: nano size, small images
 """
 
-import argparse
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import ImageClassifierOutput
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # the harness and timm's import
+import harness  # noqa: E402
 from timm_without_torchvision import import_timm  # noqa: E402
-from training import peak_activation_bytes, training_step  # noqa: E402
 
 import castling_hf  # noqa: E402
 from castling_hf import CastlingMViTv2Config, CastlingMViTv2ForImageClassification  # noqa: E402
@@ -95,55 +89,37 @@ def training_models(timm, resolution: int, quick: bool) -> dict[str, nn.Module]:
     }
 
 
-def interleaved_medians(run, models: dict, rounds: int, progress) -> dict[str, float]:
-    """The median time of `run(model)` for each model over `rounds` rounds, the order rotated every round."""
-    names = list(models)
-    for name in names:
-        run(models[name])  # warm-up
-    times = {name: [] for name in names}
-    for round_index in range(rounds):
-        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
-            started = time.perf_counter()
-            run(models[name])
-            times[name].append(time.perf_counter() - started)
-            progress.update()
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def macs(model: nn.Module, pixel_values: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(pixel_values=pixel_values)
-    return counter.get_total_flops() // 2
-
-
 def measure(args) -> dict:
     timm = import_timm()
     inference_plan = [(64, 3), (128, 3)] if args.quick else [(224, 9), (512, 5), (1024, 2)]
     training_plan = [(64, 2, 3)] if args.quick else [(224, 8, 7), (512, 2, 5)]
-    total = sum(rounds * len(INFERENCE) for _, rounds in inference_plan)
-    total += sum(rounds * len(TRAINING) for _, _, rounds in training_plan)
+    total = sum(harness.runs_of(len(INFERENCE), rounds) for _, rounds in inference_plan)
+    total += sum(harness.runs_of(len(TRAINING), rounds) for _, _, rounds in training_plan)
     results = {"inference": [], "training": []}
     with tqdm(total=total, desc="MViTv2 benchmark", unit="pass") as progress:
         for resolution, rounds in inference_plan:
             models = inference_models(timm, resolution, args.quick)
             pixels = torch.randn(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
-            with torch.inference_mode():
-                latency = interleaved_medians(lambda model, x=pixels: model(pixel_values=x), models, rounds, progress)
+            latency = harness.inference_medians(models, pixels, rounds, progress, rotate=True)
             results["inference"].append(
                 {
                     "resolution": resolution,
                     "latency_s": latency,
-                    "macs": {name: macs(model, pixels) for name, model in models.items()},
+                    "macs": {name: harness.macs(model, pixels) for name, model in models.items()},
                 }
             )
         for resolution, batch, rounds in training_plan:
             models = training_models(timm, resolution, args.quick)
             pixels = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
             labels = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1))
-            step = interleaved_medians(
-                lambda model, x=pixels, y=labels: training_step(model, x, y), models, rounds, progress
+            step = harness.interleaved_medians(
+                lambda model, x=pixels, y=labels: harness.training_step(model, x, y),
+                models,
+                rounds,
+                progress,
+                rotate=True,
             )
-            memory = {name: peak_activation_bytes(model, pixels, labels) for name, model in models.items()}
+            memory = {name: harness.peak_activation_bytes(model, pixels, labels) for name, model in models.items()}
             results["training"].append(
                 {"resolution": resolution, "batch": batch, "step_s": step, "peak_activation_bytes": memory}
             )
@@ -204,17 +180,14 @@ def targets_table(results: dict) -> str:
         value = measured(results, kind, resolution, measure_name)
         if value is not None:
             lines.append(
-                f"| {resolution} | {measure_name} | ≤ {most:g} | {value:.3f} | {'yes' if value <= most else 'no'} |"
+                f"| {resolution} | {measure_name} | ≤ {most:g} | {value:.3f} | {harness.yes_no(value <= most)} |"
             )
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict) -> dict:
+    """Inference latency against resolution, and the training step's time."""
+    plt = harness.pyplot()
     figure, (latency_axis, training_axis) = plt.subplots(1, 2, figsize=(11, 4))
     resolutions = [entry["resolution"] for entry in results["inference"]]
     for name, color in zip(INFERENCE, ("tab:orange", "tab:blue", "tab:green"), strict=True):
@@ -237,29 +210,15 @@ def plot(results: dict, path: Path) -> None:
     for axis in (latency_axis, training_axis):
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return {"mvitv2.png": figure}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="nano size, small images: a smoke run")
-    args = parser.parse_args(argv)
+    args = harness.parser(__doc__, "nano size, small images: a smoke run").parse_args(argv)
     results = measure(args)
-    results.update(
-        command=" ".join(["python benchmarks/mvitv2.py", *(sys.argv[1:] if argv is None else argv)]),
-        machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-    )
-    directory = Path(args.output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "mvitv2.json").write_text(json.dumps(results, indent=2))
-    (directory / "mvitv2.md").write_text(markdown_table(results) + "\n\n" + targets_table(results) + "\n")
-    plot(results, directory / "mvitv2.png")
-    print(markdown_table(results))
-    print(targets_table(results))
-    print(f"wrote {directory / 'mvitv2.json'}, mvitv2.md, mvitv2.png")
+    results.update(command=harness.command_line(__file__, argv), machine=harness.machine())
+    tables = [markdown_table(results), targets_table(results)]
+    harness.write_results(args.output_dir, "mvitv2", results, tables, plot(results))
     return results
 
 

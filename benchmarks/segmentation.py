@@ -2,25 +2,21 @@
 """Semantic segmentation: what UperNet on a Castling-ViT backbone learns in ten minutes on a CPU, and what the
 backbone saves at high resolution.
 
-1. Accuracy: `examples/semantic-segmentation/run_semantic_segmentation.py` with the recipe below on generated shape
-   masks (`--num_generated_images` images, a fifth held out), mean IoU before and after the switch, the wall time of
-   the run, and the loss and mean IoU during it; and the same run on the multiscale Castling-MViTv2 `nano` backbone
-   (`--backbone_family castling_mvitv2`), same recipe and budget, for the families' comparison.
+1. Accuracy: `examples/semantic-segmentation/run_semantic_segmentation.py` with `harness.EXAMPLE_RECIPE` on
+   generated shape masks (`--num_generated_images` images, a fifth held out), mean IoU before and after the switch,
+   the wall time of the run, and the loss and mean IoU during it; and the same run on the multiscale Castling-MViTv2
+   `nano` backbone (`--backbone_family castling_mvitv2`), same recipe and budget, for the families' comparison.
 2. Latency and peak memory: `UperNetForSemanticSegmentation` on `CastlingViTBackbone` in the inference form against
    the same UperNet on `Dinov2Backbone` of the same dimensions with SDPA attention (transformers' plain ViT backbone),
    the same head configuration on both (UperNet's defaults, four maps on the patch grid), batch 1: the backbone alone
    and the whole model, run interleaved; the median of the repeats. Peak memory is the largest total of tensors that
-   the forward pass holds at once (`speed.PeakTensorMemory`; the weights are not counted).
+   the forward pass holds at once (`harness.peak_memory_bytes`; the weights are not counted).
 
     python benchmarks/segmentation.py            # make bench-segmentation
     python benchmarks/segmentation.py --quick    # a smoke run: a few steps, small images
 """
 
-import argparse
-import importlib.util
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,15 +25,10 @@ from transformers import Dinov2Config, UperNetConfig, UperNetForSemanticSegmenta
 
 from castling_hf import CASTLING_VIT_SIZES, CastlingViTConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from speed import peak_memory_bytes, time_interleaved  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))  # the harness
+import harness  # noqa: E402
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "semantic-segmentation" / "run_semantic_segmentation.py"
-RECIPE = (
-    "--do_train --do_eval --learning_rate 1e-3 --weight_decay 0.05 --lr_scheduler_type cosine --warmup_steps 50 "
-    "--per_device_train_batch_size 16 --per_device_eval_batch_size 64 --save_strategy no --logging_steps 25 "
-    "--report_to none --seed 0 --model_name_or_path nano"
-)  # the example's defaults: nano's patch 4 (a 16×16 grid at 64 px), the pyramid at strides 4-32 px, UperNet 128 wide
+EXAMPLE = harness.ROOT / "examples" / "semantic-segmentation" / "run_semantic_segmentation.py"
 # UperNet's width for every family: the example's default for the plain nano (twice its 64 channels). Given to
 # Castling-MViTv2 too (whose default would be twice its widest stage, 320), so that the backbone is all that differs.
 UPERNET_WIDTH = 128
@@ -47,7 +38,7 @@ def segmenters(size: str, resolution: int) -> dict[str, UperNetForSemanticSegmen
     """UperNet (defaults, 150 classes as ADE20k) on a Castling-ViT backbone in the inference form, and on a Dinov2
     backbone with the same width, depth, heads, MLP and patch size and SDPA attention; four maps a quarter of the
     depth apart, on the patch grid, for both."""
-    out_indices = example_module().stage_indices(CASTLING_VIT_SIZES[size]["num_hidden_layers"])
+    out_indices = harness.load_module(EXAMPLE).stage_indices(CASTLING_VIT_SIZES[size]["num_hidden_layers"])
     castling = CastlingViTConfig.from_size(
         size, image_size=resolution, attention_mode="linear", out_indices=out_indices, reshape_hidden_states=True
     )
@@ -69,44 +60,30 @@ def segmenters(size: str, resolution: int) -> dict[str, UperNetForSemanticSegmen
     return models
 
 
-def example_module():
-    spec = importlib.util.spec_from_file_location("run_semantic_segmentation", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
-
-
 def train(args, family: str = "castling_vit") -> dict:
-    """The example's run with the recipe, on a new `nano` backbone of `family`: the plain Castling-ViT (its maps
-    through the simple pyramid) or Castling-MViTv2 (its four stages)."""
-    example = example_module()
+    """The example's run with the recipe (and its defaults: nano's patch 4, a 16×16 grid at 64 px, the pyramid at
+    strides 4-32 px, UperNet 128 wide), on a new `nano` backbone of `family`: the plain Castling-ViT (its maps through
+    the simple pyramid) or Castling-MViTv2 (its four stages)."""
     run_dir = Path(args.run_dir) / family
-    command = (
-        f"--output_dir {run_dir} --num_generated_images {args.num_generated_images} --image_size "
-        f"{args.image_size} --max_steps {args.max_steps} --eval_strategy steps --eval_steps {args.eval_steps} "
-        f"{RECIPE} --backbone_family {family} --decode_hidden_size {UPERNET_WIDTH}"
-    ).split()
-    started = time.perf_counter()
-    results = example.main(command)
-    seconds = time.perf_counter() - started
-    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
-    shown = " ".join(command)
+    family_options = f"--model_name_or_path nano --backbone_family {family} --decode_hidden_size {UPERNET_WIDTH}"
+    run = harness.run_example(EXAMPLE, harness.example_run_argv(args, run_dir) + family_options.split(), run_dir)
     return {
-        "command": f"python {EXAMPLE.relative_to(EXAMPLE.parents[2])} {shown}",
-        "wall_seconds": seconds,
-        "castling": results["castling"],
-        "linear": results["linear"],
-        "labels": results["labels"],
-        "held_out_images": results["eval_samples"],
+        "command": run["command"],
+        "wall_seconds": run["wall_seconds"],
+        "castling": run["results"]["castling"],
+        "linear": run["results"]["linear"],
+        "labels": run["results"]["labels"],
+        "held_out_images": run["results"]["eval_samples"],
         "steps": args.max_steps,
         "upernet_width": UPERNET_WIDTH,
-        "history": history,
+        "history": run["history"],
     }
 
 
 def latency_and_memory(args) -> list[dict]:
     entries = []
-    progress = tqdm(total=len(args.resolutions) * 4 * args.repeats, desc="segmentation latency", unit="run")
+    total = len(args.resolutions) * 2 * harness.runs_of(2, args.repeats)
+    progress = tqdm(total=total, desc="segmentation latency", unit="run")
     for resolution in args.resolutions:
         models = segmenters(args.size, resolution)
         backbones = {name: model.backbone for name, model in models.items()}
@@ -116,10 +93,10 @@ def latency_and_memory(args) -> list[dict]:
                 "size": args.size,
                 "resolution": resolution,
                 "tokens": (resolution // models["castling_linear"].config.backbone_config.patch_size) ** 2,
-                "backbone_seconds": time_interleaved(backbones, pixel_values, args.repeats, progress),
-                "upernet_seconds": time_interleaved(models, pixel_values, args.repeats, progress),
-                "backbone_peak_bytes": {name: peak_memory_bytes(m, pixel_values) for name, m in backbones.items()},
-                "upernet_peak_bytes": {name: peak_memory_bytes(m, pixel_values) for name, m in models.items()},
+                "backbone_seconds": harness.inference_medians(backbones, pixel_values, args.repeats, progress),
+                "upernet_seconds": harness.inference_medians(models, pixel_values, args.repeats, progress),
+                "backbone_peak_bytes": {n: harness.peak_memory_bytes(m, pixel_values) for n, m in backbones.items()},
+                "upernet_peak_bytes": {n: harness.peak_memory_bytes(m, pixel_values) for n, m in models.items()},
             }
         )
     progress.close()
@@ -180,12 +157,9 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict) -> dict:
+    """Loss and mean IoU along each family's run; latency and peak memory against resolution."""
+    plt = harness.pyplot()
     figure, (loss_axis, iou_axis, latency_axis, memory_axis) = plt.subplots(1, 4, figsize=(20, 4.5))
     for family, training in results["families"].items():
         history = training["history"]
@@ -204,7 +178,7 @@ def plot(results: dict, path: Path) -> None:
                 axis.plot(resolutions, values, style, color=color, marker="o", label=f"{part}: {name}")
         axis.set(xlabel="resolution (px)", ylabel=unit, xscale="log", yscale="log")
         axis.set_xticks(resolutions, [str(r) for r in resolutions], minor=False)
-        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axis.xaxis.set_minor_locator(plt.NullLocator())
         axis.legend(fontsize=8)
     latency_axis.set_title("latency, batch 1")
     memory_axis.set_title("peak activation memory, batch 1")
@@ -212,17 +186,12 @@ def plot(results: dict, path: Path) -> None:
         axis.grid(True, alpha=0.3)
     for axis in (loss_axis, iou_axis):
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return {"segmentation.png": figure}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_generated_images", type=int, default=1500)
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--max_steps", type=int, default=700)
-    parser.add_argument("--eval_steps", type=int, default=175)
+    parser = harness.parser(__doc__, harness.QUICK_EXAMPLE_RUN_HELP, run_dir="outputs/segmentation_benchmark")
+    harness.add_example_run_options(parser, images=1500, steps=700, eval_steps=175)
     parser.add_argument("--size", default="small", help="the backbone size timed for latency and memory")
     parser.add_argument(
         "--families",
@@ -233,26 +202,16 @@ def main(argv=None):
     )
     parser.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--run_dir", default="outputs/segmentation_benchmark")
-    parser.add_argument("--output_dir", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="40 images, 4 steps, 64/128 pixels: a smoke run")
     args = parser.parse_args(argv)
     if "castling_vit" not in args.families:
         parser.error("--families needs castling_vit: its run is the benchmark's main table, the others compare to it")
     if args.quick:
-        args.num_generated_images, args.max_steps, args.eval_steps = 40, 4, 2
-        args.size, args.resolutions, args.repeats = "nano", [64, 128], 2
+        vars(args).update(harness.QUICK_EXAMPLE_RUN)
 
     families = {family: train(args, family) for family in args.families}
     results = {"training": families["castling_vit"], "families": families, "latency": latency_and_memory(args)}
-    directory = Path(args.output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "segmentation.json").write_text(json.dumps(results, indent=2))
-    (directory / "segmentation.md").write_text(markdown_table(results) + "\n\n" + families_table(results) + "\n")
-    plot(results, directory / "segmentation.png")
-    print(markdown_table(results))
-    print(families_table(results))
-    print(f"wrote {directory / 'segmentation.json'}, {directory / 'segmentation.md'}, {directory / 'segmentation.png'}")
+    tables = [markdown_table(results), families_table(results)]
+    harness.write_results(args.output_dir, "segmentation", results, tables, plot(results))
     return results
 
 

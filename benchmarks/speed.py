@@ -18,24 +18,19 @@ What the training form costs is `benchmarks/training.py`'s study.
     python benchmarks/speed.py --quick              # a smoke run: nano size, two small resolutions
 """
 
-import argparse
-import json
-import platform
-import statistics
-import time
+import sys
 import types
 from pathlib import Path
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
 from castling_hf import CastlingViTConfig, CastlingViTForImageClassification
 from castling_hf.models.castling_vit.modeling_castling_vit import CastlingViTAttention
+
+sys.path.insert(0, str(Path(__file__).parent))  # the harness
+import harness  # noqa: E402
 
 VARIANTS = ("castling_linear", "vit_sdpa", "floor")
 
@@ -77,52 +72,6 @@ def build_models(size: str, resolution: int, num_labels: int = 1000) -> dict[str
     return {name: model.eval() for name, model in models.items()}
 
 
-def count_macs(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(pixel_values)
-    return counter.get_total_flops() // 2
-
-
-class PeakTensorMemory(TorchDispatchMode):
-    """Tracks the storages that ops create, and the largest total of those alive at once."""
-
-    def __init__(self):
-        super().__init__()
-        self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.alive = {ptr: entry for ptr, entry in self.alive.items() if not entry[0].expired()}
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in self.alive and storage.nbytes():
-                    self.alive[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.alive.values()))
-        return out
-
-
-def peak_memory_bytes(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
-    with torch.inference_mode(), PeakTensorMemory() as tracker:
-        model(pixel_values)
-    return tracker.peak
-
-
-def time_interleaved(models: dict, pixel_values: torch.Tensor, repeats: int, progress) -> dict[str, float]:
-    seconds = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():  # warm-up
-            model(pixel_values)
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(pixel_values)
-                seconds[name].append(time.perf_counter() - start)
-                progress.update(1)
-    return {name: statistics.median(values) for name, values in seconds.items()}
-
-
 def run(args) -> dict:
     torch.manual_seed(0)
     plan = [
@@ -131,17 +80,8 @@ def run(args) -> dict:
         for resolution in args.resolutions
         for batch in args.batch_sizes
     ]
-    total = len(plan) * len(VARIANTS) * args.repeats
-    results = {
-        "command": "python benchmarks/speed.py " + " ".join(args.argv),
-        "machine": {
-            "cpu_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-        },
-        "inference": [],
-    }
-    progress = tqdm(total=total, desc="benchmark", unit="run")
+    results = {"command": args.command, "machine": harness.machine(), "inference": []}
+    progress = tqdm(total=len(plan) * harness.runs_of(len(VARIANTS), args.repeats), desc="benchmark", unit="run")
     for size in args.sizes:
         for resolution in args.resolutions:
             models = build_models(size, resolution)
@@ -149,14 +89,14 @@ def run(args) -> dict:
             eager_vit = vit_for(config, "eager").eval()  # FlopCounterMode does not see the CPU SDPA kernel
             one_image = torch.randn(1, 3, resolution, resolution)
             macs = {
-                name: count_macs(eager_vit if name == "vit_sdpa" else model, one_image)
+                name: harness.macs(eager_vit if name == "vit_sdpa" else model, one_image)
                 for name, model in models.items()
             }
             for batch in args.batch_sizes:
                 progress.set_postfix(size=size, resolution=resolution, batch=batch)
                 pixel_values = torch.randn(batch, 3, resolution, resolution)
-                latency = time_interleaved(models, pixel_values, args.repeats, progress)
-                memory = {name: peak_memory_bytes(model, pixel_values) for name, model in models.items()}
+                latency = harness.inference_medians(models, pixel_values, args.repeats, progress)
+                memory = {name: harness.peak_memory_bytes(model, pixel_values) for name, model in models.items()}
                 results["inference"].append(
                     {
                         "size": size,
@@ -184,23 +124,10 @@ def ratios(entry: dict) -> dict[str, float]:
     return out
 
 
-def plot_against_tokens(axis, curves: dict[str, dict[int, float]], ylabel: str, title: str) -> None:
-    """One line per network: value against token count, both axes logarithmic."""
-    for name, points in curves.items():
-        if points:
-            axis.plot(list(points), list(points.values()), marker="o", label=name)
-    axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel=ylabel, title=title)
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
-
-
-def plot(results: dict, directory: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
+def plot(results: dict) -> dict:
+    """Latency against tokens for every size and batch, and MACs against tokens for every size."""
+    plt = harness.pyplot()
+    figures = {}
     entries = results["inference"]
     sizes = sorted({e["size"] for e in entries}, key=[e["size"] for e in entries].index)
     batches = sorted({e["batch"] for e in entries})
@@ -213,21 +140,16 @@ def plot(results: dict, directory: Path) -> list[Path]:
                 name: {e["tokens"]: e["latency_s"][name] * 1000 for e in selected if name in e["latency_s"]}
                 for name in VARIANTS
             }
-            plot_against_tokens(axis, latency, "latency (ms)", f"{size}, batch {batch}")
-    figure.tight_layout()
-    written.append(directory / "speed_latency.png")
-    figure.savefig(written[-1], dpi=120)
-
+            harness.plot_against_tokens(axis, latency, "latency (ms)", f"{size}, batch {batch}")
+    figures["speed_latency.png"] = figure
     figure, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
     for column, size in enumerate(sizes):
         axis = axes[0][column]
         selected = [e for e in entries if e["size"] == size and e["batch"] == batches[0]]
         macs = {name: {e["tokens"]: e["macs_per_image"][name] / 1e9 for e in selected} for name in VARIANTS}
-        plot_against_tokens(axis, macs, "GMACs per image", f"{size}: MACs")
-    figure.tight_layout()
-    written.append(directory / "speed_macs.png")
-    figure.savefig(written[-1], dpi=120)
-    return written
+        harness.plot_against_tokens(axis, macs, "GMACs per image", f"{size}: MACs")
+    figures["speed_macs.png"] = figure
+    return figures
 
 
 def markdown_table(results: dict) -> str:
@@ -279,34 +201,26 @@ def targets_table(results: dict) -> str:
                 continue
             worst = max(measured)
             met = worst < bound if strict else worst <= bound
-            lines.append(f"| {size} | {text} | {worst:.3f} | {'yes' if met else 'no'} |")
+            lines.append(f"| {size} | {text} | {worst:.3f} | {harness.yes_no(met)} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "nano size, 32 and 64 pixels, 2 repeats: a smoke run")
     parser.add_argument("--sizes", nargs="+", default=["small", "tiny"])
     parser.add_argument("--resolutions", nargs="+", type=int, default=[224, 384, 512, 768, 1024])
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output_dir", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="nano size, 32 and 64 pixels, 2 repeats: a smoke run")
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    args.command = harness.command_line(__file__, argv)
     if args.quick:
         args.sizes, args.resolutions, args.repeats = ["nano"], [32, 64], 2
 
     results = run(args)
     for entry in results["inference"]:
         entry["ratios"] = ratios(entry)
-    directory = Path(args.output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "speed.json").write_text(json.dumps(results, indent=2))
-    (directory / "speed.md").write_text(markdown_table(results) + "\n\n" + targets_table(results) + "\n")
-    written = plot(results, directory)
-    print(markdown_table(results))
-    print(targets_table(results))
-    print(f"wrote {directory / 'speed.json'}, {directory / 'speed.md'}, " + ", ".join(map(str, written)))
+    tables = [markdown_table(results), targets_table(results)]
+    harness.write_results(args.output_dir, "speed", results, tables, plot(results))
     return results
 
 

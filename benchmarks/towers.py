@@ -19,11 +19,8 @@ Towers, with few layers so that they fit the machine (every layer is the same, s
     python benchmarks/towers.py --quick    # a smoke run: narrow towers, small images
 """
 
-import argparse
 import copy
 import itertools
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -33,8 +30,8 @@ from transformers import AttentionInterface, Dinov2Config, Dinov2Model, SiglipVi
 
 import castling_hf
 
-sys.path.insert(0, str(Path(__file__).parent))
-from speed import plot_against_tokens, time_interleaved  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))  # the harness
+import harness  # noqa: E402
 
 VARIANTS = ("castled", "sdpa", "floor")
 
@@ -92,21 +89,12 @@ def run(args) -> dict:
         for name in args.towers
         for grid in (QUICK if args.quick else {n: t[2] for n, t in TOWERS.items()})[name]
     ]
-    results = {
-        "command": "python benchmarks/towers.py " + " ".join(args.argv),
-        "machine": {
-            "cpu_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-        },
-        "layers": args.layers,
-        "inference": [],
-    }
-    progress = tqdm(total=len(plan) * len(VARIANTS) * args.repeats, desc="towers", unit="run")
+    results = {"command": args.command, "machine": harness.machine(), "layers": args.layers, "inference": []}
+    progress = tqdm(total=len(plan) * harness.runs_of(len(VARIANTS), args.repeats), desc="towers", unit="run")
     for name, grid in plan:
         progress.set_postfix(tower=name, tokens=grid * grid)
         models, pixel_values = build(name, grid, args.layers, args.quick)
-        latency = time_interleaved(models, pixel_values, args.repeats, progress)
+        latency = harness.inference_medians(models, pixel_values, args.repeats, progress)
         results["inference"].append({"tower": name, "grid": grid, "tokens": grid * grid, "latency_s": latency})
     progress.close()
     return results
@@ -179,48 +167,37 @@ def targets_table(results: dict) -> str:
         measured = [ratios(e)[ratio] for e in results["inference"] if e["tower"] == tower and selects(e)]
         if measured:
             worst = max(measured)
-            lines.append(f"| {tower} | {text} | {worst:.3f} | {'yes' if worst <= bound else 'no'} |")
+            lines.append(f"| {tower} | {text} | {worst:.3f} | {harness.yes_no(worst <= bound)} |")
     for tower in dict.fromkeys(e["tower"] for e in results["inference"]):
         where = crossing([e for e in results["inference"] if e["tower"] == tower])
         lines.append(f"| {tower} | castled / SDPA crosses 1.0 | {where} | |")
     return "\n".join(lines)
 
 
-def plot(results: dict, directory: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict) -> dict:
+    """Latency against tokens, one panel a tower."""
+    plt = harness.pyplot()
     towers = list(dict.fromkeys(e["tower"] for e in results["inference"]))
     figure, axes = plt.subplots(1, len(towers), figsize=(6 * len(towers), 4.5), squeeze=False)
     for axis, tower in zip(axes[0], towers, strict=True):
         selected = [e for e in results["inference"] if e["tower"] == tower]
         curves = {name: {e["tokens"]: e["latency_s"][name] * 1000 for e in selected} for name in VARIANTS}
-        plot_against_tokens(axis, curves, "latency (ms), batch 1", f"{tower}, {results['layers']} layers")
-    figure.tight_layout()
-    path = directory / "towers_latency.png"
-    figure.savefig(path, dpi=120)
-    return path
+        harness.plot_against_tokens(axis, curves, "latency (ms), batch 1", f"{tower}, {results['layers']} layers")
+    return {"towers_latency.png": figure}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "narrow towers on small grids, 2 repeats: a smoke run")
     parser.add_argument("--towers", nargs="+", default=list(TOWERS), choices=list(TOWERS))
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output_dir", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="narrow towers on small grids, 2 repeats: a smoke run")
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.command = harness.command_line(__file__, argv)
     if args.quick:
         args.repeats = 2
     results = run(args)
-    directory = Path(args.output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "towers.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown_table(results), targets_table(results), sep="\n\n")
-    plot(results, directory)
+    tables = [markdown_table(results), targets_table(results)]
+    harness.write_results(args.output_dir, "towers", results, tables, plot(results))
     return results
 
 

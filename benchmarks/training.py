@@ -20,24 +20,18 @@ beside SDPA; one training-form step at 1536 px, batch 1, shows that it runs.
     python benchmarks/training.py --quick           # a smoke run: nano size, small images
 """
 
-import argparse
-import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from castling_hf import CastlingViTConfig, CastlingViTForImageClassification, masked_softmax
 from castling_hf.attention import masked_softmax_attention
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # the harness and the speed benchmark
+import harness  # noqa: E402
 from speed import vit_for  # noqa: E402
 
 VARIANTS = ("vit_sdpa", "castling_training", "castling_linear")
@@ -60,94 +54,26 @@ def build_models(size: str, resolution: int) -> dict[str, torch.nn.Module]:
     }
 
 
-class StepMemory(TorchDispatchMode):
-    """Every storage the ops create, with the op counts at which it appeared and was freed, so that the peak can be
-    taken afterwards over any subset (here: all but the parameters' gradients)."""
-
-    def __init__(self):
-        super().__init__()
-        self.clock = 0
-        self.alive: dict[int, tuple[StorageWeakRef, int, int]] = {}
-        self.lifetimes: list[tuple[int, int, int, int]] = []  # (pointer, bytes, born, freed)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.clock += 1
-        for pointer, (ref, nbytes, born) in list(self.alive.items()):
-            if ref.expired():
-                self.lifetimes.append((pointer, nbytes, born, self.clock))
-                del self.alive[pointer]
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in self.alive and storage.nbytes():
-                    self.alive[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes(), self.clock)
-        return out
-
-    def peak_bytes(self, excluded_pointers: set[int]) -> int:
-        lifetimes = self.lifetimes + [(p, n, born, self.clock + 1) for p, (_, n, born) in self.alive.items()]
-        events = []
-        for pointer, nbytes, born, freed in lifetimes:
-            if pointer not in excluded_pointers:
-                events += [(born, nbytes), (freed, -nbytes)]
-        peak = total = 0
-        for _, change in sorted(events, key=lambda event: (event[0], event[1])):
-            total += change
-            peak = max(peak, total)
-        return peak
-
-
-def training_step(model, pixel_values, labels) -> None:
-    """Forward and backward, the gradients then dropped (as an optimizer's `zero_grad` does)."""
-    model(pixel_values=pixel_values, labels=labels).loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
-def peak_activation_bytes(model, pixel_values, labels) -> int:
-    model.zero_grad(set_to_none=True)
-    with StepMemory() as tracker:
-        model(pixel_values=pixel_values, labels=labels).loss.backward()
-    gradients = {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return tracker.peak_bytes(gradients)
-
-
-def time_steps(models: dict, pixel_values, labels, repeats: int, progress) -> dict[str, float]:
-    names, seconds = list(models), {name: [] for name in models}
-    for name in names:  # warm-up
-        training_step(models[name], pixel_values, labels)
-        progress.update(1)
-    for repeat in range(repeats):
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
-            start = time.perf_counter()
-            training_step(models[name], pixel_values, labels)
-            seconds[name].append(time.perf_counter() - start)
-            progress.update(1)
-    return {name: statistics.median(values) for name, values in seconds.items()}
-
-
 def run(args) -> dict:
     torch.manual_seed(0)
     plan = [(size, resolution, batch) for size in args.sizes for resolution, batch in args.plan]
     repeats = {resolution: args.repeats or REPEATS.get(resolution, 3) for _, resolution, _ in plan}
-    total = sum(len(VARIANTS) * (repeats[resolution] + 1) for _, resolution, _ in plan)
-    results = {
-        "command": "python benchmarks/training.py " + " ".join(args.argv),
-        "machine": {
-            "cpu_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-        },
-        "steps": [],
-    }
+    total = sum(harness.runs_of(len(VARIANTS), repeats[resolution]) for _, resolution, _ in plan)
+    results = {"command": args.command, "machine": harness.machine(), "steps": []}
     progress = tqdm(total=total, desc="training steps", unit="step")
     for size, resolution, batch in plan:
         progress.set_postfix(size=size, resolution=resolution, batch=batch)
         models = build_models(size, resolution)
         pixel_values = torch.randn(batch, 3, resolution, resolution)
         labels = torch.randint(0, 10, (batch,))
-        step = time_steps(models, pixel_values, labels, repeats[resolution], progress)
-        memory = {name: peak_activation_bytes(model, pixel_values, labels) for name, model in models.items()}
+        step = harness.interleaved_medians(
+            lambda model, x=pixel_values, y=labels: harness.training_step(model, x, y),
+            models,
+            repeats[resolution],
+            progress,
+            rotate=True,
+        )
+        memory = {name: harness.peak_activation_bytes(model, pixel_values, labels) for name, model in models.items()}
         results["steps"].append(
             {
                 "size": size,
@@ -179,7 +105,7 @@ def largest_castling_step(size: str, resolution: int) -> dict:
         "resolution": resolution,
         "batch": 1,
         "step_s": seconds,
-        "peak_activation_bytes": peak_activation_bytes(model, pixel_values, labels),
+        "peak_activation_bytes": harness.peak_activation_bytes(model, pixel_values, labels),
     }
 
 
@@ -198,16 +124,12 @@ def tile_sweep(tiles: list[int], heads: int = 6, head_dim: int = 64, repeats: in
             query, key, value = (x.transpose(1, 2) for x in qkv.unbind(2))
             return torch.nn.functional.scaled_dot_product_attention(query, key, value).transpose(1, 2)
 
-        runs = {"sdpa": sdpa, **{tile: (lambda tile=tile: branch(tile)) for tile in tiles}}
-        seconds = {name: [] for name in runs}
-        for repeat in tqdm(range(repeats + 1), desc=f"tile sweep, {tokens} tokens", unit="round"):
-            for name, forward in runs.items():
-                start = time.perf_counter()
-                torch.autograd.grad(forward(), qkv, grad)
-                if repeat:
-                    seconds[name].append(time.perf_counter() - start)
+        runs = {"sdpa": sdpa, **{str(tile): (lambda tile=tile: branch(tile)) for tile in tiles}}
+        with tqdm(total=harness.runs_of(len(runs), repeats), desc=f"tile sweep, {tokens} tokens", unit="run") as bar:
+            medians = harness.interleaved_medians(
+                lambda forward, qkv=qkv, grad=grad: torch.autograd.grad(forward(), qkv, grad), runs, repeats, bar
+            )
         masked_softmax.SCORE_TILE = default
-        medians = {str(name): statistics.median(values) for name, values in seconds.items()}
         entries.append({"tokens": tokens, "batch": batch, "heads": heads, "head_dim": head_dim, "seconds": medians})
     return entries
 
@@ -268,7 +190,7 @@ def targets_table(results: dict) -> str:
         for entry in results["steps"]:
             if (entry["size"], entry["resolution"], entry["batch"]) == (size, resolution, batch):
                 measured = ratios(entry)[ratio]
-                met = "yes" if measured <= bound else "no"
+                met = harness.yes_no(measured <= bound)
                 lines.append(f"| {size} | {resolution} | {batch} | {text} | {measured:.3f} | {met} |")
     return "\n".join(lines)
 
@@ -289,12 +211,9 @@ def tile_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, directory: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict) -> dict:
+    """Step time and peak activations of every form, per size."""
+    plt = harness.pyplot()
     sizes = list(dict.fromkeys(entry["size"] for entry in results["steps"]))
     figure, axes = plt.subplots(2, len(sizes), figsize=(6 * len(sizes), 8), squeeze=False)
     for column, size in enumerate(sizes):
@@ -311,23 +230,18 @@ def plot(results: dict, directory: Path) -> Path:
             axis.set(yscale="log", ylabel=unit, title=f"{size}: {'training step' if row == 0 else 'peak activations'}")
             axis.grid(True, axis="y", which="both", alpha=0.3)
             axis.legend()
-    figure.tight_layout()
-    path = directory / "training.png"
-    figure.savefig(path, dpi=120)
-    return path
+    return {"training.png": figure}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "nano size, 32 and 64 pixels, 1 repeat: a smoke run")
     parser.add_argument("--sizes", nargs="+", default=["small", "tiny"])
     parser.add_argument("--repeats", type=int, default=None, help="Rounds per configuration (default: REPEATS).")
     parser.add_argument("--largest", type=int, default=1536, help="One training-form step at this size (0: none).")
     parser.add_argument("--no_tile_sweep", dest="tile_sweep", action="store_false", help="Skip timing tile sizes.")
     parser.add_argument("--tile_sweep_tiles", nargs="+", type=int, default=[2**19, 2**20, 2**21, 2**22])
-    parser.add_argument("--output_dir", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="nano size, 32 and 64 pixels, 1 repeat: a smoke run")
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.command = harness.command_line(__file__, argv)
     args.plan = PLAN
     if args.quick:
         args.sizes, args.plan, args.repeats, args.largest = ["nano"], ((32, 4), (64, 2)), 1, 96
@@ -336,15 +250,8 @@ def main(argv=None):
     results = run(args)
     for entry in results["steps"]:
         entry["ratios"] = ratios(entry)
-    directory = Path(args.output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "training.json").write_text(json.dumps(results, indent=2))
     tables = [markdown_table(results), targets_table(results), tile_table(results)]
-    (directory / "training.md").write_text("\n\n".join(t for t in tables if t) + "\n")
-    written = plot(results, directory)
-    for table in tables:
-        print(table)
-    print(f"wrote {directory / 'training.json'}, {directory / 'training.md'}, {written}")
+    harness.write_results(args.output_dir, "training", results, tables, plot(results))
     return results
 
 
