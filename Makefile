@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 BENCH_ARGS ?=  # e.g. BENCH_ARGS=--quick for a smoke run (speed benchmark)
 TRAINING_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))  # the training, distillation and MViTv2 benchmarks take --quick
 
-.PHONY: install test lint demo bench bench-training bench-accuracy bench-detection bench-segmentation bench-castle \
+.PHONY: install test lint demo docs bench bench-training bench-accuracy bench-detection bench-segmentation bench-castle \
 	bench-distill bench-distill-towers bench-mvitv2 bench-towers
 
 install:
@@ -23,6 +23,10 @@ lint: install
 
 demo: install
 	$(PYTHON) examples/demo.py
+
+# The manual, from docs/ into site/; --strict fails on a broken link, anchor or API reference (make test runs it too).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
 
 bench: install
 	$(PYTHON) benchmarks/speed.py $(BENCH_ARGS)

@@ -39,6 +39,10 @@ setup(
             "onnx>=1.16",
             "onnxscript",
             "onnxruntime>=1.18",
+            # the manual (make docs), whose strict build make test runs
+            "mkdocs>=1.6",
+            "mkdocs-material>=9.5",
+            "mkdocstrings[python]>=0.26",
         ],
     },
 )

@@ -1,9 +1,10 @@
 """Castling timm's MViTv2: every output of the castled model equals the source's, at its resolution and at others."""
 
+import functools
 import json
 import sys
-from pathlib import Path
 
+import offline_hub
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,26 +165,13 @@ def test_a_timm_checkpoint_folder_and_a_timm_wrapper_castle_exactly(tmp_path):
         assert (castled(pixel_values=pixels).logits - wrapper(pixel_values=pixels).logits).abs().max() <= 1e-4
 
 
-def timm_hub_cache(cache: Path, repo_id: str, model) -> None:
-    """The Hub's cache of a timm repository, as a download leaves it: `refs/main` naming a snapshot that holds the
-    files `timm.models.push_to_hf_hub` uploads (config.json with the architecture, model.safetensors)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    revision = "0" * 40
-    snapshot = repo / "snapshots" / revision
-    timm.models.save_for_hf(model, snapshot)
-    config = json.loads((snapshot / "config.json").read_text())
-    del config["model_args"]  # what create_model was given here; the Hub's timm repositories carry none
-    (snapshot / "config.json").write_text(json.dumps(config))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-
-
 def test_a_timm_hub_name_castles_from_the_hub_cache_offline(tmp_path, monkeypatch):
     import huggingface_hub
 
     timm_helper().let_transformers_use_timm()
     source = perturbed(timm.create_model("mvitv2_tiny", num_classes=1000))
-    timm_hub_cache(tmp_path / "hub", "timm/mvitv2_tiny.fb_in1k", source)
+    save = functools.partial(offline_hub.save_timm_for_hub, source, timm=timm)
+    offline_hub.cached_repository(tmp_path / "hub", "timm/mvitv2_tiny.fb_in1k", save)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
