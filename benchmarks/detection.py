@@ -49,15 +49,8 @@ def detectors(size: str, resolution: int) -> dict[str, torch.nn.Module]:
 
 def train(args) -> dict:
     """The example's run with the recipe: its mAP before and after the switch, wall time and log history."""
-    run = harness.run_example(EXAMPLE, harness.example_run_argv(args, args.run_dir), args.run_dir)
-    return {
-        "command": run["command"],
-        "wall_seconds": run["wall_seconds"],
-        "castling": run["results"]["castling"],
-        "linear": run["results"]["linear"],
-        "held_out_images": run["results"]["eval_samples"],
-        "history": run["history"],
-    }
+    argv = harness.example_run_argv(args, args.run_dir)
+    return harness.run_example(EXAMPLE, argv, args.run_dir, recorded=("castling", "linear"))
 
 
 def latency(args) -> list[dict]:

@@ -64,7 +64,8 @@ def interleaved_medians(run: Callable, models: dict, rounds: int, progress, rota
 
     The models take turns within every round (A B C, A B C, ...) rather than each running all its rounds at once, so
     that a noisy machine's drifts hit them all alike; with `rotate` the order turns by one every round (A B C, B C A,
-    ...), so that no model always runs right after the same other (for training steps, which leave more behind)."""
+    ...), so that none always runs first, or always after the same other (the training benchmarks rotate: a step
+    leaves the caches and the allocator to the next). Warm-up runs count on `progress` too (see `runs_of`)."""
     names = list(models)
     for name in names:
         run(models[name])
@@ -238,15 +239,20 @@ def example_run_argv(args, output_dir: Path) -> list[str]:
     ).split()
 
 
-def run_example(path: Path, argv: list[str], output_dir: Path) -> dict:
-    """An example's `main(argv)` run in this process and timed: what it returns (`results`), the command a user
-    would type for it, its wall time and the Trainer's log history, which it left in `output_dir`."""
+def run_example(path: Path, argv: list[str], output_dir: Path, recorded: tuple[str, ...]) -> dict:
+    """An example's `main(argv)` run in this process and timed, as a benchmark records it: the command a user would
+    type for it, its wall time, the `recorded` items of what it returns (its metrics), how many images it held out,
+    and the Trainer's log history, which it left in `output_dir`."""
     started = time.perf_counter()
     results = load_module(path).main(argv)
     seconds = time.perf_counter() - started
-    history = json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
-    command = f"python {path.relative_to(ROOT)} " + " ".join(argv)
-    return {"results": results, "command": command, "wall_seconds": seconds, "history": history}
+    return {
+        "command": f"python {path.relative_to(ROOT)} " + " ".join(argv),
+        "wall_seconds": seconds,
+        **{name: results[name] for name in recorded},
+        "held_out_images": results["eval_samples"],
+        "history": json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"],
+    }
 
 
 # -- results ---------------------------------------------------------------------------------------------------------

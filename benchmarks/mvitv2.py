@@ -9,9 +9,10 @@ Inference, batch 1 (median of interleaved rounds, the order rotated from round t
 - `castling_vit_linear`:    the plain Castling-ViT `small` in the inference form, of about MViTv2-T's MACs at 224 px
                            (4.4 G against 4.7 G).
 
-A training step (forward and backward) and its peak activation memory (`training.py`'s measure: the tensors a step
-holds at once, the gradients left out) of Castling-MViTv2 `tiny` in the training form (α = 1, the default mask)
-beside timm's `mvitv2_tiny`, at 224 px (batch 8) and 512 px (batch 2). MACs come from `torch.utils.flop_counter`.
+A training step (forward and backward) and its peak activation memory (the training benchmark's measure,
+`harness.peak_activation_bytes`: the tensors a step holds at once, the gradients left out) of Castling-MViTv2 `tiny`
+in the training form (α = 1, the default mask) beside timm's `mvitv2_tiny`, at 224 px (batch 8) and 512 px
+(batch 2). MACs come from `torch.utils.flop_counter`.
 
     python benchmarks/mvitv2.py            # make bench-mvitv2 (in make bench)
     python benchmarks/mvitv2.py --quick    # a smoke run: nano size, small images

@@ -66,18 +66,9 @@ def train(args, family: str = "castling_vit") -> dict:
     the simple pyramid) or Castling-MViTv2 (its four stages)."""
     run_dir = Path(args.run_dir) / family
     family_options = f"--model_name_or_path nano --backbone_family {family} --decode_hidden_size {UPERNET_WIDTH}"
-    run = harness.run_example(EXAMPLE, harness.example_run_argv(args, run_dir) + family_options.split(), run_dir)
-    return {
-        "command": run["command"],
-        "wall_seconds": run["wall_seconds"],
-        "castling": run["results"]["castling"],
-        "linear": run["results"]["linear"],
-        "labels": run["results"]["labels"],
-        "held_out_images": run["results"]["eval_samples"],
-        "steps": args.max_steps,
-        "upernet_width": UPERNET_WIDTH,
-        "history": run["history"],
-    }
+    argv = harness.example_run_argv(args, run_dir) + family_options.split()
+    run = harness.run_example(EXAMPLE, argv, run_dir, recorded=("castling", "linear", "labels"))
+    return {**run, "steps": args.max_steps, "upernet_width": UPERNET_WIDTH}
 
 
 def latency_and_memory(args) -> list[dict]:
