@@ -11,15 +11,16 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-def load_readme_tables():
-    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
+def load_benchmark(name: str):
+    """A script of benchmarks/ loaded by its path, as readme_tables.py loads them."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_readme_tables_are_rendered_from_the_benchmark_json():
-    readme_tables = load_readme_tables()
+    readme_tables = load_benchmark("readme_tables")
     tables = readme_tables.tables()
     assert set(tables) == {
         "speed",
@@ -50,9 +51,7 @@ def test_readme_tables_are_rendered_from_the_benchmark_json():
 
 
 def test_training_benchmark_smoke_run_writes_its_results(tmp_path):
-    spec = importlib.util.spec_from_file_location("training", ROOT / "benchmarks" / "training.py")
-    training = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(training)
+    training = load_benchmark("training")
     results = training.main(["--quick", "--output_dir", str(tmp_path)])
     assert [(entry["resolution"], entry["batch"]) for entry in results["steps"]] == [(32, 4), (64, 2)]
     for entry in results["steps"]:
@@ -66,9 +65,7 @@ def test_training_benchmark_smoke_run_writes_its_results(tmp_path):
 
 
 def test_detection_benchmark_smoke_run_writes_its_results(tmp_path):
-    spec = importlib.util.spec_from_file_location("detection", ROOT / "benchmarks" / "detection.py")
-    detection = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(detection)
+    detection = load_benchmark("detection")
     results = detection.main(["--quick", "--output_dir", str(tmp_path), "--run_dir", str(tmp_path / "run")])
     training = results["training"]
     assert training["castling"]["eval_castling_map"] == training["linear"]["eval_linear_map"]
@@ -78,9 +75,7 @@ def test_detection_benchmark_smoke_run_writes_its_results(tmp_path):
 
 
 def test_segmentation_benchmark_smoke_run_writes_its_results(tmp_path):
-    spec = importlib.util.spec_from_file_location("segmentation", ROOT / "benchmarks" / "segmentation.py")
-    segmentation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(segmentation)
+    segmentation = load_benchmark("segmentation")
     results = segmentation.main(["--quick", "--output_dir", str(tmp_path), "--run_dir", str(tmp_path / "run")])
     training = results["training"]
     assert training["castling"]["eval_castling_mean_iou"] == training["linear"]["eval_linear_mean_iou"]
@@ -95,9 +90,7 @@ def test_segmentation_benchmark_smoke_run_writes_its_results(tmp_path):
 
 
 def test_castle_benchmark_smoke_run_writes_its_results(tmp_path):
-    spec = importlib.util.spec_from_file_location("castle", ROOT / "benchmarks" / "castle.py")
-    castle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(castle)
+    castle = load_benchmark("castle")
     results = castle.main(["--quick", "--output_dir", str(tmp_path), "--run_dir", str(tmp_path / "run")])
     assert results["start_max_abs_logit_difference"] <= 1e-5  # the castled model starts as the source
     # The inference checkpoint computes what the castled model computed once α reached 0.
@@ -105,13 +98,6 @@ def test_castle_benchmark_smoke_run_writes_its_results(tmp_path):
     assert set(results["latency_ms"]) == {64, 128} and results["pipeline_labels"]
     assert "| 128 | backbone |" in castle.markdown_table(results)
     assert (tmp_path / "castle.png").stat().st_size > 0
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_speed_benchmark_smoke_run_times_every_variant(tmp_path):
