@@ -320,11 +320,10 @@ def choose_defaults(rows: list[dict], task: str = "focus") -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = [
+    lines = harness.table_head(
         "| task | variant | test accuracy % (mean ± std) | seeds | steps | inference MACs | switch changed accuracy by "
-        "| least share kept at step 0 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        "| least share kept at step 0 |"
+    )
     for row in rows:
         change = f"{row['switch_change_max_abs']:.2f} points at most" if "switch_change_max_abs" in row else "—"
         kept = f"{row['kept_share_at_start_min']:.3f}" if "kept_share_at_start_min" in row else "—"
@@ -340,11 +339,10 @@ def fields_text(fields: dict) -> str:
 
 
 def choices_table(choices: dict) -> str:
-    lines = [
+    lines = harness.table_head(
         "| choice | the defaults the numbers support | best other option | its margin over the reference (points) "
-        "| 2 × standard error | adopted |",
-        "|---|---|---|---|---|---|",
-    ]
+        "| 2 × standard error | adopted |"
+    )
     for choice, outcome in choices.items():
         lines.append(
             f"| {choice} | {fields_text(outcome['value'])} | {fields_text(outcome['best_other_value'])} "
@@ -367,7 +365,7 @@ TARGETS = [
 
 def targets_table(rows: list[dict]) -> str:
     means = {(row["task"], row["variant"]): row["accuracy_mean"] for row in rows}
-    lines = ["| task | claim | measured | met |", "|---|---|---|---|"]
+    lines = harness.table_head("| task | claim | measured | met |")
     for task, variant, other, least in TARGETS:
         if (task, variant) not in means or (other is not None and (task, other) not in means):
             continue

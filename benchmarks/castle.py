@@ -25,16 +25,14 @@ TARGET_MEAN_IOU_DROP = 0.01  # and the castled model after the switch within one
 def markdown_table(results: dict) -> str:
     source, castled = results["source_mean_iou"], results["castled_mean_iou_after_switch"]
     lines = [
-        "| model | mean IoU | castled − source | recipe wall time |",
-        "|---|---|---|---|",
+        *harness.table_head("| model | mean IoU | castled − source | recipe wall time |"),
         f"| source: UperNet on Dinov2 (softmax) | {source:.3f} | | |",
         f"| castled, before the switch | {results['castled_mean_iou_before_switch']:.3f} "
         f"| {results['castled_mean_iou_before_switch'] - source:+.3f} | |",
         f"| castled, after the switch (inference checkpoint) | {castled:.3f} | {castled - source:+.3f} "
         f"| {results['recipe_wall_seconds']:.0f} s |",
         "",
-        "| resolution | part | source (ms) | castled (ms) | castled / source |",
-        "|---|---|---|---|---|",
+        *harness.table_head("| resolution | part | source (ms) | castled (ms) | castled / source |"),
     ]
     for resolution, parts in results["latency_ms"].items():
         for part, row in parts.items():

@@ -69,10 +69,7 @@ def latency(args) -> list[dict]:
 
 def markdown_table(results: dict) -> str:
     training = results["training"]
-    lines = [
-        "| form | mAP@[.5:.95] | mAP@.5 | held-out images | training run (wall) |",
-        "|---|---|---|---|---|",
-    ]
+    lines = harness.table_head("| form | mAP@[.5:.95] | mAP@.5 | held-out images | training run (wall) |")
     for form in ("castling", "linear"):
         metrics = training[form]
         lines.append(
@@ -81,8 +78,9 @@ def markdown_table(results: dict) -> str:
         )
     lines += [
         "",
-        "| size | resolution | tokens | castling (linear) s | softmax encoder s | castling / softmax |",
-        "|---|---|---|---|---|---|",
+        *harness.table_head(
+            "| size | resolution | tokens | castling (linear) s | softmax encoder s | castling / softmax |"
+        ),
     ]
     for entry in results["latency"]:
         seconds = entry["seconds"]

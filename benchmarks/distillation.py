@@ -394,11 +394,10 @@ def shown(entry: dict, value: float) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    lines = [
+    lines = harness.table_head(
         "| task | route | labels | images | steps | metric after the switch (mean ± std) | each seed | source "
-        "| castled − source | feature cosine (1× / 2× res) | a run (wall) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "| castled − source | feature cosine (1× / 2× res) | a run (wall) |"
+    )
     for entry in results["summary"]:
         labels, images = (FOCUS_ROUTES if entry["task"] == "focus" else SEGMENTATION_ROUTES)[entry["route"]]
         spread = f"{shown(entry, entry['mean'])} ± {entry['std']:.{1 if entry['metric'] == 'accuracy' else 3}f}"
@@ -416,7 +415,7 @@ def markdown_table(results: dict) -> str:
 
 def targets_table(results: dict) -> str:
     focus = {entry["route"]: entry for entry in results["summary"] if entry["task"] == "focus"}
-    lines = ["| route | target | measured | met |", "|---|---|---|---|"]
+    lines = harness.table_head("| route | target | measured | met |")
     for route, least in TARGETS:
         if route in focus:
             measured = focus[route]["mean"] - focus[route]["source"]

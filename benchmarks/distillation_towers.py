@@ -238,11 +238,10 @@ def summarise(sources: list[dict], runs: list[dict]) -> list[dict]:
 
 
 def markdown_table(results: dict) -> str:
-    lines = [
+    lines = harness.table_head(
         "| source | route | metric after the switch (mean ± std) | each seed | source | castled − source "
-        "| feature cosine | target met (no labels: −2 points, −0.02 mean IoU) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        "| feature cosine | target met (no labels: −2 points, −0.02 mean IoU) |"
+    )
     for entry in results["summary"]:
         digits, unit = (1, " %") if entry["metric"] == "accuracy" else (3, "")
         difference = entry["mean"] - entry["source"]

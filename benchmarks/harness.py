@@ -258,6 +258,11 @@ def run_example(path: Path, argv: list[str], output_dir: Path, recorded: tuple[s
 # -- results ---------------------------------------------------------------------------------------------------------
 
 
+def table_head(header: str) -> list[str]:
+    """A markdown table's first two lines: `header` (`| a | b |`) and the rule under it, with as many columns."""
+    return [header, "|---" * (header.count("|") - 1) + "|"]
+
+
 def yes_no(met: bool | None) -> str:
     """A table's cell for a target met or not, or for a flag; "—" where there is nothing to say."""
     return "—" if met is None else "yes" if met else "no"

@@ -143,11 +143,10 @@ def measured(results: dict, kind: str, resolution: int, measure_name: str) -> fl
 
 
 def markdown_table(results: dict) -> str:
-    lines = [
+    lines = harness.table_head(
         "| res | timm MViTv2-T (ms) | Castling-MViTv2-T linear (ms) | plain Castling-ViT-S linear (ms) "
-        "| MViTv2 linear / timm | ViT-S linear / timm | GMACs timm / MViTv2 linear / ViT-S linear |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        "| MViTv2 linear / timm | ViT-S linear / timm | GMACs timm / MViTv2 linear / ViT-S linear |"
+    )
     for entry in results["inference"]:
         latency, counted = entry["latency_s"], entry["macs"]
         lines.append(
@@ -160,9 +159,10 @@ def markdown_table(results: dict) -> str:
         )
     lines += [
         "",
-        "| res | batch | timm MViTv2-T step (s) | Castling-MViTv2-T training form (s) | step ratio "
-        "| timm peak activations (MiB) | training form peak activations (MiB) | peak ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        *harness.table_head(
+            "| res | batch | timm MViTv2-T step (s) | Castling-MViTv2-T training form (s) | step ratio "
+            "| timm peak activations (MiB) | training form peak activations (MiB) | peak ratio |"
+        ),
     ]
     for entry in results["training"]:
         step, memory = entry["step_s"], entry["peak_activation_bytes"]
@@ -176,7 +176,7 @@ def markdown_table(results: dict) -> str:
 
 
 def targets_table(results: dict) -> str:
-    lines = ["| res | measure | target | measured | met |", "|---|---|---|---|---|"]
+    lines = harness.table_head("| res | measure | target | measured | met |")
     for kind, resolution, measure_name, most in TARGETS:
         value = measured(results, kind, resolution, measure_name)
         if value is not None:

@@ -96,11 +96,10 @@ def latency_and_memory(args) -> list[dict]:
 
 def families_table(results: dict) -> str:
     """UperNet on each family's `nano` backbone, trained with the same recipe, head width and budget."""
-    lines = [
+    lines = harness.table_head(
         "| backbone (nano) | maps for UperNet | UperNet width | mean IoU, castling form | mean IoU after the switch "
-        "| steps | training run (wall) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        "| steps | training run (wall) |"
+    )
     maps = {"castling_vit": "simple pyramid, strides 4-32 px", "castling_mvitv2": "its four stages, strides 4-32 px"}
     for family, training in results["families"].items():
         lines.append(
@@ -118,11 +117,10 @@ def ratio(values: dict) -> float:
 
 def markdown_table(results: dict) -> str:
     training = results["training"]
-    lines = [
+    lines = harness.table_head(
         "| form | mean IoU | " + " | ".join(f"IoU {label}" for label in training["labels"]) + " | overall "
-        "accuracy | held-out images | training run (wall) |",
-        "|---" * (len(training["labels"]) + 5) + "|",
-    ]
+        "accuracy | held-out images | training run (wall) |"
+    )
     for form in ("castling", "linear"):
         metrics = training[form]
         per_class = " | ".join(f"{metrics[f'eval_{form}_iou_{label}']:.3f}" for label in training["labels"])
@@ -133,9 +131,10 @@ def markdown_table(results: dict) -> str:
         )
     lines += [
         "",
-        "| size | resolution | tokens | part | castling (linear) s | Dinov2 (SDPA) s | latency ratio "
-        "| castling peak MiB | Dinov2 peak MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *harness.table_head(
+            "| size | resolution | tokens | part | castling (linear) s | Dinov2 (SDPA) s | latency ratio "
+            "| castling peak MiB | Dinov2 peak MiB | memory ratio |"
+        ),
     ]
     for entry in results["latency"]:
         for part in ("backbone", "upernet"):

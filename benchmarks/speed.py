@@ -153,11 +153,10 @@ def plot(results: dict) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    lines = [
+    lines = harness.table_head(
         "| size | res | tokens | batch | linear (ms) | ViT-SDPA (ms) | floor (ms) "
-        "| linear / floor | linear / ViT | ViT / floor | MACs linear / ViT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "| linear / floor | linear / ViT | ViT / floor | MACs linear / ViT |"
+    )
     for entry in results["inference"]:
         latency, r = entry["latency_s"], ratios(entry)
         lines.append(
@@ -192,7 +191,7 @@ TARGETS = [
 
 def targets_table(results: dict) -> str:
     """Each target against the worst ratio measured for it, per size."""
-    lines = ["| size | target | worst measured | met |", "|---|---|---|---|"]
+    lines = harness.table_head("| size | target | worst measured | met |")
     sizes = list(dict.fromkeys(entry["size"] for entry in results["inference"]))
     for size in sizes:
         for text, selects, ratio, bound, strict in TARGETS:

@@ -148,10 +148,9 @@ TARGETS = [
 
 
 def markdown_table(results: dict) -> str:
-    lines = [
-        "| tower | tokens | castled (ms) | SDPA (ms) | floor (ms) | castled / floor | castled / SDPA |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = harness.table_head(
+        "| tower | tokens | castled (ms) | SDPA (ms) | floor (ms) | castled / floor | castled / SDPA |"
+    )
     for entry in results["inference"]:
         latency, r = entry["latency_s"], ratios(entry)
         lines.append(
@@ -162,7 +161,7 @@ def markdown_table(results: dict) -> str:
 
 
 def targets_table(results: dict) -> str:
-    lines = ["| tower | target | worst measured | met |", "|---|---|---|---|"]
+    lines = harness.table_head("| tower | target | worst measured | met |")
     for text, tower, selects, ratio, bound in TARGETS:
         measured = [ratios(e)[ratio] for e in results["inference"] if e["tower"] == tower and selects(e)]
         if measured:

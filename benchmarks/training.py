@@ -145,12 +145,11 @@ def ratios(entry: dict) -> dict[str, float]:
 
 
 def markdown_table(results: dict) -> str:
-    lines = [
+    lines = harness.table_head(
         "| size | res | tokens | batch | ViT-SDPA step (s) | training form (s) | linear form (s) | training / ViT "
         "| linear / ViT | ViT-SDPA peak (MiB) | training form peak (MiB) | linear form peak (MiB) | training / ViT "
-        "peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "peak |"
+    )
     for entry in results["steps"]:
         step, memory, r = entry["step_s"], entry["peak_activation_bytes"], ratios(entry)
         mib = {name: memory[name] / 2**20 for name in VARIANTS}
@@ -185,7 +184,7 @@ TARGETS = [
 
 
 def targets_table(results: dict) -> str:
-    lines = ["| size | res | batch | target | measured | met |", "|---|---|---|---|---|---|"]
+    lines = harness.table_head("| size | res | batch | target | measured | met |")
     for text, size, resolution, batch, ratio, bound in TARGETS:
         for entry in results["steps"]:
             if (entry["size"], entry["resolution"], entry["batch"]) == (size, resolution, batch):
@@ -200,10 +199,9 @@ def tile_table(results: dict) -> str:
     if not sweep:
         return ""
     tiles = [name for name in sweep[0]["seconds"] if name != "sdpa"]
-    lines = [
-        "| tokens | batch | SDPA (ms) | " + " | ".join(f"tile {int(t):,} (ms)" for t in tiles) + " |",
-        "|---|---|---|" + "---|" * len(tiles),
-    ]
+    lines = harness.table_head(
+        "| tokens | batch | SDPA (ms) | " + " | ".join(f"tile {int(t):,} (ms)" for t in tiles) + " |"
+    )
     for entry in sweep:
         seconds = entry["seconds"]
         cells = " | ".join(f"{seconds[t] * 1000:.0f} ({seconds[t] / seconds['sdpa']:.2f}×)" for t in tiles)
