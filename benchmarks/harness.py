@@ -189,8 +189,8 @@ def one_thread() -> None:
 
 
 def process_pool(workers: int = 2, initializer: Callable = one_thread, initargs: tuple = ()) -> ProcessPoolExecutor:
-    """Worker processes started fresh (spawned, not forked: a fork would inherit this process's torch threads);
-    each runs the benchmark again by its path to find the jobs' functions."""
+    """Worker processes started fresh (spawned, not forked: a child forked from a process whose torch thread pool
+    has run can hang in it); each runs the benchmark again by its path to find the jobs' functions."""
     context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs)
 
@@ -290,8 +290,9 @@ def plot_against_tokens(axis, curves: dict[str, dict[int, float]], ylabel: str, 
 
 
 def write_results(directory: Path, name: str, results: dict, tables: list[str], figures: dict | None = None) -> None:
-    """`results` as `name`.json, the non-empty `tables` as `name`.md (what README.md shows) and each of `figures`
-    (file name: figure) as a PNG, all in `directory`; the tables are printed, and what was written."""
+    """`results` as `name`.json, the non-empty `tables` as `name`.md (the tables README.md and the manual show) and
+    each of `figures` (file name: figure) as a PNG, all in `directory`; the tables are printed, and what was
+    written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = [directory / f"{name}.json", directory / f"{name}.md"]
