@@ -8,7 +8,7 @@ A benchmark imports it by name from its own folder, which it puts first on `sys.
     import harness  # noqa: E402
 
 That holds however the script is started: as a script, loaded by its path (`importlib`, as the tests and
-`readme_tables.py` load it), or run again by its path in a spawned worker process, which also inherits `sys.path`.
+`docs_tables.py` load it), or run again by its path in a spawned worker process, which also inherits `sys.path`.
 """
 
 import argparse

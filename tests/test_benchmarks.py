@@ -13,7 +13,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def load_benchmark(name: str):
-    """A script of benchmarks/ loaded by its path, as readme_tables.py loads them."""
+    """A script of benchmarks/ loaded by its path, as docs_tables.py loads them."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -125,9 +125,12 @@ def compute_metrics(prediction):
     return Accuracy().compute(predictions=np.argmax(prediction.predictions, axis=1), references=prediction.label_ids)
 
 
+def argument_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, HubArguments, DataTrainingArguments, TrainingArguments))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, HubArguments, DataTrainingArguments, TrainingArguments))
-    model_args, hub_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, hub_args, data_args, training_args = argument_parser().parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     # The transforms read the raw image and label columns, which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False

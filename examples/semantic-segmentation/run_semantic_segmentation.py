@@ -326,9 +326,12 @@ def make_compute_metrics(labels: list[str]):
     return compute_metrics
 
 
+def argument_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = argument_parser().parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     training_args.remove_unused_columns = False  # the transform reads the raw image and annotation columns
     set_seed(training_args.seed)

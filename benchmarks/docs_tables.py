@@ -2,16 +2,19 @@
 """Write the benchmark tables of README.md and the manual (docs/) from the benchmark JSON, and the README's headline
 figure, so that no number in them is typed by hand.
 
-    python benchmarks/readme_tables.py    # after any benchmark run
+    python benchmarks/docs_tables.py    # after any benchmark run
 
 Each table sits between `<!-- table: NAME -->` and `<!-- end table: NAME -->` in README.md or a page under docs/;
 `tests/test_docs.py` checks that every page holds exactly what this script would write.
 """
 
-import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # the harness and the benchmarks whose tables it renders
+import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -27,10 +30,7 @@ def documents() -> list[Path]:
 
 
 def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return harness.load_module(ROOT / "benchmarks" / f"{name}.py")
 
 
 def _json(name: str) -> dict | None:
@@ -113,11 +113,7 @@ def headline_table(rows: dict) -> str:
 
 
 def plot_headline(rows: dict, path: Path = HEADLINE_FIGURE) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     figure, (speed_axis, castled_axis) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     for label, points in rows["speed"].items():
         speed_axis.plot(*zip(*points, strict=True), marker="o", label=label)
@@ -181,9 +177,9 @@ def block(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- table: {name} -->\n)(.*?)(\n<!-- end table: {name} -->)", re.S)
 
 
-def readme_table(readme: str, name: str) -> str | None:
-    """The table now between the markers `name` in `readme` (any page's text), or None if the markers are missing."""
-    found = block(name).search(readme)
+def marked_table(text: str, name: str) -> str | None:
+    """The table now between the markers `name` in a page's `text`, or None if the markers are missing."""
+    found = block(name).search(text)
     return found.group(2) if found else None
 
 
@@ -193,7 +189,7 @@ def placed_tables() -> dict[str, list[tuple[Path, str]]]:
     for page in documents():
         text = page.read_text()
         for name in re.findall(r"<!-- table: ([\w-]+) -->", text):
-            if (table := readme_table(text, name)) is None:
+            if (table := marked_table(text, name)) is None:
                 raise SystemExit(f"{page}: the table block {name} has no end marker or no line between its markers.")
             placed.setdefault(name, []).append((page, table))
     return placed
