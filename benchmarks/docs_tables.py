@@ -173,8 +173,12 @@ def tables() -> dict[str, str]:
     return rendered
 
 
+# A table's markers stand on lines of their own (a page may quote them in its prose).
+MARKER = re.compile(r"^<!-- table: ([\w-]+) -->$", re.M)
+
+
 def block(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- table: {name} -->\n)(.*?)(\n<!-- end table: {name} -->)", re.S)
+    return re.compile(rf"^(<!-- table: {name} -->\n)(.*?)(\n<!-- end table: {name} -->)$", re.S | re.M)
 
 
 def marked_table(text: str, name: str) -> str | None:
@@ -188,7 +192,7 @@ def placed_tables() -> dict[str, list[tuple[Path, str]]]:
     placed = {}
     for page in documents():
         text = page.read_text()
-        for name in re.findall(r"<!-- table: ([\w-]+) -->", text):
+        for name in MARKER.findall(text):
             if (table := marked_table(text, name)) is None:
                 raise SystemExit(f"{page}: the table block {name} has no end marker or no line between its markers.")
             placed.setdefault(name, []).append((page, table))
@@ -204,7 +208,7 @@ def update() -> list[str]:
         raise SystemExit(f"pages hold table blocks no benchmark JSON renders: {unknown}.")
     for page in {page for places in placed.values() for page, _ in places}:
         text = page.read_text()
-        for name in re.findall(r"<!-- table: ([\w-]+) -->", text):
+        for name in MARKER.findall(text):
             text = block(name).sub(lambda match, table=rendered[name]: match.group(1) + table + match.group(3), text)
         page.write_text(text)
     if rows := headline():
