@@ -40,11 +40,10 @@ def _json(name: str) -> dict | None:
 
 def mechanisms_table(study: dict) -> str:
     """Castling in place against the deleted conversion into Castling-ViT (`benchmarks/mechanisms.py` at e4bb627)."""
-    rows = [
+    rows = harness.table_head(
         "| source | tokens | max abs diff at α = 1 (conversion / in place) | conversion (ms) | in place (ms) "
-        "| in place / conversion |",
-        "|---|---|---|---|---|---|",
-    ]
+        "| in place / conversion |"
+    )
     for source in study["sources"]:
         difference = source["max_abs_difference_at_alpha_1"]
         for tokens, latency in source["latency_s"].items():
@@ -59,7 +58,7 @@ def mechanisms_table(study: dict) -> str:
 def sizes_table() -> str:
     from castling_hf import CASTLING_VIT_SIZES
 
-    rows = ["| name | hidden | layers | heads | MLP | image | patch |", "|---|---|---|---|---|---|---|"]
+    rows = harness.table_head("| name | hidden | layers | heads | MLP | image | patch |")
     for name, size in CASTLING_VIT_SIZES.items():
         fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size")
         rows.append(f"| `{name}` | " + " | ".join(str(size[field]) for field in (*fields, "patch_size")) + " |")
@@ -102,12 +101,14 @@ def headline() -> dict[str, list] | None:
 
 def headline_table(rows: dict) -> str:
     resolutions = sorted({resolution for points in rows["speed"].values() for resolution, _ in points})
-    lines = ["| inference time, batch 1 | " + " | ".join(f"{r} px" for r in resolutions) + " |"]
-    lines.append("|---|" + "---|" * len(resolutions))
+    lines = harness.table_head("| inference time, batch 1 | " + " | ".join(f"{r} px" for r in resolutions) + " |")
     for label, points in rows["speed"].items():
         ratio = dict(points)
         lines.append(f"| {label} | " + " | ".join(f"{ratio[r]:.2f}×" if r in ratio else "" for r in resolutions) + " |")
-    lines += ["", "| castled, after the switch | castled − source (points, mean ± std of 3 seeds) |", "|---|---|"]
+    lines += [
+        "",
+        *harness.table_head("| castled, after the switch | castled − source (points, mean ± std of 3 seeds) |"),
+    ]
     lines += [f"| {label} | {difference:+.1f} ± {std:.1f} |" for label, difference, std in rows["castled"]]
     return "\n".join(lines)
 
