@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import offline_hub
 import pytest
 
 ROOT = Path(__file__).parents[1]
@@ -110,9 +111,6 @@ def prepared_folder(work: Path, hub_cache: Path, timm) -> None:
     write (`outputs/shapes/inference`, `outputs/segmentation/inference`), here of untrained nano models."""
     from PIL import Image
     from skimage import data as photos
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import offline_hub
 
     Image.fromarray(photos.chelsea()).save(work / "photo.jpg")
     offline_hub.fill(hub_cache, timm=timm)
